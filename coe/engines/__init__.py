@@ -1,0 +1,1 @@
+"""Engines: one protocol, two implementations (``hf`` on CPU/GPU, ``vllm`` on GPU)."""

@@ -1,0 +1,499 @@
+"""``coe-registry``: add, change, list and export experts and the category map.
+
+Every command takes ``--redis-url`` (env ``COE_REDIS_URL``; default: the embedded Redis) and
+``--namespace`` (env ``COE_NAMESPACE``; default ``default``). Bad input prints ONE line
+``error: ...`` on stderr, exits with code 2, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from expert_registry import embedded
+from expert_registry.errors import InvalidExpert, RegistryError
+from expert_registry.model_files import ModelInfo, inspect_model
+from expert_registry.spec import parse_category_map, parse_expert, validate_name
+from expert_registry.store import EXPORT_FORMAT, RedisRegistry
+
+EXIT_BAD_INPUT = 2
+
+
+def _click_exc(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class ``name`` of click and of the click copy vendored by newer typer."""
+    mods = [click.exceptions]
+    with contextlib.suppress(ImportError):
+        from typer._click import exceptions as vendored  # typer >= 0.2x ships its own click
+
+        mods.append(vendored)
+    return tuple(getattr(m, name) for m in mods if hasattr(m, name))
+
+
+_NO_ARGS, _CLICK_ERR, _ABORT = _click_exc("NoArgsIsHelpError"), _click_exc("ClickException"), _click_exc("Abort")
+
+
+class _OneLineErrors(TyperGroup):
+    """Print usage errors (unknown option, bad value) as one ``error:`` line, exit 2."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS as e:  # bare `coe-registry`: show help
+            ctx = getattr(e, "ctx", None)
+            text = ctx.get_help() if ctx else ""  # typer's rich help prints itself, returns ""
+            if text:
+                click.echo(text, err=True)
+            rv = EXIT_BAD_INPUT
+        except _CLICK_ERR as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            rv = e.exit_code
+        except _ABORT:
+            click.echo("error: aborted", err=True)
+            rv = 1
+        if standalone_mode:
+            sys.exit(rv or 0)
+        return rv
+
+
+app = typer.Typer(cls=_OneLineErrors, name="coe-registry", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Manage coe's expert registry (experts + category map, stored in Redis).")
+map_app = typer.Typer(no_args_is_help=True, help="Show or set the category map (category -> experts).")
+server_app = typer.Typer(no_args_is_help=True, help="The embedded Redis (used when no --redis-url).")
+app.add_typer(map_app, name="map")
+app.add_typer(server_app, name="server")
+
+out = Console(highlight=False, soft_wrap=True)
+
+RedisUrl = Annotated[Optional[str], typer.Option(
+    "--redis-url", envvar="COE_REDIS_URL", show_envvar=True,
+    help="Redis URL (redis://, rediss://, unix://). Default: the embedded Redis under $COE_HOME.")]
+Namespace = Annotated[str, typer.Option(
+    "--namespace", "-n", envvar="COE_NAMESPACE", show_envvar=True,
+    help="Registry namespace, so several deployments can share one Redis.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """RegistryError (and bad files) -> one line on stderr, exit code 2."""
+    try:
+        yield
+    except RegistryError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+def _open(redis_url: str | None, namespace: str) -> RedisRegistry:
+    url = embedded.resolve_redis_url(redis_url)
+    reg = RedisRegistry(url, namespace)
+    reg.ping()
+    return reg
+
+
+def _load_yaml(path: Path, what: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InvalidExpert(f"cannot read {what} file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise InvalidExpert(f"{path}: not valid YAML: {e}") from None
+
+
+def _parse_capabilities(items: list[str]) -> dict[str, float]:
+    caps: dict[str, float] = {}
+    for item in items:
+        cat, sep, score = item.partition("=")
+        try:
+            if not sep or not cat.strip():
+                raise ValueError
+            caps[cat.strip()] = float(score)
+        except ValueError:
+            raise InvalidExpert(f"--capability {item!r}: expected CATEGORY=SCORE, e.g. coding=0.8") from None
+    return caps
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _describe(info: ModelInfo) -> str:
+    bits = [info.format, _fmt_bytes(info.size_bytes)]
+    if info.architecture:
+        bits.append(info.architecture)
+    if info.params_estimate:
+        bits.append(f"{info.params_estimate / 1e6:.0f}M params")
+    if info.context_length:
+        bits.append(f"ctx {info.context_length}")
+    return ", ".join(bits)
+
+
+def _options_dict(**opts: Any) -> dict[str, Any]:
+    """CLI options -> spec fields; only the options the user gave."""
+    data: dict[str, Any] = {}
+    gen = {k: opts.pop(k) for k in ("max_tokens", "temperature", "top_p", "stop")}
+    caps = opts.pop("capability")
+    tags = opts.pop("tag")
+    template_file = opts.pop("chat_template_file")
+    for key, value in opts.items():
+        if value is not None:
+            data[key] = value
+    if template_file is not None:
+        try:
+            data["chat_template"] = template_file.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InvalidExpert(f"cannot read chat template file {template_file}: {e.strerror or e}") from None
+    gen = {k: v for k, v in gen.items() if v not in (None, [])}
+    if gen:
+        data["generation"] = gen
+    if caps:
+        data["capabilities"] = _parse_capabilities(caps)
+    if tags:
+        data["tags"] = list(tags)
+    return data
+
+
+def _with_model_info(data: dict[str, Any], explicit: set[str]) -> tuple[dict[str, Any], ModelInfo]:
+    """Check the model is there and readable; record size (and params/context unless given)."""
+    info = inspect_model(data["model"], data.get("gguf_file"), data.get("revision"))
+    local = Path(str(data["model"])).expanduser()
+    if local.exists():  # store an absolute path: the service runs from another directory
+        data["model"] = str(local.resolve())
+    data["size_bytes"] = info.size_bytes
+    if "params_b" not in explicit and info.params_b is not None:
+        data["params_b"] = info.params_b
+    if "max_context" not in explicit and info.context_length:
+        data["max_context"] = info.context_length
+    return data, info
+
+
+# Options shared by add and update (typer needs them spelled out per command).
+_ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, .gguf file, or hub id.")]
+_GgufOpt = Annotated[Optional[str], typer.Option(help="GGUF file inside --model (folder or hub repo).")]
+_RevOpt = Annotated[Optional[str], typer.Option(help="Hub revision (hub ids only).")]
+_EngineOpt = Annotated[Optional[str], typer.Option(help="auto | hf | vllm")]
+_DtypeOpt = Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16")]
+_CtxOpt = Annotated[Optional[int], typer.Option(help="Max context tokens (default: from the model).")]
+_TplOpt = Annotated[Optional[str], typer.Option(help="Chat template (Jinja) overriding the model's.")]
+_TplFileOpt = Annotated[Optional[Path], typer.Option(help="Read --chat-template from a file.")]
+_SysOpt = Annotated[Optional[str], typer.Option(help="System prompt added to every conversation.")]
+_MaxTokOpt = Annotated[Optional[int], typer.Option(help="Default max_tokens.")]
+_TempOpt = Annotated[Optional[float], typer.Option(help="Default temperature.")]
+_TopPOpt = Annotated[Optional[float], typer.Option(help="Default top_p.")]
+_StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Default stop string (repeatable).")]
+_CapOpt = Annotated[Optional[list[str]], typer.Option(
+    "--capability", "-c", help="CATEGORY=SCORE in [0,1] (repeatable), e.g. -c coding=0.8")]
+_CostOpt = Annotated[Optional[float], typer.Option("--cost-per-1k-tokens", help="Relative cost per 1k tokens.")]
+_ParamsOpt = Annotated[Optional[float], typer.Option(help="Parameters in billions (default: from the weights).")]
+_TrustOpt = Annotated[Optional[bool], typer.Option(
+    "--trust-remote-code/--no-trust-remote-code", help="Allow the model's own Python code (off by default).")]
+_TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="Free-form tag (repeatable).")]
+_FileOpt = Annotated[Optional[Path], typer.Option("--from-file", "-f", help="YAML spec; options override it.")]
+_NoCheckOpt = Annotated[bool, typer.Option(
+    "--skip-model-check", help="Do not look for the model here (it lives only on the serving machines).")]
+
+
+@app.command()
+def add(
+    name: Annotated[Optional[str], typer.Argument(help="Expert name: 1-64 chars of a-z 0-9 . _ -")] = None,
+    model: _ModelOpt = None, gguf_file: _GgufOpt = None, revision: _RevOpt = None,
+    engine: _EngineOpt = None, dtype: _DtypeOpt = None, max_context: _CtxOpt = None,
+    chat_template: _TplOpt = None, chat_template_file: _TplFileOpt = None, system_prompt: _SysOpt = None,
+    max_tokens: _MaxTokOpt = None, temperature: _TempOpt = None, top_p: _TopPOpt = None,
+    stop: _StopOpt = None, capability: _CapOpt = None, cost_per_1k_tokens: _CostOpt = None,
+    params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
+    from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Register an expert after checking its model is there and readable (no weights loaded)."""
+    with _user_errors():
+        data: dict[str, Any] = {}
+        if from_file is not None:
+            loaded = _load_yaml(from_file, "spec")
+            if not isinstance(loaded, dict):
+                raise InvalidExpert(f"{from_file}: expected a mapping of expert fields")
+            data.update(loaded)
+        opts = _options_dict(
+            name=name, model=model, gguf_file=gguf_file, revision=revision, engine=engine, dtype=dtype,
+            max_context=max_context, chat_template=chat_template, chat_template_file=chat_template_file,
+            system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
+            params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [])
+        for key in ("generation", "capabilities"):  # options refine the file's dicts
+            if key in opts and isinstance(data.get(key), dict):
+                opts[key] = {**data[key], **opts[key]}
+        if "tags" in opts and isinstance(data.get("tags"), list):
+            opts["tags"] = list(dict.fromkeys([*data["tags"], *opts["tags"]]))
+        data.update(opts)
+        validate_name(str(data.get("name") or ""))
+        source = f"expert {data['name']}" + (f" ({from_file})" if from_file else "")
+        for key in ("size_bytes", "status", "status_reason", "created_at", "updated_at"):
+            if key in data:
+                raise InvalidExpert(f"{source}: field '{key}' is set by the registry, not by add")
+        parse_expert(data, source)  # every field valid before we look at files or Redis
+        explicit = set(data)
+        info = None
+        if not skip_model_check:
+            data, info = _with_model_info(data, explicit)
+        expert = parse_expert(data, source)
+        reg = _open(redis_url, namespace)
+        version = reg.add(expert)
+    detail = _describe(info) if info else "model not checked"
+    out.print(f"added expert '{expert.name}' ({detail}); registry version {version}")
+
+
+@app.command()
+def update(
+    name: Annotated[str, typer.Argument(help="Expert to change.")],
+    model: _ModelOpt = None, gguf_file: _GgufOpt = None, revision: _RevOpt = None,
+    engine: _EngineOpt = None, dtype: _DtypeOpt = None, max_context: _CtxOpt = None,
+    chat_template: _TplOpt = None, chat_template_file: _TplFileOpt = None, system_prompt: _SysOpt = None,
+    max_tokens: _MaxTokOpt = None, temperature: _TempOpt = None, top_p: _TopPOpt = None,
+    stop: _StopOpt = None, capability: _CapOpt = None, cost_per_1k_tokens: _CostOpt = None,
+    params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
+    status: Annotated[Optional[str], typer.Option(help="ready | failed")] = None,
+    status_reason: Annotated[Optional[str], typer.Option(help="Why it failed.")] = None,
+    from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Change fields of an expert. Only the given options change; -c merges into capabilities
+    (-c coding=0 keeps the category with score 0). A new --model is checked like in add."""
+    with _user_errors():
+        validate_name(name)
+        data: dict[str, Any] = {}
+        if from_file is not None:
+            loaded = _load_yaml(from_file, "spec")
+            if not isinstance(loaded, dict):
+                raise InvalidExpert(f"{from_file}: expected a mapping of expert fields")
+            if loaded.pop("name", name) != name:
+                raise InvalidExpert(f"{from_file}: names another expert; experts cannot be renamed")
+            data.update(loaded)
+        data.update(_options_dict(
+            model=model, gguf_file=gguf_file, revision=revision, engine=engine, dtype=dtype,
+            max_context=max_context, chat_template=chat_template, chat_template_file=chat_template_file,
+            system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
+            params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
+            status=status, status_reason=status_reason))
+        if not data:
+            raise InvalidExpert("nothing to update: give at least one option (see --help)")
+        reg = _open(redis_url, namespace)
+        current = reg.get(name)
+        # validate the merged result before touching files (unknown fields, ranges)
+        parse_expert({**current.model_dump(), **{k: v for k, v in data.items()
+                                                 if k not in ("generation", "capabilities")}},
+                     f"expert {name}")
+        info = None
+        if not skip_model_check and {"model", "gguf_file", "revision"} & data.keys():
+            merged = {"model": current.model, "gguf_file": current.gguf_file,
+                      "revision": current.revision, **data}
+            merged, info = _with_model_info(merged, set(data))
+            data = {**data, **{k: merged[k] for k in ("model", "size_bytes", "params_b", "max_context")
+                               if k in merged}}
+        version = reg.update(name, **data)
+    out.print(f"updated expert '{name}'" + (f" ({_describe(info)})" if info else "")
+              + f"; registry version {version}")
+
+
+@app.command()
+def remove(
+    name: Annotated[str, typer.Argument(help="Expert to remove.")],
+    force: Annotated[bool, typer.Option("--force", help="Also remove it from the category map.")] = False,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Unregister an expert (refused while the category map names it, unless --force)."""
+    with _user_errors():
+        validate_name(name)
+        reg = _open(redis_url, namespace)
+        version = reg.remove(name, force=force)
+    out.print(f"removed expert '{name}'; registry version {version}")
+
+
+@app.command("list")
+def list_(json_out: JsonOut = False, redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+    """List the experts of the namespace."""
+    with _user_errors():
+        snap = _open(redis_url, namespace).snapshot()
+    if json_out:
+        typer.echo(json.dumps([e.model_dump(mode="json") for e in snap.experts.values()], indent=2))
+        return
+    table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})")
+    for col in ("name", "status", "engine", "model", "size", "ctx", "capabilities", "tags"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "size", "ctx", "capabilities"))
+    for e in snap.experts.values():
+        caps = "\n".join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
+        # the last path part keeps the table readable; `show` prints the full path
+        model = Path(e.model).name if e.model.startswith("/") else e.model
+        model += f" [{e.gguf_file}]" if e.gguf_file else ""
+        status = e.status if e.status == "ready" else f"[red]{e.status}[/red]"
+        table.add_row(e.name, status, e.engine, model, _fmt_bytes(e.size_bytes), str(e.max_context),
+                      caps or "-", ", ".join(e.tags) or "-")
+    out.print(table)
+
+
+@app.command()
+def show(name: Annotated[str, typer.Argument()], json_out: JsonOut = False,
+         redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+    """Show every field of one expert."""
+    with _user_errors():
+        validate_name(name)
+        expert = _open(redis_url, namespace).get(name)
+    data = expert.model_dump(mode="json")
+    if json_out:
+        typer.echo(json.dumps(data, indent=2))
+    else:
+        typer.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True).rstrip())
+
+
+@map_app.command("show")
+def map_show(json_out: JsonOut = False, redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+    """Show the category map (category -> experts, in preference order)."""
+    with _user_errors():
+        cmap = _open(redis_url, namespace).get_map()
+    if json_out:
+        typer.echo(json.dumps(cmap, indent=2))
+        return
+    table = Table(title=f"category map of namespace '{namespace}'")
+    table.add_column("category")
+    table.add_column("experts (preferred first)")
+    for cat, names in cmap.items():
+        table.add_row(cat, ", ".join(names))
+    out.print(table if cmap else "category map is empty")
+
+
+@map_app.command("set")
+def map_set(
+    assignments: Annotated[Optional[list[str]], typer.Argument(
+        help="CATEGORY=EXPERT[,EXPERT...]; an empty list (CATEGORY=) removes the category.")] = None,
+    from_file: Annotated[Optional[Path], typer.Option(
+        "--from-file", "-f", help="YAML map (category: [experts]) replacing the whole map.")] = None,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Replace the whole map instead of changing only the given categories.")] = False,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Set categories of the map. Every named expert must exist."""
+    with _user_errors():
+        changes: dict[str, list[str]] = {}
+        for item in assignments or []:
+            cat, sep, names = item.partition("=")
+            if not sep or not cat.strip():
+                raise InvalidExpert(f"map assignment {item!r}: expected CATEGORY=EXPERT[,EXPERT...]")
+            changes[cat.strip()] = [n.strip() for n in names.split(",") if n.strip()]
+        base: dict[str, Any] | None = None
+        if from_file is not None:
+            loaded = _load_yaml(from_file, "map")
+            if isinstance(loaded, dict) and "category_map" in loaded:  # an export file
+                loaded = loaded["category_map"]
+            base = dict(parse_category_map(loaded, str(from_file)))
+        elif replace:
+            base = {}
+        if base is None and not changes:
+            raise InvalidExpert("nothing to set: give CATEGORY=EXPERTS arguments, --from-file or --replace")
+        parse_category_map({c: n for c, n in changes.items()})
+        reg = _open(redis_url, namespace)
+        if base is None:
+            version = reg.update_map(changes)
+        else:
+            base.update(changes)
+            version = reg.set_map({c: n for c, n in base.items() if n})
+    out.print(f"category map set; registry version {version}")
+
+
+@app.command("export")
+def export_(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Write experts + category map as YAML (what `import` reads)."""
+    with _user_errors():
+        data = _open(redis_url, namespace).export()
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        out.print(f"exported {len(data['experts'])} experts to {output}")
+
+
+@app.command("import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="YAML from `coe-registry export` (or a list of expert specs).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace experts that already exist.")] = False,
+    redis_url: RedisUrl = None, namespace: Namespace = "default",
+) -> None:
+    """Add all experts (and the map) of a file in one transaction: all or nothing."""
+    with _user_errors():
+        data = _load_yaml(file, "import")
+        cmap = None
+        if isinstance(data, list):
+            experts = data
+        elif isinstance(data, dict):
+            unknown = sorted(set(data) - {"format", "namespace", "version", "experts", "category_map"})
+            if unknown:
+                raise InvalidExpert(f"{file}: unknown top-level field(s): {', '.join(unknown)}")
+            if data.get("format", EXPORT_FORMAT) != EXPORT_FORMAT:
+                raise InvalidExpert(f"{file}: unsupported export format {data.get('format')!r}")
+            experts = data.get("experts") or []
+            cmap = data.get("category_map")
+            if not isinstance(experts, list):
+                raise InvalidExpert(f"{file}: 'experts' must be a list")
+        else:
+            raise InvalidExpert(f"{file}: expected an export mapping or a list of experts")
+        reg = _open(redis_url, namespace)
+        version = reg.import_experts(experts, cmap, overwrite=overwrite)
+    out.print(f"imported {len(experts)} experts{' and the category map' if cmap else ''}; "
+              f"registry version {version}")
+
+
+@server_app.command("status")
+def server_status(json_out: JsonOut = False) -> None:
+    """Is the embedded Redis of this COE_HOME running? Where?"""
+    info = embedded.embedded_status()
+    if json_out:
+        typer.echo(json.dumps(info.__dict__ if info else None, indent=2))
+    elif info:
+        out.print(f"embedded Redis running: {info.url} (pid {info.pid}, data {info.data_dir})")
+    else:
+        out.print(f"embedded Redis not running (data dir {embedded.embedded_data_dir()})")
+
+
+@server_app.command("start")
+def server_start() -> None:
+    """Start (or find) the embedded Redis and print its URL."""
+    with _user_errors():
+        info = embedded.ensure_embedded()
+    out.print(info.url)
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the embedded Redis of this COE_HOME (its data stays on disk)."""
+    with _user_errors():
+        stopped = embedded.stop_embedded()
+    out.print("embedded Redis stopped" if stopped else "embedded Redis was not running")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

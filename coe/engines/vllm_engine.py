@@ -1,0 +1,537 @@
+"""The ``vllm`` engine: one vLLM ``AsyncLLM`` per expert, sleep mode on, driven by the tier protocol.
+
+Importing this module does not import vLLM (nor torch); vLLM is imported when an engine is loaded,
+and a missing vLLM is a one-line :class:`VLLMUnavailable` naming the extra to install.
+
+Switching (``switch_mode``)
+---------------------------
+``"pinned"`` (coe's way, the default)
+    DISK→DRAM (:meth:`load`) builds the engine, copies every allocation vLLM made under the
+    ``weights`` tag once into a pinned host buffer (the DRAM tier), then ``sleep(level=2)``.
+    HBM→DRAM is ``sleep(level=2)``: the device memory is released and nothing is copied back.
+    DRAM→HBM is ``wake_up(tags=["weights"])`` (vLLM maps fresh memory at the same addresses), one
+    host→device copy from the pinned buffer into it, then ``wake_up(tags=["kv_cache"])``.
+``"sleep"`` (vLLM's own switching; the baseline)
+    HBM→DRAM is ``sleep(level=1)`` (vLLM copies the weights device→host on every sleep),
+    DRAM→HBM is ``wake_up()``.
+``"reload"`` (what a model-multiplexing server does on a miss; a baseline)
+    The weights are written to a file once; DRAM→HBM reads that file back into the woken weight
+    buffers through pageable memory. Building a new engine, which a real reload also pays
+    (tens of seconds), is *not* charged: this is a lower bound of a reload's cost.
+
+Where the pinned copy lives, and why
+------------------------------------
+The copy must be addressable by the process that owns the CUDA context the weights live in.
+With vLLM 0.24 that is never the pool's process:
+
+* ``AsyncLLM`` always runs its engine core in a separate process (``EngineCoreClient.make_client``
+  raises ``NotImplementedError`` for asyncio without multiprocessing, so
+  ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` only applies to the synchronous ``LLMEngine``);
+* even in-process, sleep mode's ``CuMemAllocator`` is a per-process singleton that asserts
+  "CuMem allocator can only be used for one instance per process", so a pool of several experts
+  needs one engine-core process per expert anyway.
+
+So the worker holds the copy itself: :class:`coe.engines.vllm_worker.CoeWorkerExtension` is
+installed with ``worker_extension_cls`` and called through ``collective_rpc("coe_…")`` — by method
+*name*, so no callable is pickled. The pool still owns the policy: the tier manager decides when a
+copy exists (``load``/``unload``), and its DRAM budget counts the copy's bytes. (Shared memory +
+``cudaHostRegister`` in the worker would let the pool fill the copy without the engine; it buys
+nothing for the switch itself, and vLLM's own weight layout — fused qkv/gate_up — is only known
+inside the worker.)
+
+HBM that the tier manager does not see: an engine also holds its KV cache (``kv_cache_memory_bytes``
+or ``gpu_memory_utilization``), a CUDA context and activations while awake; a sleeping engine keeps
+its context (~0.5 GB). Size the HBM budget for weights with that headroom left over. :meth:`load`
+needs the engine's whole footprint free on the GPU while vLLM starts (it loads, then sleeps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+from coe.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineStats,
+    GenerationChunk,
+    SamplingParams,
+    SwapRecord,
+    Tier,
+    as_messages,
+)
+from coe.errors import CoeError, EngineNotResident, ExpertLoadError
+
+log = logging.getLogger(__name__)
+
+SWITCH_MODES = ("pinned", "sleep", "reload")
+WORKER_EXTENSION = "coe.engines.vllm_worker.CoeWorkerExtension"
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+_ids = itertools.count()
+
+
+class VLLMUnavailable(CoeError, ImportError):
+    """engine="vllm" was asked for where vLLM (or a CUDA GPU) is not available."""
+
+
+def vllm_installed() -> bool:
+    """True when the ``vllm`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of coe
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def auto_engine_kind() -> str:
+    """What ``Expert.engine == "auto"`` should mean here: ``vllm`` only with both CUDA and vLLM."""
+    return "vllm" if vllm_installed() and cuda_available() else "hf"
+
+
+def require_vllm() -> Any:
+    """Import vLLM or raise one clear line saying how to get it."""
+    if not vllm_installed():
+        raise VLLMUnavailable(
+            "engine 'vllm' needs vLLM, which is not installed: pip install 'coe[gpu]' (vllm==0.24.0) "
+            "on a machine with a CUDA GPU, or set the expert's engine to 'hf'"
+        )
+    import vllm
+
+    return vllm
+
+
+class VLLMEngine(Engine):
+    """vLLM behind the tier protocol; see the module docstring for the three switch modes."""
+
+    def __init__(
+        self,
+        expert: Any,
+        device: str = "cuda",
+        max_batch_size: int = 256,
+        switch_mode: str = "pinned",
+        gpu_memory_utilization: float = 0.4,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        load_format: str = "auto",
+        reload_dir: str | None = None,
+        build_in_thread: bool = True,
+        dummy_init_seed: int | None = None,
+        engine_args: Mapping[str, Any] | None = None,
+        **_ignored: Any,
+    ):
+        if switch_mode not in SWITCH_MODES:
+            raise ValueError(f"unknown switch_mode {switch_mode!r}; choose one of {', '.join(SWITCH_MODES)}")
+        if not str(device).startswith("cuda"):
+            raise VLLMUnavailable(f"expert {expert.name!r}: engine 'vllm' runs on a CUDA GPU, not on {device!r}")
+        self.expert = expert
+        self.name: str = expert.name
+        self.device = str(device)
+        self.switch_mode = switch_mode
+        self.max_batch_size = int(max_batch_size)
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
+        self.max_model_len = max_model_len or int(getattr(expert, "max_context", 0) or 0) or None
+        self.enforce_eager = enforce_eager
+        self.load_format = load_format
+        self.reload_dir = reload_dir
+        self.build_in_thread = build_in_thread
+        self.dummy_init_seed = dummy_init_seed
+        self.engine_args = dict(engine_args or {})
+        self._llm: Any = None
+        self._state = "none"  # none | awake | asleep1 | asleep2
+        self._has_copy = False
+        self._file: str | None = None
+        self._folder: str | None = None
+        self._tokenizer: Any = None
+        self._nbytes = 0
+        self._estimate: int | None = None
+        self._in_flight = 0
+        self._stats = EngineStats()
+        self.last_load_info: dict[str, Any] = {}
+        self.last_switch_info: dict[str, float] = {}
+        self._moving: asyncio.Future | None = None
+
+    # ---------------------------------------------------------------- sizes and sources
+    @property
+    def tier(self) -> Tier:
+        return {"none": Tier.DISK, "awake": Tier.HBM}.get(self._state, Tier.DRAM)
+
+    def _model_folder(self) -> str:
+        if self._folder is None:
+            from coe.engines.sources import ensure_converted, resolve_source
+
+            src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
+            self._folder = str(ensure_converted(src.path)) if src.kind == "gguf" else src.path
+        return self._folder
+
+    def footprint_bytes(self) -> int:
+        if self._nbytes:
+            return self._nbytes
+        if self._estimate is None:
+            self._estimate = self._estimate_bytes()
+        return self._estimate
+
+    def _estimate_bytes(self) -> int:
+        import json
+
+        from coe.engines.sources import estimate_bytes, resolve_source
+        from coe.engines.vllm_models import llama_param_count
+
+        src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
+        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        if src.kind == "folder" and self.load_format == "dummy":
+            cfg = json.loads((Path(src.path) / "config.json").read_text())
+            width = {"float32": 4}.get(dtype if dtype != "auto" else cfg.get("torch_dtype", "bfloat16"), 2)
+            return llama_param_count(cfg) * width
+        try:
+            est = estimate_bytes(src, dtype if dtype != "auto" else "bfloat16")
+        except (OSError, ValueError):
+            est = 0
+        return est or int(getattr(self.expert, "size_bytes", 0) or 0)
+
+    # ---------------------------------------------------------------- tokenizer / templates
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self._model_folder(), trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False))
+            )
+        return self._tokenizer
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
+        msgs = as_messages(messages)
+        sys_prompt = getattr(self.expert, "system_prompt", None)
+        if sys_prompt and not any(m["role"] == "system" for m in msgs):
+            msgs = [{"role": "system", "content": sys_prompt}] + msgs
+        tok = self.tokenizer
+        template = getattr(self.expert, "chat_template", None) or tok.chat_template or _FALLBACK_TEMPLATE
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+
+    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
+        return list(self.tokenizer(self.apply_chat_template(messages), add_special_tokens=False)["input_ids"])
+
+    def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
+        return len(self._encode(messages))
+
+    # ---------------------------------------------------------------- building the vLLM engine
+    def _engine_kwargs(self) -> dict[str, Any]:
+        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        kw: dict[str, Any] = dict(
+            model=self._model_folder(),
+            tokenizer=self._model_folder(),
+            dtype=dtype,
+            load_format=self.load_format,
+            enable_sleep_mode=True,
+            enforce_eager=self.enforce_eager,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_num_seqs=self.max_batch_size,
+            worker_extension_cls=WORKER_EXTENSION,
+            disable_log_stats=True,
+            trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
+            seed=0,
+        )
+        if getattr(self.expert, "revision", None):
+            kw["revision"] = self.expert.revision
+        if self.kv_cache_memory_bytes:
+            kw["kv_cache_memory_bytes"] = int(self.kv_cache_memory_bytes)
+        if self.max_model_len:
+            kw["max_model_len"] = int(self.max_model_len)
+        kw.update(self.engine_args)
+        return kw
+
+    def _build(self) -> Any:
+        require_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_kwargs()))
+
+    async def _rpc(self, method: str, *args: Any) -> Any:
+        res = await self._llm.collective_rpc(method, args=args)
+        return res[0] if isinstance(res, list) and len(res) == 1 else res
+
+    def _reload_path(self) -> str:
+        base = Path(self.reload_dir or os.environ.get("COE_VLLM_RELOAD_DIR") or "/tmp/coe-vllm-reload")
+        base.mkdir(parents=True, exist_ok=True)
+        return str(base / f"{self.name}.weights.bin")
+
+    # ---------------------------------------------------------------- tier moves
+    async def load(self) -> SwapRecord:
+        """DISK→DRAM: start vLLM (weights land in HBM), keep the copy the mode needs, then sleep."""
+        if self._state != "none":
+            return SwapRecord(self.tier, self.tier, 0, 0.0)
+        t0 = time.perf_counter()
+        try:
+            _ = self.tokenizer
+            self._llm = await asyncio.to_thread(self._build) if self.build_in_thread else self._build()
+            self._state = "awake"
+            t1 = time.perf_counter()
+            self._nbytes = int(await self._rpc("coe_weight_bytes"))
+            info: dict[str, Any] = {"engine_start_s": t1 - t0}
+            if self.dummy_init_seed is not None and self.load_format == "dummy":
+                await self._rpc("coe_randomize", int(self.dummy_init_seed))
+            if self.switch_mode == "pinned":
+                info["capture"] = await self._rpc("coe_capture")
+                self._has_copy = True
+            elif self.switch_mode == "reload":
+                info["save"] = await self._rpc("coe_save_file", self._reload_path())
+                self._file = self._reload_path()
+            t2 = time.perf_counter()
+            await self._sleep(2 if self.switch_mode != "sleep" else 1)
+            info["first_sleep_s"] = time.perf_counter() - t2
+        except VLLMUnavailable:
+            raise
+        except Exception as exc:
+            await self._shutdown()
+            raise ExpertLoadError(self.name, f"{type(exc).__name__}: {exc}".splitlines()[0][:400]) from exc
+        info["total_s"] = time.perf_counter() - t0
+        self.last_load_info = info
+        return SwapRecord(Tier.DISK, Tier.DRAM, self._nbytes, info["total_s"])
+
+    async def _sleep(self, level: int) -> None:
+        await self._llm.sleep(level=level)
+        self._state = f"asleep{level}"
+
+    async def _wake_from_level2(self, source: str) -> dict[str, float]:
+        t0 = time.perf_counter()
+        await self._llm.wake_up(tags=["weights"])
+        t1 = time.perf_counter()
+        if source == "pinned":
+            copy_s = float(await self._rpc("coe_restore"))
+        else:
+            assert self._file is not None
+            copy_s = float(await self._rpc("coe_restore_file", self._file))
+        t2 = time.perf_counter()
+        await self._llm.wake_up(tags=["kv_cache"])
+        t3 = time.perf_counter()
+        return {"wake_weights_s": t1 - t0, "copy_s": copy_s, "rpc_s": t2 - t1, "wake_kv_s": t3 - t2}
+
+    async def _atomic(self, coro: Any) -> Any:
+        """Run a tier move to completion even if the caller is cancelled, so the recorded state always
+        matches vLLM's (a half-woken engine would be neither asleep nor usable)."""
+        task = asyncio.ensure_future(coro)
+        self._moving = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._moving = None
+
+    async def settle(self) -> None:
+        """Wait for a tier move whose caller was cancelled to finish."""
+        t = getattr(self, "_moving", None)
+        if t is not None:
+            try:
+                await t
+            except Exception:  # noqa: BLE001 - its caller is gone; the state says what happened
+                log.debug("expert %s: an abandoned tier move failed", self.name, exc_info=True)
+            self._moving = None
+
+    async def to_hbm(self) -> SwapRecord:
+        await self.settle()
+        return await self._atomic(self._to_hbm())
+
+    async def to_dram(self) -> SwapRecord:
+        await self.settle()
+        return await self._atomic(self._to_dram())
+
+    async def _to_hbm(self) -> SwapRecord:
+        if self._state == "none":
+            raise EngineNotResident(f"expert {self.name!r}: to_hbm() before load()")
+        if self._state == "awake":
+            return SwapRecord(Tier.HBM, Tier.HBM, 0, 0.0)
+        t0 = time.perf_counter()
+        if self._state == "asleep1":
+            await self._llm.wake_up()
+            info = {"wake_s": time.perf_counter() - t0}
+        elif self.switch_mode == "reload" and self._file or not self._has_copy and self._file:
+            info = await self._wake_from_level2("file")
+        elif self._has_copy:
+            info = await self._wake_from_level2("pinned")
+        else:
+            raise EngineNotResident(f"expert {self.name!r}: asleep with no host copy and no file to wake from")
+        self._state = "awake"
+        dt = time.perf_counter() - t0
+        self.last_switch_info = {"to_hbm_s": dt, **info}
+        return SwapRecord(Tier.DRAM, Tier.HBM, self._nbytes, dt)
+
+    async def _to_dram(self) -> SwapRecord:
+        if self._state != "awake":
+            return SwapRecord(self.tier, self.tier, 0, 0.0)
+        t0 = time.perf_counter()
+        if self.switch_mode == "sleep":
+            await self._sleep(1)
+        else:
+            if self.switch_mode == "pinned" and not self._has_copy:
+                await self._rpc("coe_capture")  # the copy was dropped: take it again before discarding
+                self._has_copy = True
+            if self.switch_mode == "reload" and not self._file:
+                await self._rpc("coe_save_file", self._reload_path())
+                self._file = self._reload_path()
+            await self._sleep(2)
+        dt = time.perf_counter() - t0
+        return SwapRecord(Tier.HBM, Tier.DRAM, self._nbytes, dt)
+
+    async def unload(self) -> SwapRecord:
+        """DRAM→DISK: shut the engine down (its process, and the pinned copy in it, go away)."""
+        if self._state == "awake":
+            await self.to_dram()
+        if self._state == "none":
+            return SwapRecord(Tier.DISK, Tier.DISK, 0, 0.0)
+        t0 = time.perf_counter()
+        await self._shutdown()
+        return SwapRecord(Tier.DRAM, Tier.DISK, self._nbytes, time.perf_counter() - t0)
+
+    async def _shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        self._state, self._has_copy = "none", False
+        if llm is not None:
+            try:
+                llm.shutdown()
+            except Exception:  # pragma: no cover - best effort on a dying engine
+                log.exception("expert %s: vLLM shutdown failed", self.name)
+
+    async def set_switch_mode(self, mode: str) -> None:
+        """Change how this engine switches, leaving it asleep in that mode's DRAM state.
+
+        Lets one set of running engines be measured under several modes (the serving bench);
+        a service picks one mode and keeps it."""
+        if mode not in SWITCH_MODES:
+            raise ValueError(f"unknown switch_mode {mode!r}")
+        if self._state == "none":
+            self.switch_mode = mode
+            return
+        if self._state != "awake" and (
+            (mode == "sleep" and self._state != "asleep1")
+            or (mode != "sleep" and self._state == "asleep1")
+            or (mode == "reload" and not self._file)
+            or (mode == "pinned" and not self._has_copy)
+        ):
+            await self.to_hbm()
+        self.switch_mode = mode
+        if self._state == "awake":
+            await self.to_dram()
+
+    async def drop_host_copy(self) -> int:
+        """Release the pinned copy (and torch's cached pinned blocks) in the worker; bytes released."""
+        if self._llm is None:
+            return 0
+        n = int(await self._rpc("coe_drop"))
+        await self._rpc("coe_host_empty_cache")
+        self._has_copy = False
+        return n
+
+    async def weights_digest(self) -> list[float]:
+        """Per-parameter sums read on the GPU (the engine must be awake); for tests and benches."""
+        if self._state != "awake":
+            raise EngineNotResident(f"expert {self.name!r} is not awake")
+        return list(await self._rpc("coe_weights_digest"))
+
+    # ---------------------------------------------------------------- generation
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def _effective(self, params: SamplingParams) -> SamplingParams:
+        gen = getattr(self.expert, "generation", None)
+        if gen is None:
+            return params
+        upd: dict[str, Any] = {}
+        for f in ("max_tokens", "temperature", "top_p", "stop"):
+            if f not in params.model_fields_set and getattr(gen, f, None) is not None:
+                upd[f] = getattr(gen, f)
+        return params.model_copy(update=upd) if upd else params
+
+    def _vllm_params(self, params: SamplingParams, logprobs: int | None = None) -> Any:
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        return VSP(
+            n=1,
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            ignore_eos=params.ignore_eos,
+            logprobs=logprobs,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, messages: Sequence[ChatMessage | Mapping[str, Any]], params: SamplingParams
+    ) -> AsyncIterator[GenerationChunk]:
+        inner = self._generate(messages, params, None)
+        try:
+            async for chunk, _ in inner:
+                yield chunk
+        finally:
+            await inner.aclose()
+
+    async def generate_with_logprobs(
+        self, messages: Sequence[ChatMessage | Mapping[str, Any]], params: SamplingParams, logprobs: int = 5
+    ) -> AsyncIterator[tuple[GenerationChunk, list[dict[int, float]]]]:
+        """Like :meth:`generate`, also yielding the top-``logprobs`` of each new token (tests)."""
+        inner = self._generate(messages, params, logprobs)
+        try:
+            async for item in inner:
+                yield item
+        finally:
+            await inner.aclose()
+
+    async def _generate(
+        self, messages: Sequence[ChatMessage | Mapping[str, Any]], params: SamplingParams, logprobs: int | None
+    ) -> AsyncIterator[tuple[GenerationChunk, list[dict[int, float]]]]:
+        if self._state != "awake" or self._llm is None:
+            raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
+        from vllm.inputs import TokensPrompt
+
+        params = self._effective(params)
+        ids = self._encode(messages)
+        sp = self._vllm_params(params, logprobs)
+        rid = f"{self.name}-{os.getpid()}-{next(_ids)}"
+        self._in_flight += 1
+        self._stats.batch_sizes.append(self._in_flight)  # requests in the engine when this one joined
+        if len(self._stats.batch_sizes) > 10_000:
+            del self._stats.batch_sizes[:5_000]
+        self._stats.requests += 1
+        completion = 0
+        agen = self._llm.generate(TokensPrompt(prompt_token_ids=ids), sp, rid)
+        try:
+            async for out in agen:
+                o = out.outputs[0]
+                new_ids = list(o.token_ids)
+                completion += len(new_ids)
+                fr = o.finish_reason
+                finish = None if fr is None else ("cancelled" if fr == "abort" else "stop" if fr == "stop" else "length")
+                if out.finished and finish is None:
+                    finish = "stop"
+                lps = [{int(k): float(v.logprob) for k, v in d.items()} for d in (o.logprobs or []) if d is not None]
+                if o.text or new_ids or finish is not None:
+                    yield (GenerationChunk(text=o.text, finish_reason=finish, prompt_tokens=len(ids),
+                                           completion_tokens=completion, token_ids=new_ids), lps)
+        finally:
+            self._in_flight -= 1
+            try:
+                await agen.aclose()  # consumer gone early: vLLM aborts the request, frees its KV blocks
+            except Exception:  # pragma: no cover - engine already dead
+                log.debug("expert %s: closing a vLLM stream failed", self.name, exc_info=True)
+            self._stats.completion_tokens += completion
+
+    async def close(self) -> None:
+        await self._shutdown()

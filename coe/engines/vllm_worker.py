@@ -1,0 +1,252 @@
+"""Code that runs inside vLLM's GPU worker (the engine-core process), not in the pool's process.
+
+vLLM loads this class as ``worker_extension_cls``: its methods become methods of the worker, and
+the :class:`~coe.engines.vllm_engine.VLLMEngine` calls them by *name* through
+``AsyncLLM.collective_rpc("coe_…")`` — a string, so nothing is pickled (cloudpickled callables would
+need ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``).
+
+What it does: keep coe's DRAM tier — a pinned host copy of the expert's weights — next to the GPU
+that uses it, so that entering HBM is one host→device copy into the buffers that
+``wake_up(tags=["weights"])`` has just re-mapped, and leaving HBM is ``sleep(level=2)`` (nothing is
+copied back: weights are immutable while served).
+
+Why at the level of vLLM's sleep-mode allocator, not of ``model.named_parameters()``: with
+``enable_sleep_mode=True`` every tensor created while vLLM loads the model is allocated by the
+``CuMemAllocator`` under the tag ``"weights"``; ``sleep(level=2)`` unmaps those allocations and
+``wake_up(["weights"])`` maps fresh memory at the *same* virtual addresses. Copying those
+allocations byte for byte restores exactly what level-1 sleep would have restored — parameters,
+fused/processed weights, buffers and any tensor a model keeps as a plain attribute — without
+knowing the model's structure. The list of allocations is taken at capture time and checked at
+every restore (it must not change while the engine lives).
+
+Pinning: the host copy is one flat ``torch.empty`` buffer registered with ``cudaHostRegister``
+(the caching pinned allocator would round 16 GB up to 32 GB); when registration is refused it falls
+back to ``pin_memory=True``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from typing import Any, Callable
+
+_ALIGN = 4096
+
+
+def _allocator() -> Any:
+    from vllm.device_allocator.cumem import CuMemAllocator
+
+    return CuMemAllocator.get_instance()
+
+
+def _cudart() -> Any:
+    from vllm.device_allocator import cumem
+
+    if cumem.libcudart is None:  # pragma: no cover - only without the cumem extension
+        raise RuntimeError("vLLM's cumem allocator is not available: sleep mode cannot be used")
+    return cumem.libcudart
+
+
+def _weight_chunks() -> list[tuple[int, int]]:
+    """(device pointer, bytes) of every allocation vLLM made under the ``weights`` tag, by address."""
+    alloc = _allocator()
+    return sorted((int(ptr), int(d.handle[1])) for ptr, d in alloc.pointer_to_data.items() if d.tag == "weights")
+
+
+Memcpy = Callable[[int, int, int], None]  # (dst, src, nbytes)
+
+
+class PinnedCopy:
+    """A host copy of a list of memory chunks ``(address, nbytes)``, laid out back to back (4 KiB
+    aligned) in one flat buffer. Device-agnostic: the caller gives the copy function (``cudaMemcpy``
+    in the worker; ``ctypes.memmove`` in the CPU tests) and how to pin the buffer."""
+
+    def __init__(self, chunks: list[tuple[int, int]], pin: Callable[[Any], bool] | None = None):
+        import torch
+
+        self.chunks = list(chunks)
+        self.offsets: list[int] = []
+        total = 0
+        for _, size in self.chunks:
+            self.offsets.append(total)
+            total += (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        self.host_bytes = total
+        self.nbytes = sum(s for _, s in self.chunks)
+        self.host = torch.empty(max(total, 1), dtype=torch.uint8)
+        self.registered = bool(pin(self.host)) if pin is not None else False
+
+    def capture(self, memcpy: Memcpy) -> None:
+        base = self.host.data_ptr()
+        for (ptr, size), off in zip(self.chunks, self.offsets):
+            memcpy(base + off, ptr, size)
+
+    def check(self, chunks: list[tuple[int, int]]) -> None:
+        if list(chunks) != self.chunks:
+            raise RuntimeError("the weight allocations changed since the pinned copy was taken "
+                               f"({len(chunks)} chunks now, {len(self.chunks)} then); capture it again")
+
+    def restore(self, memcpy: Memcpy, chunks: list[tuple[int, int]] | None = None) -> None:
+        if chunks is not None:
+            self.check(chunks)
+        base = self.host.data_ptr()
+        for (ptr, size), off in zip(self.chunks, self.offsets):
+            memcpy(ptr, base + off, size)
+
+
+def _cuda_memcpy(dst: int, src: int, n: int) -> None:
+    _cudart().cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), n)
+
+
+def _pin_host(host: Any) -> bool:
+    """cudaHostRegister the buffer in place (no power-of-two rounding); False if refused."""
+    import torch
+
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
+        return int(getattr(rc, "value", rc)) == 0
+    except Exception:  # pragma: no cover - depends on the CUDA build
+        return False
+
+
+class CoeWorkerExtension:
+    """Mixed into vLLM's GPU ``Worker``; every method is called via ``collective_rpc("coe_…")``."""
+
+    # ------------------------------------------------------------------ pinned copy (DRAM tier)
+    def coe_capture(self) -> dict[str, Any]:
+        """Copy every ``weights`` allocation into one pinned host buffer (called once, while awake)."""
+        import torch
+
+        self.coe_drop()
+        chunks = _weight_chunks()
+        if not chunks:
+            raise RuntimeError("no allocations tagged 'weights': was the engine built with enable_sleep_mode=True?")
+        t0 = time.perf_counter()
+        pc = PinnedCopy(chunks, pin=_pin_host)
+        if not pc.registered:  # fall back to the caching pinned allocator
+            pc.host = torch.empty(pc.host_bytes, dtype=torch.uint8, pin_memory=True)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        pc.capture(_cuda_memcpy)
+        t2 = time.perf_counter()
+        self._coe_copy = pc
+        return {"nbytes": pc.nbytes, "host_bytes": pc.host_bytes, "chunks": len(chunks), "pin_s": t1 - t0,
+                "copy_s": t2 - t1, "pinned_via": "cudaHostRegister" if pc.registered else "pin_memory"}
+
+    def coe_has_copy(self) -> bool:
+        return getattr(self, "_coe_copy", None) is not None
+
+    def coe_restore(self) -> float:
+        """Host→device copy of the pinned copy into the (just woken) weight allocations; seconds."""
+        import torch
+
+        pc = getattr(self, "_coe_copy", None)
+        if pc is None:
+            raise RuntimeError("no pinned copy: coe_capture was not called or the copy was dropped")
+        t0 = time.perf_counter()
+        pc.restore(_cuda_memcpy, _weight_chunks())
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def coe_drop(self) -> int:
+        """Release the pinned copy (DRAM→DISK); returns the bytes released."""
+        import torch
+
+        pc = getattr(self, "_coe_copy", None)
+        if pc is None:
+            return 0
+        if pc.registered:
+            torch.cuda.cudart().cudaHostUnregister(pc.host.data_ptr())
+        self._coe_copy = None
+        return pc.host_bytes
+
+    # ------------------------------------------------------------------ a file copy (reload baseline)
+    def coe_save_file(self, path: str) -> dict[str, Any]:
+        """Write the weight allocations to ``path`` as one raw file (for the reload-from-disk baseline).
+
+        Uses the pinned copy when there is one; otherwise copies out through a temporary buffer."""
+        import torch
+
+        had = self.coe_has_copy()
+        if not had:
+            self.coe_capture()
+        t0 = time.perf_counter()
+        tmp = path + ".tmp"
+        host = self._coe_copy.host
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(host.numpy())[: self._coe_copy.host_bytes])
+        os.replace(tmp, path)
+        dt = time.perf_counter() - t0
+        if not had:
+            self.coe_drop()
+        del torch
+        return {"path": path, "bytes": os.path.getsize(path), "write_s": dt}
+
+    def coe_restore_file(self, path: str) -> float:
+        """Read ``path`` (written by :meth:`coe_save_file`) into the woken weight allocations, chunk by
+        chunk through pageable memory: what a reload from disk costs, minus building the engine."""
+        import numpy as np
+        import torch
+
+        chunks = _weight_chunks()
+        offsets, total = [], 0
+        for _, size in chunks:
+            offsets.append(total)
+            total += (size + _ALIGN - 1) // _ALIGN * _ALIGN
+        if os.path.getsize(path) != total:
+            raise RuntimeError(f"{path} has {os.path.getsize(path)} bytes, expected {total}")
+        lib = _cudart()
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as fh:
+            for (ptr, size), off in zip(chunks, offsets):
+                fh.seek(off)
+                buf = np.empty(size, dtype=np.uint8)
+                fh.readinto(memoryview(buf))
+                lib.cudaMemcpy(ctypes.c_void_p(ptr), ctypes.c_void_p(buf.ctypes.data), size)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ random weights (dummy models)
+    def coe_randomize(self, seed: int, std: float = 0.02) -> int:
+        """Give a ``load_format="dummy"`` model its own N(0, std) weights (norm weights 1, biases 0).
+
+        vLLM's dummy loader fills every model with the same tiny uniform(-1e-3, 1e-3) values, whose
+        outputs barely depend on the input; this makes each expert distinct and its greedy output
+        input-dependent, so a restore that brought back the wrong bytes shows in the tokens."""
+        import torch
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        gen = torch.Generator(device="cuda")
+        gen.manual_seed(int(seed))
+        n = 0
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if not p.is_floating_point():
+                    continue
+                if p.dim() == 1:
+                    p.fill_(1.0 if "norm" in name else 0.0)
+                else:
+                    p.normal_(0.0, std, generator=gen)
+                n += p.numel()
+        torch.cuda.synchronize()
+        return n
+
+    # ------------------------------------------------------------------ checks
+    def coe_weights_digest(self) -> list[float]:
+        """Per-parameter float64 sums (a cheap fingerprint to prove a restore brought the weights back)."""
+        import torch
+
+        model = self.model_runner.model  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return [float(p.detach().double().sum().item()) for _, p in sorted(model.named_parameters())]
+
+    def coe_weight_bytes(self) -> int:
+        return sum(s for _, s in _weight_chunks())
+
+    def coe_host_empty_cache(self) -> None:
+        """Give torch's cached pinned blocks (vLLM's level-1 backups) back to the OS."""
+        import torch
+
+        fn = getattr(torch._C, "_host_emptyCache", None)
+        if fn is not None:
+            fn()

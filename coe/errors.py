@@ -1,0 +1,44 @@
+"""Errors the engine layer, tier manager and expert pool raise.
+
+Each one carries a one-line message a user can act on (which expert, which file, which budget);
+the serve layer maps them to OpenAI-shaped error responses.
+"""
+
+from __future__ import annotations
+
+
+class CoeError(Exception):
+    """Base of every error coe raises on purpose."""
+
+
+class ExpertTooLarge(CoeError):
+    """The expert's weights do not fit a tier budget of this pool (raised when it is added)."""
+
+
+class ExpertLoadError(CoeError):
+    """The expert's files are missing, unreadable or corrupt; the pool marks it failed with the reason."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"expert {name!r} could not be loaded: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class ExpertNotServed(CoeError):
+    """No expert of that name is in this pool (never added, or being removed)."""
+
+
+class ExpertExistsInPool(CoeError):
+    """An expert of that name is already in this pool."""
+
+
+class QueueFull(CoeError):
+    """The expert's request queue is at ``max_queue_per_expert``; retry later (HTTP 429)."""
+
+
+class PoolClosed(CoeError):
+    """The pool was closed; no new requests are accepted."""
+
+
+class EngineNotResident(CoeError):
+    """Generation was asked of an engine whose weights are not in the active tier (a coe bug)."""

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 serve: setup
-	$(BIN)/coe-registry list
+	$(BIN)/coe serve --demo
 
 test: setup
 	$(BIN)/python -m pytest

@@ -21,13 +21,16 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -168,3 +171,99 @@ def tiny_model_dir(smollm2_gguf: Path) -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# --- The running service, shared by tests/serve and tests/reliability --------------------------------
+# One Ray + Serve start per test session (two ray.init calls in one process fail): the real app
+# (``build_app``) on a local Ray with 2 CPUs, a private Redis, tiny random-weight experts and the real
+# SmolLM2 for one answer. Ray and Serve are shut down at the end of the session.
+TINY_CONTEXT = 512
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeApp:
+    base: str  # http://127.0.0.1:PORT
+    registry: object  # RedisRegistry of the app's namespace
+    tiny_dir: Path
+    smollm2: Path
+
+    @property
+    def v1(self) -> str:
+        return self.base + "/v1"
+
+    def tiny_expert(self, name: str, **caps: float):
+        from expert_registry.spec import Expert, GenerationDefaults
+
+        return Expert(name=name, model=str(self.tiny_dir), engine="hf", dtype="float32", max_context=TINY_CONTEXT,
+                      generation=GenerationDefaults(max_tokens=8, temperature=0.0, top_p=1.0),
+                      capabilities=caps or {"general": 0.5}, tags=["test"])
+
+
+@pytest.fixture(scope="session")
+def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Iterator[ServeApp]:
+    import ray
+    from ray import serve
+
+    from coe.config import ServeConfig
+    from coe.serve.app import build_app
+    from expert_registry.spec import Expert, GenerationDefaults
+    from expert_registry.store import RedisRegistry
+
+    ns = f"serve-{uuid.uuid4().hex[:8]}"
+    reg = RedisRegistry(redis_url, namespace=ns)
+    app = ServeApp("", reg, tiny_model_dir, smollm2_gguf)
+    reg.add(app.tiny_expert("tiny-a", general=0.6, writing=0.5))
+    reg.add(app.tiny_expert("tiny-b", math=0.7, stem=0.5))
+    reg.add(Expert(name="smollm2", model=str(smollm2_gguf), engine="hf", dtype="float32", max_context=2048,
+                   generation=GenerationDefaults(max_tokens=16, temperature=0.0, top_p=1.0),
+                   capabilities={"general": 0.2}, tags=["test"]))
+    reg.set_map({"general": ["tiny-a"], "writing": ["tiny-a"], "math": ["tiny-b"], "stem": ["tiny-b"],
+                 "coding": ["tiny-a"], "reasoning": ["tiny-b"], "roleplay": ["tiny-a"],
+                 "extraction": ["tiny-a"], "humanities": ["tiny-a"]})
+
+    port = _free_port()
+    cfg = ServeConfig(host="127.0.0.1", port=port, redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
+                      pool={"device": "cpu", "num_cpus": 0.5, "options": {"max_wait_ms": 50}})
+    # workers inherit this process's environment (COE_HOME, HF_HUB_OFFLINE from tests/conftest.py)
+    ray.init(num_cpus=2, include_dashboard=False, namespace=ns, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name="coe", route_prefix="/", blocking=False)
+        app.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(app.base + "/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("coe app did not become healthy in 240 s")
+            time.sleep(0.5)
+        yield app
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            reg.purge()
+            reg.close()
+
+
+@pytest.fixture(scope="session")
+def client(serve_app: ServeApp):
+    import openai
+
+    return openai.OpenAI(base_url=serve_app.v1, api_key="test", max_retries=0, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def http(serve_app: ServeApp) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=serve_app.base, timeout=180) as c:
+        yield c

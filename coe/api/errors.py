@@ -1,0 +1,101 @@
+"""OpenAI-shaped errors and the FastAPI handlers that produce them.
+
+Every bad input gets a 4xx with ``{"error": {"message", "type", "param", "code"}}``; a 5xx only
+means a coe bug or a failed expert, never a malformed request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coe.api.protocol import ErrorBody, ErrorResponse
+
+log = logging.getLogger("coe.api")
+
+
+class APIError(Exception):
+    """An error that becomes an OpenAI error response with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param, "code": self.code}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "APIError":
+        return cls(d.get("status", 500), d.get("message", "error"), d.get("type", "server_error"), d.get("param"), d.get("code"))
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def not_found(message: str, param: str | None = "model", code: str | None = "model_not_found") -> APIError:
+    return APIError(404, message, "invalid_request_error", param, code)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    """One readable line from pydantic's error list, plus the offending parameter."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None, "invalid_request"
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        return "request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg"))), None, "invalid_json"
+    if first.get("type") == "missing":
+        return f"missing required parameter: '{param}'", param, "missing_required_parameter"
+    msg = first.get("msg", "invalid value")
+    return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure to the OpenAI error shape with the right status."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param, code = _validation_message(exc)
+        return APIError(400, message, "invalid_request_error", param, code).response()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def _json(_: Request, exc: json.JSONDecodeError) -> JSONResponse:
+        return APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        etype = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, str(exc.detail), etype, None, code).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error in coe ingress")
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()

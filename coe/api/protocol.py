@@ -1,0 +1,188 @@
+"""OpenAI-compatible HTTP schemas (pydantic), after vLLM's ``entrypoints/openai/protocol.py``.
+
+Only the fields coe acts on are typed strictly; other OpenAI fields that clients send by default
+(``frequency_penalty``, ``user``, ``logit_bias`` …) are accepted and ignored so that stock clients
+work, which is why the request models allow extra keys.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id (``chatcmpl-…``)."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ContentPart(BaseModel):
+    """One part of a multi-part message; only text parts are supported."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str | None = None
+
+
+class ChatMessageIn(BaseModel):
+    """A message as a client sends it (``content`` may be a string or a list of text parts)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text, text parts joined; non-text parts are rejected earlier."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = "coe"
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        items = [v] if isinstance(v, str) else list(v)
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return items
+
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (the newer name) wins over ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+class RouteRequest(BaseModel):
+    """``POST /v1/route``: the routing part of a chat request (other chat fields are ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = "coe"
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CoeInfo(BaseModel):
+    """The routing decision as returned in the ``coe`` field of responses (and by ``/v1/route``)."""
+
+    model_config = ConfigDict(extra="allow")
+    expert: str
+    category: str | None = None
+    forced: str = "auto"
+    route_ms: float = 0.0
+    category_probs: list[dict[str, Any]] = Field(default_factory=list)
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+    fallback_reason: str | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None = "stop"
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    coe: CoeInfo
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class StreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: Usage | None = None
+    coe: CoeInfo | None = None
+
+
+class ModelCard(BaseModel):
+    """One entry of ``GET /v1/models``; ``coe`` adds what the entry is and where it lives."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "coe"
+    kind: Literal["router", "category", "expert"]
+    description: str | None = None
+    experts: list[str] | None = None  # router/category: who may answer
+    tier: str | None = None  # expert: hbm | dram | disk | unloaded
+    status: str | None = None  # expert: ready | failed | removing …
+    status_reason: str | None = None
+    max_context: int | None = None
+    capabilities: dict[str, float] | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorBody

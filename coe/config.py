@@ -1,0 +1,100 @@
+"""Service configuration: one pydantic model, read from YAML (``coe serve --config``) or from the
+``args`` of ``deploy/serve_config.yaml`` (Ray Serve passes them to ``coe.serve.app:build_app``).
+
+Environment overrides (``COE_REDIS_URL``, ``COE_NAMESPACE``) apply when the file leaves them unset,
+so one config file works on a laptop (embedded Redis) and in a cluster (Redis from a Secret).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class IngressConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = 0.1
+    max_ongoing_requests: int = 256
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(default=None, description="a `coe router train` output dir; None = Router.default()")
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = 0.2
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    residency_refresh_s: float = Field(default=1.0, gt=0)
+
+
+class PoolDeploymentConfig(BaseModel):
+    """How many ExpertPool replicas, on what, and the ``PoolConfig`` each one builds."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_replicas: int = Field(default=1, ge=1, description="one per GPU in a GPU cluster")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_cpus: float = 0.5
+    num_gpus: float | None = Field(default=None, description="None = 1 when device is cuda, else 0")
+    max_experts_per_replica: int = Field(default=16, ge=1, description="multiplexed model ids a replica holds")
+    max_ongoing_requests: int = 64
+    options: dict[str, Any] = Field(default_factory=dict, description="extra PoolConfig fields (budgets, policy …)")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        try:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:  # pragma: no cover - torch missing
+            return "cpu"
+
+
+class ServeConfig(BaseModel):
+    """Everything ``coe serve`` and ``build_app`` need."""
+
+    model_config = ConfigDict(extra="forbid")
+    app_name: str = "coe"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    redis_url: str | None = None
+    namespace: str = "default"
+    registry_poll_s: float = Field(default=5.0, gt=0, description="safety-net poll of the registry version")
+    demo: bool = False
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    pool: PoolDeploymentConfig = Field(default_factory=PoolDeploymentConfig)
+
+    def with_env(self) -> "ServeConfig":
+        """Fill unset fields from the environment (``COE_REDIS_URL``, ``COE_NAMESPACE``)."""
+        upd: dict[str, Any] = {}
+        if not self.redis_url and os.environ.get("COE_REDIS_URL"):
+            upd["redis_url"] = os.environ["COE_REDIS_URL"]
+        if self.namespace == "default" and os.environ.get("COE_NAMESPACE"):
+            upd["namespace"] = os.environ["COE_NAMESPACE"]
+        return self.model_copy(update=upd)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ServeConfig":
+        """Read a config file; a ``serve_config.yaml`` (Ray's format) is accepted too: its first
+        application's ``args`` are the coe config."""
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file not found: {p}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {p} is not valid YAML: {e}") from None
+        if isinstance(data, dict) and "applications" in data:
+            apps = data.get("applications") or [{}]
+            data = dict(apps[0].get("args") or {})
+            http = (yaml.safe_load(p.read_text()) or {}).get("http_options") or {}
+            data.setdefault("host", http.get("host", "127.0.0.1"))
+            data.setdefault("port", http.get("port", 8000))
+        return cls.model_validate(data)

@@ -1,0 +1,58 @@
+"""The Ray Serve application: ``build_app(args)`` is the import path ``serve run`` / ``serve deploy``
+use (``coe.serve.app:build_app``, see ``deploy/serve_config.yaml``); ``coe serve`` calls it too.
+
+Graph: ``Ingress(config, router, pool)`` → ``Router(config, pool)`` and ``ExpertPool(config)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from coe.config import ServeConfig
+
+
+def resolve_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
+    """Args from serve_config.yaml (or a ServeConfig) → a complete config with a Redis URL.
+
+    Without a URL (none in args or ``COE_REDIS_URL``) the embedded Redis is used, started if
+    needed (single-machine case; a cluster must give ``COE_REDIS_URL``)."""
+    from expert_registry.embedded import resolve_redis_url
+
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(args or {})
+    cfg = cfg.with_env()
+    if not cfg.redis_url:
+        cfg = cfg.model_copy(update={"redis_url": resolve_redis_url(None)})
+    return cfg
+
+
+def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
+    """Bind the three deployments with their replica counts and resources from the config."""
+    from coe.serve.ingress import Ingress
+    from coe.serve.pool_deployment import ExpertPoolDeployment
+    from coe.serve.router_deployment import RouterDeployment
+
+    cfg = resolve_config(args)
+    conf = cfg.model_dump(mode="json")
+    pc = cfg.pool
+    device = pc.resolved_device()
+    num_gpus = pc.num_gpus if pc.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
+    env = {"COE_MAX_EXPERTS_PER_REPLICA": str(pc.max_experts_per_replica)}
+    quiet = {"enable_access_log": False}  # internal calls (sync every second) would flood the log
+    pool = ExpertPoolDeployment.options(
+        logging_config=quiet,
+        num_replicas=pc.num_replicas,
+        max_ongoing_requests=pc.max_ongoing_requests,
+        ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}},
+    ).bind(conf)
+    router = RouterDeployment.options(
+        logging_config=quiet,
+        num_replicas=cfg.router.num_replicas,
+        ray_actor_options={"num_cpus": cfg.router.num_cpus},
+    ).bind(conf, pool)
+    return Ingress.options(
+        num_replicas=cfg.ingress.num_replicas,
+        max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
+    ).bind(conf, router, pool)

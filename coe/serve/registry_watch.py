@@ -1,0 +1,149 @@
+"""Keep an in-process copy of the registry fresh: pub/sub for speed, a version poll as safety net.
+
+Every message on the registry's channel (``coe:{namespace}:events``) triggers a re-read of the
+snapshot; so does a change of ``version()`` seen by the periodic poll (a message lost while Redis
+restarted, say). Subscribers get ``(old, new)`` snapshots and derive what changed by diffing, so
+a missed message can never leave an expert half-added or half-removed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("coe.serve.registry")
+
+OnChange = Callable[[Any, Any], Awaitable[None] | None]
+
+
+def events_channel(namespace: str) -> str:
+    """The registry's pub/sub channel (see CONTRACTS.md)."""
+    return f"coe:{namespace}:events"
+
+
+@dataclass
+class SnapshotDiff:
+    """What changed between two registry snapshots."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    map_changed: bool = False
+
+
+def diff_snapshots(old: Any | None, new: Any) -> SnapshotDiff:
+    """Experts added/removed/updated (spec changed) and whether the category map changed."""
+    old_experts = dict(old.experts) if old is not None else {}
+    d = SnapshotDiff()
+    for name, spec in new.experts.items():
+        if name not in old_experts:
+            d.added.append(name)
+        elif _spec_key(old_experts[name]) != _spec_key(spec):
+            d.updated.append(name)
+    d.removed = [n for n in old_experts if n not in new.experts]
+    d.map_changed = old is None or dict(old.category_map) != dict(new.category_map)
+    return d
+
+
+def _spec_key(expert: Any) -> Any:
+    """The parts of a spec that matter for serving it (timestamps and status excluded)."""
+    return expert.model_dump(exclude={"created_at", "updated_at", "status", "status_reason"})
+
+
+class RegistryWatcher:
+    """Holds ``snapshot`` (a ``RegistrySnapshot``) and calls ``on_change(old, new)`` on changes."""
+
+    def __init__(self, redis_url: str, namespace: str = "default", poll_s: float = 5.0,
+                 on_change: OnChange | None = None):
+        from expert_registry.store import RedisRegistry
+
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.poll_s = poll_s
+        self.registry = RedisRegistry(redis_url, namespace=namespace)
+        self.snapshot: Any = None
+        self._callbacks: list[OnChange] = [on_change] if on_change else []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._poll_task: asyncio.Task | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    def add_callback(self, cb: OnChange) -> None:
+        self._callbacks.append(cb)
+
+    async def start(self) -> None:
+        """Read the first snapshot and start listening; idempotent."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        await self.refresh()
+        self._thread = threading.Thread(target=self._listen, name="coe-registry-sub", daemon=True)
+        self._thread.start()
+        self._poll_task = asyncio.create_task(self._poll())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._poll_task:
+            self._poll_task.cancel()
+
+    async def refresh(self) -> bool:
+        """Re-read the snapshot if the version moved; returns whether it changed."""
+        async with self._refresh_lock:
+            try:
+                new = await asyncio.to_thread(self.registry.snapshot)
+            except Exception as e:  # Redis briefly away: keep serving the last snapshot
+                log.warning("registry snapshot failed (%s); keeping version %s", e,
+                            getattr(self.snapshot, "version", None))
+                return False
+            old = self.snapshot
+            if old is not None and new.version == old.version:
+                return False
+            self.snapshot = new
+            for cb in self._callbacks:
+                try:
+                    res = cb(old, new)
+                    if asyncio.iscoroutine(res):
+                        await res
+                except Exception:
+                    log.exception("registry change handler failed")
+            return True
+
+    async def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.refresh()
+
+    def _listen(self) -> None:
+        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop."""
+        import redis
+
+        channel = events_channel(self.namespace)
+        while not self._stop.is_set():
+            try:
+                client = redis.Redis.from_url(self.redis_url)
+                ps = client.pubsub(ignore_subscribe_messages=True)
+                ps.subscribe(channel)
+                # a refresh right after (re)subscribing covers messages sent while we were away
+                self._kick()
+                while not self._stop.is_set():
+                    msg = ps.get_message(timeout=1.0)
+                    if msg is not None:
+                        self._kick()
+                ps.close()
+                client.close()
+            except Exception as e:
+                log.warning("registry subscription on %s lost (%s); retrying", channel, e)
+                self._stop.wait(1.0)
+
+    def _kick(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake.set)

@@ -1,0 +1,115 @@
+"""``RouterDeployment``: a thin Ray Serve shell over the plain :class:`routers.router.Router`.
+
+Concurrent requests are batched with ``@serve.batch`` (one encoder pass for the batch, through
+``Router.route_batch``). The router keeps its own registry snapshot (pub/sub + poll), and every
+``residency_refresh_s`` it tells the pool what was asked for (demand, a prefetch hint) and learns
+what is resident (a routing bonus). Answers are dicts: ``{"decision": {...}}`` or ``{"error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from coe.config import ServeConfig
+
+log = logging.getLogger("coe.serve.router")
+
+
+def load_router(path: str | None):
+    """``Router.load(path)`` or the trained default (cached under ``state_dir("router")``)."""
+    from routers.router import Router
+
+    return Router.load(path) if path else Router.default()
+
+
+def route_error(exc: Exception, request: dict) -> dict:
+    """A router exception as an OpenAI-style error dict (status, message, param, code)."""
+    from routers.errors import NoEligibleExpert, UnknownModel
+
+    if isinstance(exc, UnknownModel):
+        return {"status": 404, "message": str(exc), "param": "model", "code": "model_not_found",
+                "type": "invalid_request_error"}
+    if isinstance(exc, NoEligibleExpert):
+        if request.get("max_tokens") and any("context" in r for r in exc.reasons.values()):
+            return {"status": 400, "message": str(exc), "param": "max_tokens", "code": "context_length_exceeded",
+                    "type": "invalid_request_error"}
+        return {"status": 503, "message": str(exc), "param": "model", "code": "no_eligible_expert",
+                "type": "server_error"}
+    if isinstance(exc, (ValueError, TypeError)):
+        return {"status": 400, "message": str(exc), "param": None, "code": "invalid_value",
+                "type": "invalid_request_error"}
+    log.exception("router failed", exc_info=exc)
+    return {"status": 500, "message": f"router failed: {type(exc).__name__}: {exc}", "param": None,
+            "code": None, "type": "server_error"}
+
+
+@serve.deployment(name="Router")
+class RouterDeployment:
+    async def __init__(self, config: dict, pool: DeploymentHandle | None = None):
+        from coe.serve.registry_watch import RegistryWatcher
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.router = await asyncio.to_thread(load_router, self.cfg.router.path)
+        self._route_batch.set_max_batch_size(self.cfg.router.max_batch_size)
+        self._route_batch.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
+        self.pool = pool
+        self.residency: dict[str, float] = {}
+        self.demand: Counter[str] = Counter()
+        self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
+        await self.watcher.start()
+        self._sync_task = asyncio.create_task(self._sync_loop()) if pool is not None else None
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.router.residency_refresh_s)
+            demand, self.demand = dict(self.demand), Counter()
+            try:
+                self.residency = await self.pool.sync.remote(demand)
+            except Exception as e:
+                log.debug("pool sync failed: %s", e)
+
+    async def refresh_registry(self) -> int:
+        """Re-read the registry now (tests and the ingress call it after a change they made)."""
+        await self.watcher.refresh()
+        return self.watcher.snapshot.version
+
+    def categories(self) -> list[str]:
+        return list(self.router.categories)
+
+    async def route(self, request: dict) -> dict:
+        """Route one request: ``{prompt, model, prompt_tokens?, max_tokens?, min_version?}``.
+
+        ``min_version`` is the registry version the caller has seen: if this replica is behind
+        (a pub/sub message still in flight), it re-reads the registry first, so an expert added a
+        moment ago is routable on the very next request."""
+        if request.get("min_version", 0) > self.watcher.snapshot.version:
+            await self.watcher.refresh()
+        return await self._route_batch(request)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _route_batch(self, requests: list[dict]) -> list[dict]:
+        snap = self.watcher.snapshot
+        experts = snap.experts
+        kwargs = [
+            dict(prompt=r["prompt"], model=r.get("model") or "coe", experts=experts,
+                 category_map=snap.category_map, residency=self.residency,
+                 prompt_tokens=r.get("prompt_tokens"), max_tokens=r.get("max_tokens"))
+            for r in requests
+        ]
+        try:
+            results: list[Any] = await asyncio.to_thread(self.router.route_batch, kwargs)
+        except Exception as e:  # the batch itself failed (encoder error …): every request gets it
+            results = [e] * len(requests)
+        out = [{"error": route_error(d, r)} if isinstance(d, Exception) else {"decision": d.model_dump(mode="json")}
+               for d, r in zip(results, requests)]
+        for o in out:
+            if "decision" in o:
+                self.demand[o["decision"]["expert"]] += 1
+                o["registry_version"] = snap.version
+        return out

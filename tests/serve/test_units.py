@@ -1,0 +1,107 @@
+"""The serve layer's plain parts, without Ray: request validation, registry diffs, config files,
+and how pool numbers become Prometheus series."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coe.api.errors import APIError
+from coe.api.protocol import ChatCompletionRequest, ChatMessageIn
+from coe.config import ServeConfig
+from coe.metrics import IngressMetrics, pool_series
+from coe.serve.ingress import normalise_messages, routing_text
+from coe.serve.registry_watch import diff_snapshots
+from expert_registry.spec import Expert
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def msgs(*pairs):
+    return [ChatMessageIn(role=r, content=c) for r, c in pairs]
+
+
+def test_messages_are_normalised_and_empty_prompts_refused():
+    out = normalise_messages(msgs(("developer", "be brief"), ("user", "hi")))
+    assert out == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    parts = ChatMessageIn.model_validate({"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                        {"type": "text", "text": "b"}]})
+    assert normalise_messages([parts])[0]["content"] == "ab"
+    for bad in ([], msgs(("system", "only a system prompt")), msgs(("user", "  \n"))):
+        with pytest.raises(APIError) as e:
+            normalise_messages(bad)
+        assert e.value.status == 400 and e.value.param == "messages"
+    image = ChatMessageIn.model_validate({"role": "user", "content": [{"type": "image_url", "image_url": {}}]})
+    with pytest.raises(APIError, match="only text parts"):
+        normalise_messages([image])
+
+
+def test_routing_uses_the_last_user_turn():
+    m = normalise_messages(msgs(("user", "Write a poem about rain."), ("assistant", "Drip drop."),
+                                ("user", "Now solve 2x + 3 = 9 for x and explain each step.")))
+    assert routing_text(m) == "Now solve 2x + 3 = 9 for x and explain each step."
+
+
+def test_request_schema_accepts_openai_extras_and_prefers_max_completion_tokens():
+    r = ChatCompletionRequest.model_validate({"model": "coe", "messages": [{"role": "user", "content": "x"}],
+                                              "max_tokens": 50, "max_completion_tokens": 20, "stop": "END",
+                                              "frequency_penalty": 0.1, "user": "u1"})
+    assert r.requested_max_tokens() == 20 and r.stop == ["END"]
+
+
+@dataclass
+class Snap:
+    version: int
+    experts: dict
+    category_map: dict
+
+
+def test_registry_diff_finds_added_removed_updated_and_map_changes():
+    a = Expert(name="a", model="/m/a")
+    b = Expert(name="b", model="/m/b")
+    old = Snap(1, {"a": a, "b": b}, {"general": ["a"]})
+    new = Snap(2, {"a": a.model_copy(update={"system_prompt": "new"}), "c": Expert(name="c", model="/m/c")},
+               {"general": ["a"]})
+    d = diff_snapshots(old, new)
+    assert (d.added, d.removed, d.updated, d.map_changed) == (["c"], ["b"], ["a"], False)
+    # a status flip alone is not a spec change; a map change is seen
+    new2 = Snap(3, {"a": a.model_copy(update={"status": "failed"}), "b": b}, {"general": ["b"]})
+    d = diff_snapshots(old, new2)
+    assert d.updated == [] and d.map_changed
+
+
+def test_deploy_files_parse_into_the_service_config():
+    cfg = ServeConfig.from_yaml(REPO / "deploy" / "serve_config.yaml")
+    assert (cfg.host, cfg.port, cfg.pool.num_replicas) == ("127.0.0.1", 8000, 1)
+    doc = yaml.safe_load((REPO / "deploy" / "rayservice.yaml").read_text())
+    serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    app = serve_cfg["applications"][0]
+    assert app["import_path"] == "coe.serve.app:build_app"
+    k8s = ServeConfig.model_validate(app["args"])
+    assert k8s.pool.device == "cuda" and k8s.pool.num_gpus == 1
+    env = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "COE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "coe-redis", "key": "url"}}} in env
+
+
+def test_bad_config_is_a_one_line_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pool: {num_replicas: 0}\n")
+    with pytest.raises(Exception, match="num_replicas"):
+        ServeConfig.from_yaml(p)
+    with pytest.raises(ValueError, match="not found"):
+        ServeConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_pool_numbers_become_labelled_series():
+    m = {"bytes": {"hbm": 10, "dram": 20}, "swaps": {"disk->dram": 2, "dram->hbm": 3}, "evictions": 1,
+         "served": {"a": 4}, "batch_sizes": {"a": [1, 2]}}
+    series = {(n, tuple(sorted(l.items()))): v for n, _, _, l, v in pool_series(m)}
+    assert series[("coe_tier_bytes", (("tier", "dram"),))] == 20
+    assert series[("coe_swaps", (("dst", "hbm"), ("src", "dram")))] == 3
+    assert series[("coe_evictions", ())] == 1
+    assert series[("coe_expert_served", (("expert", "a"),))] == 4
+    text = IngressMetrics(use_ray=False).render([{"replica": "r1", "experts": {}, "metrics": m}]).decode()
+    assert 'coe_swaps_total{dst="hbm",replica="r1",src="dram"} 3.0' in text

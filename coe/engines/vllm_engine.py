@@ -9,8 +9,11 @@ Switching (``switch_mode``)
     DISK→DRAM (:meth:`load`) builds the engine, copies every allocation vLLM made under the
     ``weights`` tag once into a pinned host buffer (the DRAM tier), then ``sleep(level=2)``.
     HBM→DRAM is ``sleep(level=2)``: the device memory is released and nothing is copied back.
-    DRAM→HBM is ``wake_up(tags=["weights"])`` (vLLM maps fresh memory at the same addresses), one
-    host→device copy from the pinned buffer into it, then ``wake_up(tags=["kv_cache"])``.
+    DRAM→HBM maps the weight allocations again (same virtual addresses) and copies the pinned
+    buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped),
+    then ``wake_up()`` maps the KV cache and resumes scheduling. If that one-pass call fails, the
+    engine falls back for good to the documented three steps: ``wake_up(tags=["weights"])``, the
+    copy, ``wake_up(tags=["kv_cache"])``.
 ``"sleep"`` (vLLM's own switching; the baseline)
     HBM→DRAM is ``sleep(level=1)`` (vLLM copies the weights device→host on every sleep),
     DRAM→HBM is ``wake_up()``.
@@ -130,6 +133,7 @@ class VLLMEngine(Engine):
         reload_dir: str | None = None,
         build_in_thread: bool = True,
         dummy_init_seed: int | None = None,
+        fast_wake: bool = True,
         engine_args: Mapping[str, Any] | None = None,
         **_ignored: Any,
     ):
@@ -150,6 +154,7 @@ class VLLMEngine(Engine):
         self.reload_dir = reload_dir
         self.build_in_thread = build_in_thread
         self.dummy_init_seed = dummy_init_seed
+        self.fast_wake = fast_wake
         self.engine_args = dict(engine_args or {})
         self._llm: Any = None
         self._state = "none"  # none | awake | asleep1 | asleep2
@@ -309,6 +314,19 @@ class VLLMEngine(Engine):
         self._state = f"asleep{level}"
 
     async def _wake_from_level2(self, source: str) -> dict[str, float]:
+        if source == "pinned" and self.fast_wake:
+            t0 = time.perf_counter()
+            try:
+                copy_s = float(await self._rpc("coe_wake_restore"))
+            except Exception as exc:  # nothing was left mapped: take the three-step path from now on
+                log.warning("expert %s: one-pass wake+restore failed (%s); using wake_up(weights) + copy",
+                            self.name, exc)
+                self.fast_wake = False
+            else:
+                t1 = time.perf_counter()
+                await self._llm.wake_up()  # maps the KV cache only; resumes scheduling
+                t2 = time.perf_counter()
+                return {"map_and_copy_s": copy_s, "rpc_s": t1 - t0, "wake_rest_s": t2 - t1}
         t0 = time.perf_counter()
         await self._llm.wake_up(tags=["weights"])
         t1 = time.perf_counter()

@@ -98,6 +98,47 @@ def _cuda_memcpy(dst: int, src: int, n: int) -> None:
     _cudart().cudaMemcpy(ctypes.c_void_p(dst), ctypes.c_void_p(src), n)
 
 
+_ASYNC: Any = None
+
+
+def _h2d_async(dst: int, src: int, n: int) -> None:
+    """cudaMemcpyAsync host→device on torch's current stream (the caller synchronizes once)."""
+    global _ASYNC
+    import torch
+
+    if _ASYNC is None:
+        f = _cudart().lib.cudaMemcpyAsync
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        _ASYNC = f
+    rc = _ASYNC(ctypes.c_void_p(dst), ctypes.c_void_p(src), n, 1, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+    if rc != 0:
+        raise RuntimeError(f"cudaMemcpyAsync failed: {_cudart().cudaGetErrorString(rc)}")
+
+
+def _skip_weights_on_next_wake(alloc: Any) -> None:
+    """Make the allocator's next ``wake_up`` leave the ``weights`` allocations alone (they were
+    mapped and filled by :meth:`CoeWorkerExtension.coe_wake_restore`), so vLLM's own ``wake_up()``
+    then maps the KV cache, restores buffers and resumes scheduling as usual."""
+    if not getattr(alloc, "_coe_hooked", False):
+        orig = alloc.wake_up
+
+        def wake_up(tags: list[str] | None = None) -> None:
+            if getattr(alloc, "_coe_skip_weights", False):
+                alloc._coe_skip_weights = False
+                if tags is None:
+                    tags = sorted({d.tag for d in alloc.pointer_to_data.values()} - {"weights"})
+                else:
+                    tags = [t for t in tags if t != "weights"]
+                if not tags:
+                    return None
+            return orig(tags)
+
+        alloc.wake_up = wake_up
+        alloc._coe_hooked = True
+    alloc._coe_skip_weights = True
+
+
 def _pin_host(host: Any) -> bool:
     """cudaHostRegister the buffer in place (no power-of-two rounding); False if refused."""
     import torch
@@ -133,6 +174,37 @@ class CoeWorkerExtension:
         return {"nbytes": pc.nbytes, "host_bytes": pc.host_bytes, "chunks": len(chunks), "pin_s": t1 - t0,
                 "copy_s": t2 - t1, "pinned_via": "cudaHostRegister" if pc.registered else "pin_memory"}
 
+    def coe_wake_restore(self) -> float:
+        """Level-2 sleep → weights back, in one pass: map each weight allocation and queue its copy
+        from the pinned buffer, so the copy of one chunk runs while the next is being mapped (vLLM's
+        ``wake_up(["weights"])`` maps all of them first). Afterwards the engine calls ``wake_up()``,
+        which (see :func:`_skip_weights_on_next_wake`) only maps the KV cache. Seconds."""
+        import torch
+        from vllm.device_allocator.cumem import create_and_map, unmap_and_release
+
+        pc = getattr(self, "_coe_copy", None)
+        if pc is None:
+            raise RuntimeError("no pinned copy: coe_capture was not called or the copy was dropped")
+        alloc = _allocator()
+        pc.check(_weight_chunks())
+        datas = [alloc.pointer_to_data[ptr] for ptr, _ in pc.chunks]
+        base = pc.host.data_ptr()
+        t0 = time.perf_counter()
+        mapped = []
+        try:
+            for d, (ptr, size), off in zip(datas, pc.chunks, pc.offsets):
+                create_and_map(d.handle)
+                mapped.append(d)
+                _h2d_async(ptr, base + off, size)
+            torch.cuda.current_stream().synchronize()
+        except BaseException:
+            torch.cuda.synchronize()
+            for d in mapped:  # leave it as it was: asleep, nothing mapped
+                unmap_and_release(d.handle)
+            raise
+        _skip_weights_on_next_wake(alloc)
+        return time.perf_counter() - t0
+
     def coe_has_copy(self) -> bool:
         return getattr(self, "_coe_copy", None) is not None
 
@@ -144,8 +216,8 @@ class CoeWorkerExtension:
         if pc is None:
             raise RuntimeError("no pinned copy: coe_capture was not called or the copy was dropped")
         t0 = time.perf_counter()
-        pc.restore(_cuda_memcpy, _weight_chunks())
-        torch.cuda.synchronize()
+        pc.restore(_h2d_async, _weight_chunks())
+        torch.cuda.current_stream().synchronize()
         return time.perf_counter() - t0
 
     def coe_drop(self) -> int:

@@ -206,3 +206,29 @@ def test_percentile_and_targets():
     t = serve_gpu.targets({"a_coe": {"output_tokens_per_s": 900.0}, "d_resident": {"output_tokens_per_s": 1000.0},
                            "b_sleep": {"output_tokens_per_s": 500.0}, "c_reload": {"output_tokens_per_s": 100.0}})
     assert t["a_over_d_target_0.8_met"] and not t["a_over_b_target_2_met"] and t["a_over_c_target_5_met"]
+
+
+def test_one_pass_wake_leaves_only_the_kv_cache_to_vllm():
+    """After coe_wake_restore has mapped and filled the weights, the allocator's next wake_up must
+    map everything else (the KV cache) and not the weights again; later wake-ups are vLLM's own."""
+    from types import SimpleNamespace
+
+    from coe.engines.vllm_worker import _skip_weights_on_next_wake
+
+    class Allocator:  # the two members of vLLM's CuMemAllocator the hook uses
+        def __init__(self):
+            self.pointer_to_data = {1: SimpleNamespace(tag="weights"), 2: SimpleNamespace(tag="kv_cache"),
+                                    3: SimpleNamespace(tag="weights")}
+            self.calls = []
+
+        def wake_up(self, tags=None):
+            self.calls.append(tags)
+
+    a = Allocator()
+    _skip_weights_on_next_wake(a)
+    a.wake_up(None)
+    a.wake_up(None)
+    _skip_weights_on_next_wake(a)
+    a.wake_up(["weights"])
+    a.wake_up(["weights", "kv_cache"])
+    assert a.calls == [["kv_cache"], None, ["weights", "kv_cache"]]

@@ -1,0 +1,674 @@
+"""Serving benchmark: six Llama-shaped experts on one GPU, four ways of sharing it, one seeded trace.
+
+Systems (same engines, same trace, same pool code — the ``ExpertPool`` that coe's Ray Serve
+deployment wraps; Ray itself is not used, it is not installed on the GPU machine):
+
+  d_resident  all experts awake in HBM (upper bound)
+  a_coe       HBM budget for 2 experts; coe's switching (``sleep(level=2)`` out, pinned-copy
+              restore in), expert-batching scheduler (max_wait_ms), demand policy with prefetch
+  b_sleep     HBM budget for 2; vLLM's ``sleep(level=1)``/``wake_up()``, LRU, FIFO across experts
+  c_reload    HBM budget for 2; reload the weights from a file on a miss, LRU, FIFO across experts
+              (what model multiplexing does, minus building a new engine: a lower bound of its cost)
+
+Workload: N requests, expert popularity Zipf(s), P-token prompts, T output tokens (ignore_eos),
+Poisson arrivals at a fixed rate; the trace is a pure function of the seed.
+
+    # on the GPU machine, vLLM staged (see ../shared/device/vllm-stage.sh):
+    PYTHONPATH=/tmp/vllm-site:. python bench/serve_gpu.py run --out "$OUT"
+    PYTHONPATH=/tmp/vllm-site:. python bench/serve_gpu.py switch --shape 8b --out "$OUT"
+    # here, on a CPU (plumbing check with tiny hf models; no vLLM):
+    python bench/serve_gpu.py run --dry-run --engine hf --out /tmp/sg
+    python bench/serve_gpu.py plot bench/results/serve_gpu_....json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SYSTEMS = ("d_resident", "a_coe", "b_sleep", "c_reload")
+LABELS = {"d_resident": "(d) all resident", "a_coe": "(a) coe tiered", "b_sleep": "(b) vLLM sleep/wake LRU",
+          "c_reload": "(c) reload on miss LRU"}
+
+
+# ------------------------------------------------------------------------------------- the trace
+@dataclasses.dataclass(frozen=True)
+class TraceRequest:
+    idx: int
+    arrival_s: float
+    expert: int
+    prompt: str
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    w = [1.0 / (k ** s) for k in range(1, n + 1)]
+    z = sum(w)
+    return [x / z for x in w]
+
+
+def make_trace(n_requests: int, rate: float, n_experts: int, zipf_s: float = 1.0, prompt_tokens: int = 128,
+               vocab_size: int = 128256, seed: int = 0) -> list[TraceRequest]:
+    """Poisson arrivals at ``rate``/s, expert k (0-based) with probability ∝ 1/(k+1)^s, word prompts of
+    exactly ``prompt_tokens`` tokens (see :func:`coe.engines.vllm_models.word_prompt`)."""
+    from coe.engines.vllm_models import word_prompt
+
+    rng = random.Random(seed)
+    weights = zipf_weights(n_experts, zipf_s)
+    t, out = 0.0, []
+    for i in range(n_requests):
+        t += rng.expovariate(rate)
+        e = rng.choices(range(n_experts), weights=weights)[0]
+        out.append(TraceRequest(i, t, e, word_prompt(prompt_tokens, vocab_size, rng)))
+    return out
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+# ------------------------------------------------------------------------------------- engines
+_SHARED: dict[str, Any] = {}
+
+
+def shared_engine(expert: Any, device: str = "cuda", **_: Any) -> Any:
+    """Engine factory the pool calls (through ``coe.engines.ENGINES``): hands out the engines built
+    once for the whole run, so every system drives the same running vLLM engines."""
+    return _SHARED[expert.name]
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info["gpu"] = p.name
+            info["gpu_mem_gib"] = round(p.total_memory / 2**30, 1)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    except Exception:
+        info["vllm"] = None
+    return info
+
+
+def _mount_of(path: str) -> str:
+    best, fs = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and path.startswith(parts[1]) and len(parts[1]) > len(best):
+                best, fs = parts[1], parts[2]
+    except OSError:
+        pass
+    return f"{best} ({fs})"
+
+
+async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], list[Any], dict[str, Any]]:
+    from expert_registry.spec import Expert, GenerationDefaults
+
+    experts, engines = [], []
+    setup: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if args.engine == "vllm":
+        from coe.engines.vllm_engine import VLLMEngine
+        from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder
+
+        folder = build_dummy_folder(workdir / f"llama-{args.shape}", args.shape, max_position_embeddings=4096)
+        for i in range(args.experts):
+            ex = Expert(name=f"expert-{i}", model=str(folder), engine="vllm", dtype="bfloat16",
+                        max_context=args.max_model_len, chat_template=PLAIN_TEMPLATE,
+                        generation=GenerationDefaults(max_tokens=args.output_tokens, temperature=0.0, top_p=1.0))
+            experts.append(ex)
+            engines.append(VLLMEngine(
+                ex, device="cuda", max_batch_size=args.max_batch, switch_mode="pinned",
+                gpu_memory_utilization=args.gpu_util, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
+                max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs, load_format="dummy",
+                reload_dir=args.reload_dir, dummy_init_seed=1000 + i, build_in_thread=args.parallel_start > 1))
+        sem = asyncio.Semaphore(max(1, args.parallel_start))
+
+        async def load(e: Any) -> None:
+            async with sem:
+                await e.load()
+                print(f"  loaded {e.name}: {json.dumps(e.last_load_info, default=str)}", flush=True)
+
+        results = await asyncio.gather(*(load(e) for e in engines), return_exceptions=True)
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        if failed:  # concurrent start-up failed for some: retry those one at a time on the loop thread
+            setup["parallel_start_failures"] = {engines[i].name: repr(results[i])[:300] for i in failed}
+            print(f"  retrying sequentially: {setup['parallel_start_failures']}", flush=True)
+            for i in failed:
+                engines[i].build_in_thread = False
+                await engines[i].load()
+        setup["load_info"] = {e.name: e.last_load_info for e in engines}
+    else:  # CPU plumbing check: tiny hf models, same pool and trace code
+        from coe.engines.hf import HFEngine
+        from coe.engines.synthetic import build_llama_folder
+        from coe.engines.vllm_models import PLAIN_TEMPLATE
+
+        for i in range(args.experts):
+            folder = build_llama_folder(workdir / f"tiny-{i}", seed=i)
+            ex = Expert(name=f"expert-{i}", model=str(folder), engine="hf", max_context=512,
+                        chat_template=PLAIN_TEMPLATE,
+                        generation=GenerationDefaults(max_tokens=args.output_tokens, temperature=0.0, top_p=1.0))
+            experts.append(ex)
+            eng = HFEngine(ex, device="cpu", max_batch_size=args.max_batch)
+            await eng.load()
+            engines.append(eng)
+    setup["build_s"] = time.perf_counter() - t0
+    for e in engines:
+        _SHARED[e.name] = e
+    return experts, engines, setup
+
+
+async def set_mode(engines: list[Any], mode: str) -> float:
+    """Put every engine asleep in ``mode``'s DRAM state (engines are separate processes: in parallel)."""
+    t0 = time.perf_counter()
+    await asyncio.gather(*(e.set_switch_mode(mode) for e in engines if hasattr(e, "set_switch_mode")))
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------- one system
+def pool_config(system: str, args: argparse.Namespace, footprint: int) -> Any:
+    from coe.pool import PoolConfig
+
+    dev = "cuda" if args.engine == "vllm" else "cpu"
+    n_hbm = args.experts if system == "d_resident" else args.hbm_experts
+    common = dict(device=dev, hbm_budget_bytes=int(footprint * n_hbm * 1.02),
+                  dram_budget_bytes=int(footprint * (args.experts + 1)), max_queue_per_expert=100_000,
+                  max_batch_size=args.max_batch)
+    if system in ("a_coe", "d_resident"):
+        return PoolConfig(policy="demand", max_wait_ms=args.max_wait_ms, **common)
+    return PoolConfig(policy="lru", max_wait_ms=args.fifo_wait_ms, **common)
+
+
+async def run_system(system: str, args: argparse.Namespace, experts: list[Any], engines: list[Any],
+                     trace: list[TraceRequest], deadline_s: float) -> dict[str, Any]:
+    import coe.engines as ce
+    from coe.engines.base import SamplingParams
+    from coe.pool import ExpertPool
+
+    mode = {"d_resident": "pinned", "a_coe": "pinned", "b_sleep": "sleep", "c_reload": "reload"}[system]
+    t_prep = time.perf_counter()
+    prep_s = await set_mode(engines, mode)
+    if system in ("b_sleep", "c_reload"):
+        # Neither baseline uses coe's pinned copies: release them (and torch's cached pinned blocks)
+        # so host memory holds one system's copies at a time.
+        for e in engines:
+            if hasattr(e, "drop_host_copy"):
+                await e.drop_host_copy()
+        prep_s = time.perf_counter() - t_prep
+    ce.ENGINES[experts[0].engine] = f"{__name__}:shared_engine"
+    footprint = engines[0].footprint_bytes()
+    pool = ExpertPool(pool_config(system, args, footprint))
+    for ex in experts:
+        await pool.add_expert(ex)
+    if system == "d_resident":
+        for ex in experts:
+            async with pool.tiers.acquire(ex.name):
+                pass
+    base_metrics = pool.metrics()
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, top_p=1.0, ignore_eos=True)
+    n = len(trace)
+    ttft: list[float | None] = [None] * n
+    done_at: list[float | None] = [None] * n
+    toks = [0] * n
+    errors: list[str] = []
+    t0 = time.monotonic()
+
+    async def one(r: TraceRequest) -> None:
+        await asyncio.sleep(max(0.0, t0 + r.arrival_s - time.monotonic()))
+        name = experts[r.expert].name
+        try:
+            async for c in pool.generate(name, [{"role": "user", "content": r.prompt}], params):
+                if ttft[r.idx] is None and (c.token_ids or c.text):
+                    ttft[r.idx] = time.monotonic() - (t0 + r.arrival_s)
+                toks[r.idx] = c.completion_tokens
+            done_at[r.idx] = time.monotonic() - t0
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    tasks = [asyncio.create_task(one(r)) for r in trace]
+    finished, pending = await asyncio.wait(tasks, timeout=deadline_s)
+    cut = bool(pending)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    elapsed_all = time.monotonic() - t0
+    m = pool.metrics()
+    completed = [i for i in range(n) if done_at[i] is not None]
+    total_tokens = sum(toks)
+    end = max((done_at[i] for i in completed), default=elapsed_all) if not cut else elapsed_all
+    first_arrival = trace[0].arrival_s
+    span = max(end - first_arrival, 1e-9)
+    ttfts = [x for x in ttft if x is not None]
+
+    def delta(key: str, sub: str) -> float:
+        return float(m.get(key, {}).get(sub, 0)) - float(base_metrics.get(key, {}).get(sub, 0))
+
+    res = {
+        "system": system, "label": LABELS[system], "switch_mode": mode,
+        "pool_config": pool.config.model_dump(),
+        "prep_s": prep_s,
+        "requests": n, "completed": len(completed), "cut_at_deadline": cut, "deadline_s": deadline_s,
+        "errors": len(errors), "error_samples": errors[:5],
+        "output_tokens": total_tokens,
+        "makespan_s": end,
+        "output_tokens_per_s": total_tokens / span,
+        "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
+        "ttft_count": len(ttfts),
+        "switches_in": int(delta("swaps", "dram->hbm")),
+        "switches_out": int(delta("swaps", "hbm->dram")),
+        "switch_in_s": delta("swap_seconds", "dram->hbm"),
+        "switch_out_s": delta("swap_seconds", "hbm->dram"),
+        "evictions": m.get("evictions", 0) - base_metrics.get("evictions", 0),
+        "served": m.get("served"),
+    }
+    res["switch_s_total"] = res["switch_in_s"] + res["switch_out_s"]
+    res["switch_in_mean_s"] = res["switch_in_s"] / res["switches_in"] if res["switches_in"] else None
+    # Close the pool without shutting the engines down, then leave every engine asleep for the next
+    # system (a move interrupted by the deadline is finished first).
+    pool._closed = True
+    stop = [t for t in [pool._loop_task, pool._prefetch_task, *(sl.session for sl in pool._slots.values())]
+            if t is not None and not t.done()]
+    for t in stop:
+        t.cancel()
+    await asyncio.gather(*stop, return_exceptions=True)
+    for e in engines:
+        if hasattr(e, "settle"):
+            await e.settle()
+        if e.tier.name == "HBM":
+            await e.to_dram()
+    print(f"[{system}] {json.dumps({k: res[k] for k in ('completed', 'output_tokens_per_s', 'ttft_p50_s', 'ttft_p99_s', 'switches_in', 'switch_s_total', 'cut_at_deadline', 'errors')})}", flush=True)
+    return res
+
+
+# ------------------------------------------------------------------------------------- run
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.monotonic()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coe-serve-gpu-"))
+    if args.engine == "vllm" and args.reload_dir is None:
+        args.reload_dir = str(workdir / "reload")
+    res: dict[str, Any] = {
+        "bench": "serve_gpu",
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "machine": machine_info(),
+        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "reload_dir_mount": _mount_of(args.reload_dir or str(workdir)),
+    }
+    vocab = 128256 if args.engine == "vllm" else 260
+    trace = make_trace(args.requests, args.rate, args.experts, args.zipf, args.prompt_tokens, vocab, args.seed)
+    if args.engine == "hf":  # byte tokenizer: keep prompts short and in-vocabulary
+        trace = [dataclasses.replace(r, prompt="hello " * 8) for r in trace]
+    counts = [0] * args.experts
+    for r in trace:
+        counts[r.expert] += 1
+    res["trace"] = {"requests": len(trace), "duration_s": trace[-1].arrival_s, "per_expert": counts}
+    print(f"trace: {res['trace']}", flush=True)
+    experts, engines, setup = await build_engines(args, workdir)
+    res["setup"] = setup
+    res["weights_bytes_per_expert"] = engines[0].footprint_bytes()
+    print(f"engines ready in {setup['build_s']:.1f}s; {res['weights_bytes_per_expert'] / 1e9:.2f} GB each", flush=True)
+    res["systems"] = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"serve_gpu_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}" + ("_dryrun" if args.dry_run else "")
+    order = [s for s in args.systems.split(",") if s]
+    for i, system in enumerate(order):
+        left = args.budget_s - (time.monotonic() - t_start)
+        later = len(order) - i - 1
+        deadline = min(args.system_timeout_s, max(10.0, (left - 20.0) / (1 + 0.5 * later)))
+        if left < 25:
+            res["systems"][system] = {"system": system, "label": LABELS[system], "skipped": "out of time"}
+            continue
+        print(f"== {system}: deadline {deadline:.0f}s ({left:.0f}s left)", flush=True)
+        try:
+            res["systems"][system] = await run_system(system, args, experts, engines, trace, deadline)
+        except Exception as exc:  # noqa: BLE001 - one system failing must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            res["systems"][system] = {"system": system, "label": LABELS[system], "failed": f"{type(exc).__name__}: {exc}"[:500]}
+        _write(res, out, stem)
+    res["targets"] = targets(res["systems"])
+    res["wall_s"] = time.monotonic() - t_start
+    _write(res, out, stem)
+    for e in engines:
+        try:
+            await e.close()
+        except Exception:  # noqa: BLE001
+            pass
+    return res
+
+
+def _machine_tag(m: dict[str, Any]) -> str:
+    g = (m.get("gpu") or "cpu").lower()
+    for k in ("h100", "h200", "a100", "l4"):
+        if k in g:
+            return k
+    return "cpu" if g == "cpu" else g.split()[-1][:12]
+
+
+def targets(systems: dict[str, Any]) -> dict[str, Any]:
+    def tps(k: str) -> float | None:
+        return systems.get(k, {}).get("output_tokens_per_s")
+
+    a, b, c, d = (tps(k) for k in ("a_coe", "b_sleep", "c_reload", "d_resident"))
+    out: dict[str, Any] = {}
+    if a and d:
+        out["a_over_d"] = a / d
+        out["a_over_d_target_0.8_met"] = a / d >= 0.8
+    if a and b:
+        out["a_over_b"] = a / b
+        out["a_over_b_target_2_met"] = a / b >= 2.0
+    if a and c:
+        out["a_over_c"] = a / c
+        out["a_over_c_target_5_met"] = a / c >= 5.0
+    return out
+
+
+def table(res: dict[str, Any]) -> str:
+    cfg = res["config"]
+    lines = [
+        f"Command: `{res['command']}`  ",
+        f"Machine: {res['machine'].get('gpu', 'cpu')}, {res['machine'].get('cpus')} CPUs, torch {res['machine'].get('torch')}, "
+        f"vLLM {res['machine'].get('vllm')}; date {res['date_utc']}  ",
+        f"Workload: {cfg['requests']} requests, {cfg['experts']} experts ({cfg['shape']} shape, "
+        f"{res.get('weights_bytes_per_expert', 0) / 1e9:.2f} GB each), Zipf({cfg['zipf']}), {cfg['prompt_tokens']}-token prompts, "
+        f"{cfg['output_tokens']} output tokens (ignore_eos), Poisson {cfg['rate']} req/s, seed {cfg['seed']}",
+        "",
+        "| system | output tok/s | TTFT p50 (s) | TTFT p99 (s) | switches in | switch s (in+out) | completed |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in SYSTEMS:
+        s = res["systems"].get(k)
+        if not s:
+            continue
+        if "output_tokens_per_s" not in s:
+            lines.append(f"| {LABELS[k]} | {s.get('skipped') or s.get('failed')} | | | | | |")
+            continue
+        f = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
+        cut = " (cut at deadline)" if s["cut_at_deadline"] else ""
+        lines.append(f"| {s['label']} | {s['output_tokens_per_s']:.0f} | {f(s['ttft_p50_s'])} | {f(s['ttft_p99_s'])} | "
+                     f"{s['switches_in']} | {s['switch_s_total']:.1f} | {s['completed']}/{s['requests']}{cut} |")
+    t = res.get("targets") or targets(res["systems"])
+    if t:
+        lines.append("")
+        parts = []
+        if "a_over_d" in t:
+            parts.append(f"(a)/(d) = {t['a_over_d']:.2f} (target ≥ 0.8)")
+        if "a_over_b" in t:
+            parts.append(f"(a)/(b) = {t['a_over_b']:.2f} (target ≥ 2)")
+        if "a_over_c" in t:
+            parts.append(f"(a)/(c) = {t['a_over_c']:.2f} (target ≥ 5)")
+        lines.append("; ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [k for k in SYSTEMS if "output_tokens_per_s" in res["systems"].get(k, {})]
+    if not ks:
+        return
+    s = [res["systems"][k] for k in ks]
+    labels = [LABELS[k].split(" ", 1)[0] + "\n" + LABELS[k].split(" ", 1)[1] for k in ks]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 4))
+    ax[0].bar(labels, [x["output_tokens_per_s"] for x in s], color="#3b7dd8")
+    ax[0].set_title("output tokens/s (higher is better)")
+    w = 0.38
+    xs = range(len(ks))
+    ax[1].bar([i - w / 2 for i in xs], [x["ttft_p50_s"] or 0 for x in s], w, label="p50")
+    ax[1].bar([i + w / 2 for i in xs], [x["ttft_p99_s"] or 0 for x in s], w, label="p99")
+    ax[1].set_xticks(list(xs), labels)
+    ax[1].set_yscale("log")
+    ax[1].set_title("TTFT, s (log)")
+    ax[1].legend()
+    ax[2].bar(labels, [x["switch_s_total"] for x in s], color="#d8703b")
+    for i, x in enumerate(s):
+        ax[2].text(i, x["switch_s_total"], f"{x['switches_in']} sw", ha="center", va="bottom", fontsize=8)
+    ax[2].set_title("seconds spent switching (count on top)")
+    for a in ax:
+        a.tick_params(axis="x", labelsize=7)
+    cfg = res["config"]
+    fig.suptitle(f"{cfg['experts']}x {cfg['shape']} experts, {cfg['requests']} req, Poisson {cfg['rate']}/s, "
+                 f"Zipf({cfg['zipf']}) — {res['machine'].get('gpu', 'cpu')}, {res['date_utc'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _write(res: dict[str, Any], out: Path, stem: str) -> None:
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / f"{stem}.md").write_text(table(res))
+    try:
+        plot(res, out / f"{stem}.png")
+    except Exception as exc:  # noqa: BLE001 - the JSON is what counts
+        print(f"plot failed: {exc}", flush=True)
+
+
+# ------------------------------------------------------------------------------------- switch test
+async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
+    """Two experts of one shape; coe switch (sleep(2) one + pinned restore of the other) vs vLLM's
+    sleep(1)/wake_up(); greedy tokens (and top-5 logprobs) after N switches vs before."""
+    from coe.engines.base import SamplingParams
+    from coe.engines.vllm_engine import VLLMEngine
+    from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder, word_prompt
+    from expert_registry.spec import Expert
+
+    t_start = time.monotonic()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coe-switch-"))
+    folder = build_dummy_folder(workdir / f"llama-{args.shape}", args.shape)
+    res: dict[str, Any] = {"bench": "serve_gpu_switch", "shape": args.shape, "cycles": args.cycles,
+                           "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine_info()}
+    engs = []
+    for i in range(2):
+        ex = Expert(name=f"sw-{i}", model=str(folder), engine="vllm", dtype="bfloat16", max_context=1024,
+                    chat_template=PLAIN_TEMPLATE)
+        engs.append(VLLMEngine(ex, device="cuda", max_batch_size=16, switch_mode="pinned",
+                               gpu_memory_utilization=0.1, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
+                               max_model_len=1024, enforce_eager=not args.cuda_graphs, load_format="dummy",
+                               dummy_init_seed=7 + i, build_in_thread=False))
+    for e in engs:
+        await e.load()
+        print(f"loaded {e.name}: {json.dumps(e.last_load_info, default=str)}", flush=True)
+    res["load_info"] = {e.name: e.last_load_info for e in engs}
+    res["weights_bytes"] = engs[0].footprint_bytes()
+    prompt = [{"role": "user", "content": word_prompt(32, 128256, random.Random(1))}]
+    sp = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+
+    async def greedy(e: Any) -> tuple[list[int], list[dict[int, float]]]:
+        ids, lps = [], []
+        async for c, lp in e.generate_with_logprobs(prompt, sp, 5):
+            ids.extend(c.token_ids)
+            lps.extend(lp)
+        return ids, lps
+
+    a, b = engs
+    await a.to_hbm()
+    before = await greedy(a)
+    digest_before = await a.weights_digest()
+    await a.to_dram()
+    await b.to_hbm()
+    before_b = await greedy(b)
+    await b.to_dram()
+    # coe switches: A in / B out alternately; a switch = evict the resident one + bring the other in.
+    ins, outs, details = [], [], []
+    cur, nxt = b, a
+    for _ in range(args.cycles):
+        t0 = time.perf_counter()
+        rec_out = await cur.to_dram() if cur.tier.name == "HBM" else None
+        t1 = time.perf_counter()
+        await nxt.to_hbm()
+        t2 = time.perf_counter()
+        outs.append(t1 - t0 if rec_out else 0.0)
+        ins.append(t2 - t1)
+        details.append(dict(nxt.last_switch_info))
+        cur, nxt = nxt, cur
+    if a.tier.name != "HBM":
+        await b.to_dram()
+        await a.to_hbm()
+    after = await greedy(a)
+    digest_after = await a.weights_digest()
+    await a.to_dram()
+    await b.to_hbm()
+    after_b = await greedy(b)
+    await b.to_dram()
+    switch = [i + o for i, o in zip(ins, outs)]
+    res["coe"] = {"switch_in_s": ins, "switch_out_s": outs, "switch_s": switch, "details": details,
+                  "switch_in_median_s": statistics.median(ins), "switch_out_median_s": statistics.median(outs),
+                  "switch_median_s": statistics.median(switch),
+                  "in_gbps": res["weights_bytes"] / statistics.median(ins) / 1e9}
+    res["greedy_equal_after_switches"] = before[0] == after[0] and before_b[0] == after_b[0]
+    res["logprobs_equal_after_switches"] = before[1] == after[1]
+    res["digest_equal_after_switches"] = digest_before == digest_after
+    res["experts_differ"] = before[0] != before_b[0]
+    res["greedy_tokens"] = len(before[0])
+    print(f"coe: in {res['coe']['switch_in_median_s']:.3f}s out {res['coe']['switch_out_median_s']:.3f}s "
+          f"switch {res['coe']['switch_median_s']:.3f}s; greedy equal: {res['greedy_equal_after_switches']} "
+          f"logprobs equal: {res['logprobs_equal_after_switches']} digest equal: {res['digest_equal_after_switches']} "
+          f"experts differ: {res['experts_differ']}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_gpu_switch_{args.shape}_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}.json"
+    path.write_text(json.dumps(res, indent=1, default=str))  # the coe half survives a killed baseline
+    # vLLM baseline on the same two engines: sleep(level=1) / wake_up(). The first level-1 sleep of
+    # each engine allocates its pinned backup (10-15 s for 8B): not a switch, excluded from the median.
+    t0 = time.perf_counter()
+    for e in engs:
+        await e.set_switch_mode("sleep")
+    res["baseline_prep_s"] = time.perf_counter() - t0
+    ins, outs = [], []
+    cur, nxt = b, a
+    for _ in range(args.baseline_cycles):
+        t0 = time.perf_counter()
+        r = await cur.to_dram() if cur.tier.name == "HBM" else None
+        t1 = time.perf_counter()
+        await nxt.to_hbm()
+        t2 = time.perf_counter()
+        outs.append(t1 - t0 if r else 0.0)
+        ins.append(t2 - t1)
+        cur, nxt = nxt, cur
+    if a.tier.name != "HBM":
+        await b.to_dram()
+        await a.to_hbm()
+    after_sleep = await greedy(a)
+    switch = [i + o for i, o in zip(ins, outs)]
+    res["vllm_sleep_wake"] = {"wake_s": ins, "sleep_s": outs, "switch_s": switch,
+                              "wake_median_s": statistics.median(ins), "sleep_median_s": statistics.median(outs[1:] or outs),
+                              "switch_median_s": statistics.median(switch[1:] or switch),
+                              "greedy_equal": after_sleep[0] == before[0]}
+    res["speedup_switch_vs_vllm"] = res["vllm_sleep_wake"]["switch_median_s"] / res["coe"]["switch_median_s"]
+    res["speedup_in_vs_vllm_wake"] = res["vllm_sleep_wake"]["wake_median_s"] / res["coe"]["switch_in_median_s"]
+    res["targets"] = {"switch_le_0.35s": res["coe"]["switch_median_s"] <= 0.35,
+                      "in_le_0.35s": res["coe"]["switch_in_median_s"] <= 0.35,
+                      "2x_faster_than_sleep_wake": res["speedup_switch_vs_vllm"] >= 2.0,
+                      "greedy_equal_after_switches": res["greedy_equal_after_switches"]}
+    res["wall_s"] = time.monotonic() - t_start
+    print(f"vllm sleep/wake: wake {res['vllm_sleep_wake']['wake_median_s']:.3f}s sleep "
+          f"{res['vllm_sleep_wake']['sleep_median_s']:.3f}s switch {res['vllm_sleep_wake']['switch_median_s']:.3f}s; "
+          f"coe speedup {res['speedup_switch_vs_vllm']:.2f}x; targets {res['targets']}", flush=True)
+    path.write_text(json.dumps(res, indent=1, default=str))
+    for e in engs:
+        await e.close()
+    return res
+
+
+# ------------------------------------------------------------------------------------- CLI
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the serving benchmark")
+    r.add_argument("--engine", choices=("vllm", "hf"), default="vllm")
+    r.add_argument("--shape", default="3b")
+    r.add_argument("--experts", type=int, default=6)
+    r.add_argument("--hbm-experts", type=int, default=2)
+    r.add_argument("--requests", type=int, default=1000)
+    r.add_argument("--rate", type=float, default=20.0, help="Poisson arrivals per second")
+    r.add_argument("--zipf", type=float, default=1.0)
+    r.add_argument("--prompt-tokens", type=int, default=128)
+    r.add_argument("--output-tokens", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--max-batch", type=int, default=96, help="pool max_batch_size = vLLM max_num_seqs")
+    r.add_argument("--max-wait-ms", type=float, default=3000.0, help="coe's expert-batching wait (a, d)")
+    r.add_argument("--fifo-wait-ms", type=float, default=1.0, help="baselines (b, c): ~FIFO across experts")
+    r.add_argument("--kv-gib", type=float, default=3.0, help="KV cache per engine (same in every system)")
+    r.add_argument("--gpu-util", type=float, default=0.1, help="vLLM's start-up free-memory check only")
+    r.add_argument("--max-model-len", type=int, default=1024)
+    r.add_argument("--cuda-graphs", action="store_true", help="default: enforce_eager (cold start in seconds)")
+    r.add_argument("--parallel-start", type=int, default=6, help="engines started at once")
+    r.add_argument("--systems", default="d_resident,a_coe,b_sleep,c_reload")
+    r.add_argument("--system-timeout-s", type=float, default=70.0)
+    r.add_argument("--budget-s", type=float, default=540.0, help="whole run, setup included")
+    r.add_argument("--reload-dir", default=None)
+    r.add_argument("--workdir", default=None)
+    r.add_argument("--dry-run", action="store_true", help="tiny sizes (plumbing check)")
+    r.add_argument("--out", default=os.environ.get("OUT", "."))
+    s = sub.add_parser("switch", help="two-expert switch test: coe vs vLLM sleep/wake, greedy equality")
+    s.add_argument("--shape", default="8b")
+    s.add_argument("--cycles", type=int, default=10)
+    s.add_argument("--baseline-cycles", type=int, default=4)
+    s.add_argument("--tokens", type=int, default=24)
+    s.add_argument("--kv-gib", type=float, default=4.0)
+    s.add_argument("--cuda-graphs", action="store_true")
+    s.add_argument("--workdir", default=None)
+    s.add_argument("--out", default=os.environ.get("OUT", "."))
+    p = sub.add_parser("plot", help="PNG + table from a recorded JSON")
+    p.add_argument("json")
+    args = ap.parse_args()
+    if args.cmd == "plot":
+        res = json.loads(Path(args.json).read_text())
+        plot(res, Path(args.json).with_suffix(".png"))
+        print(table(res))
+        return
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    if args.cmd == "switch":
+        asyncio.run(switch_test(args))
+        return
+    if args.dry_run:
+        args.requests = min(args.requests, 60 if args.engine == "hf" else 200)
+        args.experts = min(args.experts, 3)
+        args.output_tokens = min(args.output_tokens, 8 if args.engine == "hf" else 32)
+        args.max_batch = min(args.max_batch, 8 if args.engine == "hf" else 32)
+        args.system_timeout_s = min(args.system_timeout_s, 60.0)
+        if args.engine == "hf":
+            args.shape, args.kv_gib = "tiny", 0.0
+    res = asyncio.run(run(args))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()

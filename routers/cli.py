@@ -1,0 +1,217 @@
+"""``coe router …``: train, explain and evaluate the router (typer + rich).
+
+Errors a user can cause (bad data file, unknown category, missing router folder) print one line
+naming the file and line, and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from routers.errors import RouterError
+
+app = typer.Typer(help="Train, explain and evaluate the two-stage router.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[red]error:[/red] {e}", highlight=False, markup=True)
+    raise typer.Exit(2)
+
+
+def _load_router(path: Optional[Path]):
+    from routers.router import Router
+
+    return Router.load(path) if path else Router.default()
+
+
+def _read_experts_file(path: Path) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A YAML/JSON file: a list of expert specs, or ``{experts: [...], category_map: {...}}``.
+    Without a map, each expert is mapped to the categories it declares capabilities for."""
+    import yaml
+
+    from expert_registry.spec import parse_category_map, parse_expert
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RouterError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise RouterError(f"{path}: invalid YAML ({e})") from None
+    items = doc.get("experts", []) if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise RouterError(f"{path}: expected a list of experts or a mapping with 'experts'")
+    experts = {}
+    for i, item in enumerate(items):
+        e = parse_expert(item, source=f"{path}: experts[{i}]")
+        experts[e.name] = e
+    cmap = parse_category_map(doc.get("category_map"), source=f"{path}: category_map") if isinstance(doc, dict) else {}
+    if not cmap:
+        for e in sorted(experts.values(), key=lambda e: -max(e.capabilities.values() or [0])):
+            for cat in e.capabilities:
+                cmap.setdefault(cat, []).append(e.name)
+    return experts, cmap
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="JSONL, one {\"prompt\", \"category\"} per line"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="output folder (default: state_dir('router')/trained-<hash>)"),
+    quality: Optional[Path] = typer.Option(None, "--quality", help="JSONL eval records {prompt, expert, score} for the quality predictor"),
+    encoder: str = typer.Option("default", help="sentence-transformers folder or name ('default': packaged MiniLM)"),
+    cv: bool = typer.Option(False, "--cv", help="choose the regularisation C by 5-fold cross-validation"),
+    holdout: float = typer.Option(0.2, help="stratified fraction held out to report accuracy (0: none)"),
+) -> None:
+    """Train a router (stage-1 classifier, optional quality predictor) on your own data."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from routers.data import fingerprint, read_eval_records, read_labeled
+    from routers.encoder import get_encoder
+    from routers.router import DEFAULT_C, Router
+
+    try:
+        records = read_labeled(data)
+        qrecs = read_eval_records(quality) if quality else None
+        enc = get_encoder(encoder)
+        n_embed = len(records) + (len(qrecs) if qrecs else 0)
+        with Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=err, transient=False) as prog:
+            task = prog.add_task("embed", total=len(records))
+            router = Router.train(records, enc, quality_records=qrecs, holdout=holdout,
+                                  C=None if cv else DEFAULT_C, progress=lambda n: prog.advance(task, n),
+                                  source=str(data))
+        if out_dir is None:
+            from expert_registry.paths import state_dir
+
+            out_dir = state_dir("router") / f"trained-{fingerprint(records)[:12]}"
+        path = router.save(out_dir)
+    except (RouterError, ValueError) as e:
+        _fail(e)
+    m = router.info.get("metrics", {}).get("holdout")
+    msg = f"trained on {len(records)} prompts ({n_embed} embedded), {len(router.categories)} categories -> {path}"
+    if m:
+        msg += f"\nholdout ({m['n']} prompts): accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}"
+    out.print(msg, highlight=False)
+
+
+@app.command()
+def explain(
+    prompt: str = typer.Argument(..., help="the prompt to route"),
+    model: str = typer.Option("coe", help="'coe', 'coe/<category>' or an expert name"),
+    router_dir: Optional[Path] = typer.Option(None, "--router", help="router folder (default: the seed-trained default)"),
+    experts_file: Optional[Path] = typer.Option(None, "--experts", help="YAML/JSON with experts (+ category_map)"),
+    registry: bool = typer.Option(False, "--registry", help="read experts and the category map from the registry (Redis)"),
+    max_tokens: Optional[int] = typer.Option(None, help="requested new tokens (for the context-length check)"),
+    as_json: bool = typer.Option(False, "--json", help="print the RoutingDecision as JSON"),
+) -> None:
+    """Show stage-1 category probabilities and (with experts) stage-2 candidate scores."""
+    try:
+        router = _load_router(router_dir)
+        experts: dict[str, Any] = {}
+        cmap: dict[str, list[str]] = {}
+        if experts_file:
+            experts, cmap = _read_experts_file(experts_file)
+        elif registry:
+            from expert_registry.embedded import resolve_redis_url
+            from expert_registry.store import RedisRegistry
+
+            snap = RedisRegistry(resolve_redis_url()).snapshot()
+            experts, cmap = dict(snap.experts), dict(snap.category_map)
+        probs = router.classify(prompt)
+        decision = None
+        if experts:
+            decision = router.route(prompt, model, experts, cmap, max_tokens=max_tokens,
+                                    prompt_tokens=router.encoder.count_tokens(prompt))
+    except Exception as e:  # noqa: BLE001 - registry/spec errors are one-liners too
+        if isinstance(e, (RouterError, ValueError)) or type(e).__module__.startswith("expert_registry"):
+            _fail(e)
+        raise
+    if as_json:
+        doc = {"categories": dict(sorted(probs.items(), key=lambda kv: -kv[1]))}
+        if decision is not None:
+            doc["decision"] = decision.model_dump()
+        out.print_json(json.dumps(doc))
+        return
+    t = Table(title="stage 1: category probabilities")
+    t.add_column("category")
+    t.add_column("prob", justify="right")
+    for c, p in sorted(probs.items(), key=lambda kv: -kv[1]):
+        t.add_row(c, f"{p:.3f}")
+    out.print(t)
+    if decision is None:
+        out.print("(no experts given: stage 1 only; use --experts FILE.yaml or --registry for stage 2)")
+        return
+    t2 = Table(title=f"stage 2: candidates (model={model!r})")
+    for col in ("expert", "score", "capability", "quality", "cost", "residency", "via"):
+        t2.add_column(col, justify="left" if col in ("expert", "via") else "right")
+    for c in decision.candidates:
+        t2.add_row(c.expert, f"{c.score:.3f}", f"{c.capability:.3f}", "-" if c.quality is None else f"{c.quality:.3f}",
+                   f"{c.cost:g}", f"{c.residency:.2f}", ",".join(c.categories))
+    out.print(t2)
+    for name, why in decision.excluded.items():
+        out.print(f"excluded {name}: {why}", highlight=False)
+    line = f"-> expert [bold]{decision.expert}[/bold] (category {decision.category}, {decision.forced})"
+    if decision.fallback_reason:
+        line += f"  fallback: {decision.fallback_reason}"
+    out.print(line + f"  in {decision.route_ms:.1f} ms")
+
+
+@app.command("eval")
+def eval_(
+    data: Path = typer.Option(..., "--data", help="JSONL, one {\"prompt\", \"category\"} per line"),
+    router_dir: Optional[Path] = typer.Option(None, "--router", help="router folder (default: the seed-trained default)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
+    latency_n: int = typer.Option(0, help="time at most this many single queries (0: all)"),
+) -> None:
+    """Accuracy, macro-F1, per-category recall, confusion matrix, latency p50/p99 and batch QPS."""
+    from routers.data import read_labeled
+    from routers.router import _metrics
+
+    try:
+        router = _load_router(router_dir)
+        records = read_labeled(data, labels=router.categories)
+    except (RouterError, ValueError) as e:
+        _fail(e)
+    prompts = [r.prompt for r in records]
+    y = [r.category for r in records]
+    router.classify(prompts[0])  # warm-up: first ORT run allocates
+    t0 = time.perf_counter()
+    P = router.classify_batch(prompts)
+    batch_s = time.perf_counter() - t0
+    pred = [router.categories[i] for i in P.argmax(1)]
+    lat = []
+    for p in prompts[: latency_n or len(prompts)]:
+        t = time.perf_counter()
+        router.classify(p)
+        lat.append((time.perf_counter() - t) * 1e3)
+    m = _metrics(y, pred, router.categories)
+    res = {
+        "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+        "per_category_recall": m["per_category_recall"], "confusion": m["confusion"],
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "batch_qps": len(prompts) / batch_s,
+        "router": str(router.path) if router.path else None, "encoder": router.encoder.id,
+        "backend": router.encoder.backend,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        return
+    out.print(f"{res['n']} prompts: accuracy {res['accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}; "
+              f"latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; batch {res['batch_qps']:.0f} q/s")
+    t = Table(title="recall per category")
+    t.add_column("category")
+    t.add_column("recall", justify="right")
+    for c, r in res["per_category_recall"].items():
+        t.add_row(c, f"{r:.3f}")
+    out.print(t)

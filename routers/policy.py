@@ -1,0 +1,204 @@
+"""Stage 2: from category probabilities to one expert.
+
+1. Candidates: the experts the registry's category map lists for the *top categories* — taken in
+   order of probability until their mass reaches ``mix_mass`` (at most ``mix_top_k``, each at
+   least ``mix_min_prob``) — so an expert mapped only to the runner-up category still competes
+   on a prompt that is 55% coding / 40% math.
+2. Hard constraints remove candidates (reason kept in ``excluded``): status ``failed``, not in
+   ``allowed``, ``max_context < prompt_tokens + max_tokens``, ``cost_per_1k_tokens > max_cost``.
+3. Score of each eligible candidate::
+
+       capability = sum_c p(c) * cap(expert, c)
+           cap = the expert's declared capabilities[c]; if undeclared, ``map_capability`` when the
+           map lists the expert under c, else 0
+       merit      = capability                                    if no quality records
+                  = (1 - quality_weight) * capability + quality_weight * quality(prompt)
+       score      = merit - cost_weight * cost / max_cost_among_candidates
+                          + residency_weight * residency (0..1, from the pool)
+
+4. If the top category's probability is below ``confidence_threshold`` the request goes to the
+   first eligible expert of the ``fallback_category`` (``general``) instead; the reason is
+   recorded in the decision. The same fallback applies when no mapped candidate is eligible.
+
+Defaults (``PolicyConfig``) are chosen so that capability differences of ~0.1 dominate, a hot
+expert wins near-ties (residency 0.1), and the most expensive candidate pays 0.15.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from routers.decision import CandidateScore
+from routers.errors import NoEligibleExpert
+
+
+class PolicyConfig(BaseModel):
+    """Weights and thresholds of stage 2 (all documented in the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    confidence_threshold: float = Field(0.30, ge=0.0, le=1.0)
+    mix_top_k: int = Field(3, ge=1)
+    mix_mass: float = Field(0.90, gt=0.0, le=1.0)
+    mix_min_prob: float = Field(0.05, ge=0.0, le=1.0)
+    quality_weight: float = Field(0.5, ge=0.0, le=1.0)
+    cost_weight: float = Field(0.15, ge=0.0)
+    residency_weight: float = Field(0.10, ge=0.0)
+    map_capability: float = Field(0.5, ge=0.0, le=1.0)
+    fallback_category: str = "general"
+
+
+def ineligible_reason(
+    expert: Any,
+    allowed: set[str] | None,
+    prompt_tokens: int | None,
+    max_tokens: int | None,
+    max_cost_per_1k: float | None,
+) -> str | None:
+    """Why ``expert`` cannot take this request (hard constraints), or None when it can."""
+    if getattr(expert, "status", "ready") != "ready":
+        why = getattr(expert, "status_reason", None)
+        return f"status {expert.status}" + (f": {why}" if why else "")
+    if allowed is not None and expert.name not in allowed:
+        return "not in the allowed experts"
+    if prompt_tokens is not None:
+        out = max_tokens if max_tokens is not None else expert.generation.max_tokens
+        need = int(prompt_tokens) + int(out)
+        if need > expert.max_context:
+            return f"context too long: {prompt_tokens} prompt + {out} new tokens > max_context {expert.max_context}"
+    if max_cost_per_1k is not None and expert.cost_per_1k_tokens > max_cost_per_1k:
+        return f"cost {expert.cost_per_1k_tokens:g}/1k tokens > max {max_cost_per_1k:g}"
+    return None
+
+
+class RoutingPolicy:
+    """Chooses an expert from category probabilities, the registry snapshot and request constraints."""
+
+    def __init__(self, config: PolicyConfig | None = None):
+        self.config = config or PolicyConfig()
+
+    def mixed_categories(self, probs: Mapping[str, float]) -> list[str]:
+        """Top categories by probability whose experts become candidates."""
+        cfg = self.config
+        ranked = sorted(probs.items(), key=lambda kv: -kv[1])
+        out: list[str] = []
+        mass = 0.0
+        for cat, p in ranked:
+            if out and (len(out) >= cfg.mix_top_k or mass >= cfg.mix_mass or p < cfg.mix_min_prob):
+                break
+            out.append(cat)
+            mass += p
+        return out
+
+    def capability(self, expert: Any, probs: Mapping[str, float], category_map: Mapping[str, Sequence[str]]) -> float:
+        caps = getattr(expert, "capabilities", {}) or {}
+        total = 0.0
+        for cat, p in probs.items():
+            if p <= 0.0:
+                continue
+            if cat in caps:
+                c = caps[cat]
+            elif expert.name in category_map.get(cat, ()):
+                c = self.config.map_capability
+            else:
+                c = 0.0
+            total += p * c
+        return float(total)
+
+    def choose(
+        self,
+        probs: Mapping[str, float],
+        experts: Mapping[str, Any],
+        category_map: Mapping[str, Sequence[str]],
+        *,
+        quality: Callable[[list[str]], Mapping[str, float | None]] | None = None,
+        residency: Mapping[str, float] | None = None,
+        prompt_tokens: int | None = None,
+        max_tokens: int | None = None,
+        allowed: set[str] | None = None,
+        max_cost_per_1k: float | None = None,
+        apply_threshold: bool = True,
+    ) -> tuple[str, str, list[CandidateScore], dict[str, str], str | None]:
+        """Returns ``(expert, category, candidates best-first, excluded, fallback_reason)``."""
+        cfg = self.config
+        residency = residency or {}
+        top_cat = max(probs, key=probs.get)
+        mixed = self.mixed_categories(probs)
+
+        # 1. candidates from the category map, in category order then map order
+        cands: dict[str, list[str]] = {}
+        mapped_any = any(category_map.get(c) for c in probs)
+        for cat in mixed:
+            for name in category_map.get(cat, ()):
+                cands.setdefault(name, []).append(cat)
+        if not mapped_any:  # no category map at all: every registered expert competes on capability
+            cands = {name: [] for name in experts}
+
+        # 2. hard constraints
+        excluded: dict[str, str] = {}
+
+        def why_not(name: str) -> str | None:
+            if name not in experts:
+                return "not registered"
+            return ineligible_reason(experts[name], allowed, prompt_tokens, max_tokens, max_cost_per_1k)
+
+        for name in list(cands):
+            reason = why_not(name)
+            if reason:
+                excluded[name] = reason
+                del cands[name]
+
+        fallback_reason: str | None = None
+        general_first: str | None = None
+        for name in category_map.get(cfg.fallback_category, ()):
+            reason = why_not(name)
+            if reason is None:
+                general_first = name
+                break
+            excluded.setdefault(name, reason)
+
+        if apply_threshold and probs[top_cat] < cfg.confidence_threshold:
+            fallback_reason = (f"low confidence: top category '{top_cat}' p={probs[top_cat]:.2f} "
+                               f"< threshold {cfg.confidence_threshold:.2f}")
+        elif not cands:
+            fallback_reason = f"no eligible expert mapped to {', '.join(repr(c) for c in mixed)}"
+
+        if fallback_reason and general_first is not None:
+            cands.setdefault(general_first, []).append(cfg.fallback_category)
+        elif fallback_reason and not cands:
+            # nothing in the map can take it: any registered expert that satisfies the constraints
+            for name in experts:
+                if why_not(name) is None:
+                    cands[name] = []
+                else:
+                    excluded.setdefault(name, why_not(name))  # type: ignore[arg-type]
+            fallback_reason += f"; no eligible '{cfg.fallback_category}' expert, used the best registered one"
+        elif fallback_reason:
+            fallback_reason += f"; no eligible '{cfg.fallback_category}' expert, kept the best candidate"
+        if not cands:
+            detail = "; ".join(f"{n}: {r}" for n, r in sorted(excluded.items())) or "no experts registered"
+            raise NoEligibleExpert(f"no expert can serve this request ({detail})", excluded)
+
+        # 3. scores
+        names = list(cands)
+        qual = dict(quality(names)) if quality is not None else {}
+        costs = {n: float(experts[n].cost_per_1k_tokens) for n in names}
+        max_cost = max(costs.values()) if costs else 0.0
+        scored: list[CandidateScore] = []
+        for name in names:
+            cap = self.capability(experts[name], probs, category_map)
+            q = qual.get(name)
+            merit = cap if q is None else (1 - cfg.quality_weight) * cap + cfg.quality_weight * q
+            res = float(min(1.0, max(0.0, residency.get(name, 0.0))))
+            cost_term = costs[name] / max_cost if max_cost > 0 else 0.0
+            score = merit - cfg.cost_weight * cost_term + cfg.residency_weight * res
+            scored.append(CandidateScore(expert=name, score=round(score, 6), capability=round(cap, 6),
+                                         quality=None if q is None else round(q, 6), cost=costs[name],
+                                         residency=res, categories=cands[name]))
+        scored.sort(key=lambda c: -c.score)
+
+        if fallback_reason and general_first is not None:
+            return general_first, cfg.fallback_category, scored, excluded, fallback_reason
+        return scored[0].expert, top_cat, scored, excluded, fallback_reason

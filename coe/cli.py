@@ -25,6 +25,10 @@ app = typer.Typer(
 app.add_typer(router_app, name="router", help="Train, explain and evaluate the two-stage router.")
 app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys.")
 
+from coe.keys_cli import app as keys_app  # noqa: E402
+
+app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys (stored hashed).")
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
@@ -61,6 +65,18 @@ def serve(
         _fail(f"{config}: {' '.join(str(e).split())}")
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
+    from coe.security import KeyStore, check_bind, install_log_redaction
+
+    install_log_redaction()
+    try:
+        keys = KeyStore(path=cfg.security.api_keys_file)
+    except Exception as e:
+        _fail(str(e))
+    warning = check_bind(cfg.host, keys.configured)
+    if warning:
+        err_console.print(f"[bold white on red] {warning} [/]")
+    console.print(f"[dim]API keys: {'on (' + str(len(keys.records)) + ' key(s))' if keys.configured else 'off'}; "
+                  f"binding {cfg.host}:{cfg.port}[/]")
     stop = threading.Event()
 
     def _on_signal(signum, _frame):

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from coe.limits import RequestLimits
+
 
 class IngressConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -41,7 +43,10 @@ class PoolDeploymentConfig(BaseModel):
     num_cpus: float = 0.5
     num_gpus: float | None = Field(default=None, description="None = 1 when device is cuda, else 0")
     max_experts_per_replica: int = Field(default=16, ge=1, description="multiplexed model ids a replica holds")
-    max_ongoing_requests: int = 64
+    max_ongoing_requests: int = Field(
+        default=1024, ge=1,
+        description="Serve's cap per replica; keep it above experts x (max_queue_per_expert + max_batch_size) so a "
+                    "full expert queue answers 429 at once instead of requests waiting in front of the replica")
     options: dict[str, Any] = Field(default_factory=dict, description="extra PoolConfig fields (budgets, policy …)")
 
     def resolved_device(self) -> str:
@@ -53,6 +58,14 @@ class PoolDeploymentConfig(BaseModel):
             return "cuda" if torch.cuda.is_available() else "cpu"
         except Exception:  # pragma: no cover - torch missing
             return "cpu"
+
+
+class SecurityConfig(BaseModel):
+    """API keys (see coe/security.py): env ``COE_API_KEYS``/``COE_ADMIN_KEYS`` and a hashed keys file."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_keys_file: str | None = Field(
+        default=None, description="None = $COE_API_KEYS_FILE or $COE_HOME/api_keys.json (written by `coe keys add`)")
 
 
 class ServeConfig(BaseModel):
@@ -70,6 +83,8 @@ class ServeConfig(BaseModel):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     pool: PoolDeploymentConfig = Field(default_factory=PoolDeploymentConfig)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
 
     def with_env(self) -> "ServeConfig":
         """Fill unset fields from the environment (``COE_REDIS_URL``, ``COE_NAMESPACE``)."""

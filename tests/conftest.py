@@ -83,32 +83,70 @@ def coe_home() -> Path:
     return Path(os.environ["COE_HOME"])
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A private real redis-server for this session (unix socket in a temp dir), stopped at the end.
-    Not persisted (appendonly no): tests that check persistence use the embedded server."""
-    from expert_registry.embedded import ping, redis_server_binary, write_config
+class RedisServer:
+    """A private real redis-server for the session (unix socket in a temp dir, not persisted to an
+    AOF). :meth:`stop` / :meth:`start` simulate an outage at the same URL: the data is saved to an
+    RDB first and loaded again on start, so the session's registries survive it."""
 
-    data = Path(tempfile.mkdtemp(prefix="coe-redis-"))
-    conf, url = write_config(data, daemonize=False, appendonly=False)
-    proc = subprocess.Popen([redis_server_binary(), str(conf)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while not ping(url, 0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (data / "redis.log").read_text(errors="replace") if (data / "redis.log").exists() else ""
-                pytest.fail(f"test redis-server did not start: {log[-500:]}")
+    def __init__(self) -> None:
+        from expert_registry.embedded import write_config
+
+        self.data = Path(tempfile.mkdtemp(prefix="coe-redis-"))
+        self.conf, self.url = write_config(self.data, daemonize=False, appendonly=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        from expert_registry.embedded import ping, redis_server_binary
+
+        self.proc = subprocess.Popen([redis_server_binary(), str(self.conf)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not ping(self.url, 0.5):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = self.data / "redis.log"
+                pytest.fail(f"test redis-server did not start: {log.read_text(errors='replace')[-500:] if log.exists() else ''}")
             time.sleep(0.05)
-        yield url
-    finally:
-        proc.terminate()
+
+    def stop(self) -> None:
+        """SAVE, then kill -9: clients see the server vanish mid-connection."""
+        import redis
+
+        c = redis.Redis.from_url(self.url)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(data, ignore_errors=True)
+            c.save()
+        finally:
+            c.close()
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's private redis-server. Not persisted (appendonly no): tests that check
+    persistence use the embedded server."""
+    return redis_server.url
 
 
 @pytest.fixture
@@ -229,7 +267,9 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
 
     port = _free_port()
     cfg = ServeConfig(host="127.0.0.1", port=port, redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
-                      pool={"device": "cpu", "num_cpus": 0.5, "options": {"max_wait_ms": 50}})
+                      pool={"device": "cpu", "num_cpus": 0.5,
+                            # small per-expert queues so that tests/reliability can fill one (429 + Retry-After)
+                            "options": {"max_wait_ms": 50, "max_queue_per_expert": 8, "max_batch_size": 4}})
     # workers inherit this process's environment (COE_HOME, HF_HUB_OFFLINE from tests/conftest.py)
     ray.init(num_cpus=2, include_dashboard=False, namespace=ns, log_to_driver=False)
     try:
@@ -252,7 +292,8 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
             serve.shutdown()
         finally:
             ray.shutdown()
-            reg.purge()
+            with contextlib.suppress(Exception):
+                reg.purge()
             reg.close()
 
 

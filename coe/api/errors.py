@@ -29,6 +29,7 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -36,17 +37,21 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429 / 503)
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param,
+                "code": self.code, "retry_after": self.retry_after}
 
     @classmethod
     def from_dict(cls, d: dict) -> "APIError":
-        return cls(d.get("status", 500), d.get("message", "error"), d.get("type", "server_error"), d.get("param"), d.get("code"))
+        return cls(d.get("status", 500), d.get("message", "error"), d.get("type", "server_error"), d.get("param"),
+                   d.get("code"), d.get("retry_after"))
 
     def response(self) -> JSONResponse:
         body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status)
+        headers = {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -55,6 +60,27 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def not_found(message: str, param: str | None = "model", code: str | None = "model_not_found") -> APIError:
     return APIError(404, message, "invalid_request_error", param, code)
+
+
+def upstream_error(exc: BaseException) -> APIError | None:
+    """An exception from a deployment call (pool/router replica died or is restarting, the request
+    timed out) as a clean API error; None when it is not one of those."""
+    from coe.limits import RequestTimeout
+
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, str(exc), "server_error", None, "request_timeout")
+    try:
+        from ray import exceptions as rex
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+    except Exception:  # pragma: no cover - ray missing
+        return None
+    if isinstance(exc, BackPressureError):
+        return APIError(429, "coe is at capacity; retry later", "rate_limit_error", None, "overloaded", 2)
+    if isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, DeploymentUnavailableError,
+                        ReplicaUnavailableError, rex.TaskCancelledError)):
+        return APIError(503, f"an expert pool replica failed or is restarting ({type(exc).__name__}); retry",
+                        "server_error", None, "expert_unavailable", 2)
+    return None
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
@@ -97,5 +123,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        known = upstream_error(exc)
+        if known is not None:
+            log.warning("%s", known.message)
+            return known.response()
         log.exception("unhandled error in coe ingress")
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()

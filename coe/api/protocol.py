@@ -73,6 +73,10 @@ class ChatCompletionRequest(BaseModel):
         items = [v] if isinstance(v, str) else list(v)
         if len(items) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in items):
+            raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > 256 for s in items):
+            raise ValueError("a stop sequence may be at most 256 characters")
         return items
 
     def requested_max_tokens(self) -> int | None:

@@ -220,8 +220,11 @@ class HFEngine(Engine):
         dtype = _DTYPES[self._dtype_name()]
         t0 = time.perf_counter()
         with _LOAD_LOCK:
+            # safetensors whenever the folder has them: never fall back to a pickle-based .bin by accident
+            has_st = any(Path(folder).glob("*.safetensors"))
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False))
+                folder, dtype=dtype, use_safetensors=True if has_st else None,
+                trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
             )
         model.eval()
         t1 = time.perf_counter()

@@ -49,6 +49,8 @@ def resolve_source(model: str, gguf_file: str | None = None, revision: str | Non
         p = resolve_model_path(model, revision)
     if gguf_file:
         cand = p / gguf_file if p.is_dir() else p
+        if p.is_dir() and not cand.resolve().is_relative_to(p.resolve()):
+            raise FileNotFoundError(f"gguf_file {gguf_file!r} points outside the model folder {p}")
         if not cand.is_file():
             raise FileNotFoundError(f"GGUF file {cand} does not exist")
         return ModelSource("gguf", str(cand.resolve()))

@@ -49,10 +49,18 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     router = RouterDeployment.options(
         logging_config=quiet,
         num_replicas=cfg.router.num_replicas,
+        # Serve's default (5) would cap batches at 5 and queue the rest unbounded in the ingress
+        max_ongoing_requests=max(64, 4 * cfg.router.max_batch_size),
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
     ).bind(conf, pool)
+    from coe.security import KeyStore, check_bind
+
+    check_bind(cfg.host, KeyStore(path=cfg.security.api_keys_file).configured)  # loud warning if open beyond loopback
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+        # requests waiting in front of the ingress are bounded too: beyond, Serve answers 429 + Retry-After
+        max_queued_requests=cfg.limits.max_queued_requests,
+        backpressure_config={"status_code": 429, "retry_after_s": max(1, cfg.limits.retry_after_min_s)},
         ray_actor_options={"num_cpus": cfg.ingress.num_cpus},
     ).bind(conf, router, pool)

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
-from coe.api.errors import APIError, bad_request, install_error_handlers
+from coe.api.errors import APIError, bad_request, install_error_handlers, upstream_error
 from coe.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -35,12 +35,29 @@ from coe.api.protocol import (
     new_id,
 )
 from coe.config import ServeConfig
+from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
+from coe.security import APIKeyMiddleware, KeyStore, install_log_redaction
 
 log = logging.getLogger("coe.serve.ingress")
 
 app = FastAPI(title="coe", version=__version__,
               description="One OpenAI-compatible endpoint in front of many expert LLMs.")
 install_error_handlers(app)
+
+# Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
+# module is imported), so the middlewares read them through these getters.
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "keys": None}
+
+
+def _keys() -> KeyStore:
+    if _RUNTIME["keys"] is None:
+        _RUNTIME["keys"] = KeyStore()
+    return _RUNTIME["keys"]
+
+
+app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
+# added last = outermost: a request without a valid key is refused before its body is even read
+app.add_middleware(APIKeyMiddleware, store=_keys)
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
 
@@ -74,8 +91,25 @@ def routing_text(messages: list[dict[str, str]]) -> str:
 
 
 def coe_headers(info: CoeInfo) -> dict[str, str]:
-    return {"x-coe-expert": info.expert, "x-coe-category": info.category or "",
-            "x-coe-route-ms": f"{info.route_ms:.2f}"}
+    h = {"x-coe-expert": info.expert, "x-coe-category": info.category or "",
+         "x-coe-route-ms": f"{info.route_ms:.2f}"}
+    fallback_from = (info.model_extra or {}).get("fallback_from")
+    if fallback_from:
+        h["x-coe-fallback-from"] = str(fallback_from)
+    return h
+
+
+def _item_error(item: dict) -> APIError:
+    """An error item of the pool's stream as the APIError the client gets."""
+    return APIError(item["status"], item["message"], item.get("error_type") or "server_error", item.get("param"),
+                    item.get("code"), item.get("retry_after"))
+
+
+async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 def sse(obj: Any) -> str:
@@ -92,11 +126,15 @@ class Ingress:
         from coe.metrics import IngressMetrics
         from coe.serve.registry_watch import RegistryWatcher
 
+        install_log_redaction()  # no log line of this replica echoes a key, token or password
         self.cfg = ServeConfig.model_validate(config)
+        self.limits = self.cfg.limits
+        _RUNTIME["limits"] = self.limits
+        _RUNTIME["keys"] = KeyStore(path=self.cfg.security.api_keys_file)
         self.router = router
         self.pool = pool
         self.metrics = IngressMetrics()
-        self.redis = redis.Redis.from_url(self.cfg.redis_url)
+        self.redis = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
         self._categories: list[str] | None = None
@@ -131,50 +169,120 @@ class Ingress:
         return info, spec
 
     async def _open_stream(self, info: CoeInfo, messages: list[dict], req: ChatCompletionRequest):
-        """Start generation on the pool replica holding the expert; the first item is checked here
-        so that errors (context too long, failed expert) become proper HTTP errors, not a broken stream."""
+        """Start generation on the pool replica holding the expert. The start item *and the first
+        chunk* are read here, so that errors (context too long, full queue, an expert that fails to
+        load) become proper HTTP errors, not an error inside a 200 stream. Returns (gen, start, pending)."""
         max_tokens = req.requested_max_tokens()
         payload = {"messages": messages, "max_tokens": max_tokens, "max_tokens_explicit": max_tokens is not None,
                    "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop, "seed": req.seed}
         gen = self.pool.options(multiplexed_model_id=info.expert, stream=True).generate.remote(payload)
         try:
             first = await gen.__anext__()
+            if first.get("type") == "error":
+                raise _item_error(first)
+            pending: list[dict] = []
+            try:
+                second = await gen.__anext__()
+            except StopAsyncIteration:
+                second = None
+            if second is not None:
+                if second.get("type") == "error":
+                    raise _item_error(second)
+                pending.append(second)
+            return gen, first, pending
         except StopAsyncIteration:
             raise APIError(500, f"expert '{info.expert}' returned nothing", "server_error") from None
-        if first.get("type") == "error":
-            raise APIError(first["status"], first["message"], first.get("error_type", "invalid_request_error"),
-                           first.get("param"), first.get("code"))
-        return gen, first
+        except BaseException:  # error, deadline or client gone: stop the generation behind it
+            gen.cancel()
+            raise
+
+    async def _open_with_fallback(self, info: CoeInfo, messages: list[dict], req: ChatCompletionRequest):
+        """:meth:`_open_stream`; if the chosen expert fails to load (it is then marked failed in the
+        registry) and the router chose it (not named by the client), try the router's next-best
+        candidates. The answer says so: ``coe.fallback_reason``/``fallback_from``, ``x-coe-fallback-from``."""
+        try:
+            return (*await self._open_stream(info, messages, req), info)
+        except APIError as e:
+            if e.code != "expert_load_failed" or info.forced == "expert":
+                raise
+            err, failed = e, [info.expert]
+        snap = self.watcher.snapshot
+        for cand in info.candidates:
+            alt = cand.get("expert")
+            spec = snap.experts.get(alt) if alt else None
+            if not alt or alt in failed or (spec is not None and spec.status != "ready"):
+                continue
+            reason = (f"expert '{failed[0]}' failed to load ({err.message}); answered by the next-best "
+                      f"candidate '{alt}'")
+            alt_info = CoeInfo.model_validate({**info.model_dump(), "expert": alt, "fallback_reason": reason,
+                                               "fallback_from": failed[0]})
+            try:
+                gen, first, pending = await self._open_stream(alt_info, messages, req)
+            except APIError as e2:
+                if e2.code != "expert_load_failed":
+                    raise
+                failed.append(alt)
+                continue
+            log.warning("%s", reason)
+            return gen, first, pending, alt_info
+        raise err
+
+    async def _within(self, deadline: float, timeout_s: float, coro):
+        """Await ``coro`` before the request's deadline (504 ``request_timeout`` after it)."""
+        try:
+            return await asyncio.wait_for(coro, max(0.001, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise APIError(504, f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s "
+                                "or X-Coe-Timeout)", "server_error", None, "request_timeout") from None
 
     # ---- endpoints ---------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
+        timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
+        deadline = time.monotonic() + timeout_s
         try:
             if req.n != 1:
                 raise bad_request(f"n={req.n} is not supported; coe returns one choice (n=1)", "n", "unsupported_value")
             messages = normalise_messages(req.messages)
-            info, _spec = await self._route(req.model, messages, req.requested_max_tokens())
-            gen, first = await self._open_stream(info, messages, req)
+            info, _spec = await self._within(deadline, timeout_s,
+                                             self._route(req.model, messages, req.requested_max_tokens()))
+            gen, first, pending, info = await self._within(deadline, timeout_s,
+                                                           self._open_with_fallback(info, messages, req))
         except APIError as e:
             self.metrics.observe_error(e.status)
             raise
+        except Exception as e:  # a replica died or is restarting: a clean 503, not a 500
+            known = upstream_error(e)
+            if known is None:
+                raise
+            self.metrics.observe_error(known.status)
+            raise known from None
         headers = coe_headers(info)
+        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(gen, first, info, req.model, include_usage, t0),
+            return StreamingResponse(self._sse(items, first, info, req.model, include_usage, t0),
                                      media_type="text/event-stream", headers=headers)
         text, finish, usage = [], "stop", Usage(prompt_tokens=first.get("prompt_tokens", 0))
-        async for item in gen:
-            if item.get("type") == "error":
-                self.metrics.observe_error(item["status"])
-                raise APIError(item["status"], item["message"], item.get("error_type", "server_error"),
-                               item.get("param"), item.get("code"))
-            text.append(item["text"])
-            usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
-            usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
-            if item.get("finish_reason"):
-                finish = item["finish_reason"]
+        try:
+            async for item in items:
+                if item.get("type") == "error":
+                    raise _item_error(item)
+                text.append(item["text"])
+                usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
+                usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
+                if item.get("finish_reason"):
+                    finish = item["finish_reason"]
+        except APIError as e:
+            self.metrics.observe_error(e.status)
+            raise
+        except Exception as e:  # deadline passed, or the pool replica died mid-generation
+            known = upstream_error(e)
+            if known is None:
+                raise
+            self.metrics.observe_error(known.status)
+            raise known from None
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         body = ChatCompletionResponse(model=req.model, choices=[Choice(message=ChatMessageOut(content="".join(text)),
                                       finish_reason=finish)], usage=usage, coe=info)
@@ -196,19 +304,31 @@ class Ingress:
         try:
             yield chunk({"role": "assistant", "content": ""}, coe=info.model_dump(mode="json"))
             finish = "stop"
-            async for item in gen:
-                if item.get("type") == "error":
-                    status = "error"
-                    self.metrics.observe_error(item["status"])
-                    yield sse({"error": {"message": item["message"], "type": item.get("error_type"),
-                                         "param": item.get("param"), "code": item.get("code")}})
-                    break
-                usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
-                usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
-                if item["text"]:
-                    yield chunk({"content": item["text"]})
-                if item.get("finish_reason"):
-                    finish = item["finish_reason"]
+            try:
+                async for item in gen:
+                    if item.get("type") == "error":
+                        status = "error"
+                        self.metrics.observe_error(item["status"])
+                        yield sse({"error": {"message": item["message"], "type": item.get("error_type"),
+                                             "param": item.get("param"), "code": item.get("code")}})
+                        break
+                    usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
+                    usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
+                    if item["text"]:
+                        yield chunk({"content": item["text"]})
+                    if item.get("finish_reason"):
+                        finish = item["finish_reason"]
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
+                known = upstream_error(e)
+                if known is None:
+                    log.exception("stream from expert %s failed", info.expert)
+                    known = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+                status = "timeout" if isinstance(e, RequestTimeout) else "error"
+                self.metrics.observe_error(known.status)
+                yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
+                                     "code": known.code}})
             if status == "ok":
                 yield chunk({}, finish)
                 if include_usage:
@@ -239,7 +359,7 @@ class Ingress:
         snap = self.watcher.snapshot
         if self._categories is None:
             self._categories = await self.router.categories.remote()
-        tiers, states = self._pool_view()
+        tiers, states = await asyncio.to_thread(self._pool_view)  # Redis I/O off the event loop
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
@@ -273,9 +393,14 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
+        """200 while serving; ``status`` is "degraded" while Redis is unreachable (routing then uses
+        the last registry snapshot and the watcher reconnects with backoff)."""
         snap = self.watcher.snapshot
-        return JSONResponse({"status": "ok", "version": __version__, "registry_version": snap.version,
-                             "experts": len(snap.experts), "uptime_s": round(time.time() - self.started_at, 1)})
+        reg = self.watcher.health()
+        return JSONResponse({"status": "ok" if reg["reachable"] else "degraded", "version": __version__,
+                             "registry_version": snap.version, "experts": len(snap.experts),
+                             "registry": reg, "auth": "on" if _keys().configured else "off",
+                             "uptime_s": round(time.time() - self.started_at, 1)})
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -31,9 +32,10 @@ STATS_TTL_S = 15
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None,
-         etype: str | None = None) -> dict:
+         etype: str | None = None, retry_after: int | None = None) -> dict:
     return {"type": "error", "status": status, "message": message, "param": param, "code": code,
-            "error_type": etype or ("invalid_request_error" if status < 500 else "server_error")}
+            "error_type": etype or ("invalid_request_error" if status < 500 else "server_error"),
+            "retry_after": retry_after}
 
 
 class _ExpertTicket:
@@ -64,6 +66,9 @@ class ExpertPoolDeployment:
         self._ray_gauges = _pool_gauges()
         self._stats_task: asyncio.Task | None = None
         self._swaps_seen: dict[str, tuple[int, float]] = {}
+        from coe.limits import LatencyEWMA
+
+        self._latency = LatencyEWMA()  # typical request time, for Retry-After on a full queue
         await self._ensure_started()  # registry watch + stats publishing from the start
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -80,7 +85,7 @@ class ExpertPoolDeployment:
             w = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s,
                                 on_change=self._on_registry_change)
             await w.start()
-            self._redis = redis.Redis.from_url(self.cfg.redis_url)
+            self._redis = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2, socket_connect_timeout=2)
             self._watcher = w
             self._stats_task = asyncio.create_task(self._publish_stats())
 
@@ -90,9 +95,14 @@ class ExpertPoolDeployment:
         from coe.serve.registry_watch import diff_snapshots
 
         d = diff_snapshots(old, new)
-        for name in d.removed + d.updated:
+        # an expert marked ready again after a failure (files fixed): drop the failed engine, so the
+        # next request builds a fresh one instead of repeating the old error
+        revived = [n for n, e in new.experts.items() if old is not None and n in old.experts
+                   and old.experts[n].status == "failed" and e.status == "ready"]
+        for name in d.removed + d.updated + revived:
             if name in self.pool.experts():
-                log.info("registry %s %s: leaving pool", "removed" if name in d.removed else "updated", name)
+                why = "removed" if name in d.removed else "updated" if name in d.updated else "marked ready again"
+                log.info("registry %s %s: leaving pool", why, name)
                 asyncio.create_task(self._drop(name))
 
     async def _drop(self, name: str) -> None:
@@ -173,6 +183,11 @@ class ExpertPoolDeployment:
         except ce.ExpertNotServed as e:
             yield _err(404, f"expert '{name}' is being removed: {e}", "model", "model_not_found")
             return
+        except Exception as e:  # tokenizer files missing/corrupt: the expert cannot be served
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+            await self._mark_failed(name, reason)
+            yield _err(503, f"expert '{name}' could not be loaded: {reason}", "model", "expert_load_failed")
+            return
         max_context = spec.max_context if spec is not None else None
         if max_context is not None:
             if prompt_tokens >= max_context:
@@ -194,12 +209,20 @@ class ExpertPoolDeployment:
             seed=request.get("seed"),
         )
         yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
+        t0 = time.monotonic()
         try:
             async for chunk in self.pool.generate(name, messages, params):
                 yield {"type": "chunk", "text": chunk.text, "finish_reason": chunk.finish_reason,
                        "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                if chunk.finish_reason is not None:
+                    self._latency.observe(time.monotonic() - t0)
         except ce.QueueFull as e:
-            yield _err(429, str(e), None, "queue_full", "rate_limit_error")
+            from coe.limits import retry_after_s
+
+            st = self.pool.state().get(name)
+            wait = retry_after_s(st.queue_depth if st else 0, self.pool.config.max_batch_size, self._latency.value,
+                                 self.cfg.limits.retry_after_min_s, self.cfg.limits.retry_after_max_s)
+            yield _err(429, f"{e}; retry in {wait} s", None, "queue_full", "rate_limit_error", wait)
         except ce.ExpertNotServed as e:
             yield _err(404, f"expert '{name}' was removed: {e}", "model", "model_not_found")
         except ce.ExpertLoadError as e:

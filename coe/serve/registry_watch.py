@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -72,6 +73,11 @@ class RegistryWatcher:
         self._poll_task: asyncio.Task | None = None
         self._refresh_lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        # health: is Redis answering? (``/healthz`` reports "degraded" while it is not)
+        self.reachable = True
+        self.last_error: str | None = None
+        self.last_ok: float | None = None
+        self.down_since: float | None = None
 
     def add_callback(self, cb: OnChange) -> None:
         self._callbacks.append(cb)
@@ -97,9 +103,15 @@ class RegistryWatcher:
             try:
                 new = await asyncio.to_thread(self.registry.snapshot)
             except Exception as e:  # Redis briefly away: keep serving the last snapshot
-                log.warning("registry snapshot failed (%s); keeping version %s", e,
-                            getattr(self.snapshot, "version", None))
+                if self.reachable:
+                    log.warning("registry snapshot failed (%s); serving registry version %s until Redis is back",
+                                e, getattr(self.snapshot, "version", None))
+                self.reachable, self.last_error = False, str(e)
+                self.down_since = self.down_since or time.time()
                 return False
+            if not self.reachable:
+                log.warning("registry reachable again after %.0f s", time.time() - (self.down_since or time.time()))
+            self.reachable, self.last_error, self.down_since, self.last_ok = True, None, None, time.time()
             old = self.snapshot
             if old is not None and new.version == old.version:
                 return False
@@ -122,16 +134,28 @@ class RegistryWatcher:
             self._wake.clear()
             await self.refresh()
 
+    def health(self) -> dict:
+        """What ``/healthz`` shows about the registry connection."""
+        from coe.security import redact
+
+        return {"reachable": self.reachable, "error": redact(self.last_error) if self.last_error else None,
+                "down_for_s": round(time.time() - self.down_since, 1) if self.down_since else None,
+                "snapshot_version": getattr(self.snapshot, "version", None)}
+
     def _listen(self) -> None:
-        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop."""
+        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop.
+        Reconnects with exponential backoff (0.5 s doubling to 30 s) while Redis is away."""
         import redis
 
         channel = events_channel(self.namespace)
+        backoff = 0.5
         while not self._stop.is_set():
+            client = None
             try:
-                client = redis.Redis.from_url(self.redis_url)
+                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
                 ps = client.pubsub(ignore_subscribe_messages=True)
                 ps.subscribe(channel)
+                backoff = 0.5
                 # a refresh right after (re)subscribing covers messages sent while we were away
                 self._kick()
                 while not self._stop.is_set():
@@ -139,10 +163,17 @@ class RegistryWatcher:
                     if msg is not None:
                         self._kick()
                 ps.close()
-                client.close()
             except Exception as e:
-                log.warning("registry subscription on %s lost (%s); retrying", channel, e)
-                self._stop.wait(1.0)
+                self._kick()  # let refresh() record the outage for /healthz now, not at the next poll
+                log.warning("registry subscription on %s lost (%s); retrying in %.1f s", channel, e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+            finally:
+                if client is not None:
+                    try:
+                        client.close()
+                    except Exception:  # noqa: BLE001
+                        pass
 
     def _kick(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

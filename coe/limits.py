@@ -1,0 +1,224 @@
+"""Request limits shared by the ingress and the pool: body size, timeouts, backpressure hints.
+
+* :class:`RequestLimits` — the knobs (config section ``limits``; env overrides for the byte limit).
+* :class:`BodyLimitMiddleware` — pure ASGI: a body over ``max_request_bytes`` gets 413 before any
+  parsing (Content-Length checked first, streamed bodies counted), a body that is not UTF-8 gets 400
+  (JSON is UTF-8, RFC 8259); both OpenAI-shaped, so neither can become a 5xx deeper down.
+* :func:`retry_after_s` — how long a client refused with 429 should wait, from the queue it hit.
+* :func:`with_deadline` — iterate a generation stream under a per-request deadline; on expiry the
+  stream is closed (which cancels the generation and frees its slot) and :class:`RequestTimeout` raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_MAX_REQUEST_BYTES = "COE_MAX_REQUEST_BYTES"
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: ~250k tokens of text, far beyond any expert's context
+_T = TypeVar("_T")
+
+
+def default_max_request_bytes() -> int:
+    raw = os.environ.get(ENV_MAX_REQUEST_BYTES, "").strip()
+    try:
+        return max(1, int(raw)) if raw else DEFAULT_MAX_REQUEST_BYTES
+    except ValueError:
+        return DEFAULT_MAX_REQUEST_BYTES
+
+
+class RequestLimits(BaseModel):
+    """Per-request limits of the HTTP API (``limits:`` in the service config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_request_bytes: int = Field(default_factory=default_max_request_bytes, ge=1,
+                                   description="bodies larger than this get 413 (env COE_MAX_REQUEST_BYTES)")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="whole request: routing, queueing, loading, generation; a client may ask for "
+                                 "less with the X-Coe-Timeout header (seconds)")
+    max_queued_requests: int = Field(
+        512, ge=-1, description="requests waiting in front of the ingress (Ray Serve); beyond: 429; -1 = no bound")
+    retry_after_min_s: int = Field(1, ge=0)
+    retry_after_max_s: int = Field(30, ge=1)
+
+
+# ------------------------------------------------------------------------------------- errors
+class RequestTimeout(Exception):
+    """The per-request deadline passed; ``started`` tells whether any output had been produced."""
+
+    def __init__(self, timeout_s: float, started: bool):
+        super().__init__(f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s)")
+        self.timeout_s = timeout_s
+        self.started = started
+
+
+def openai_error(message: str, code: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# ------------------------------------------------------------------------------------- backpressure
+def retry_after_s(queue_depth: int = 0, max_batch_size: int = 8, avg_request_s: float = 2.0,
+                  lo: int = 1, hi: int = 30) -> int:
+    """Seconds until a refused request is likely to find room: the batches ahead of it times the
+    typical request time, rounded up and clamped to ``[lo, hi]`` (``Retry-After`` is whole seconds)."""
+    batches = max(queue_depth, 0) / max(max_batch_size, 1)
+    return int(min(max(math.ceil(batches * max(avg_request_s, 0.0)), lo), hi))
+
+
+class LatencyEWMA:
+    """An exponentially weighted mean of request durations (input of :func:`retry_after_s`)."""
+
+    def __init__(self, initial_s: float = 2.0, alpha: float = 0.1):
+        self.value = initial_s
+        self.alpha = alpha
+
+    def observe(self, seconds: float) -> None:
+        self.value += self.alpha * (seconds - self.value)
+
+
+# ------------------------------------------------------------------------------------- deadlines
+async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_timeout_s: float | None = None,
+                        on_close: Callable[[], Any] | None = None,
+                        cancel: Callable[[], Any] | None = None) -> AsyncIterator[_T]:
+    """Yield ``stream``'s items until it ends or the deadline passes (then close it and raise
+    :class:`RequestTimeout`). ``first_item_timeout_s`` bounds the wait for the first item separately.
+    On any early exit (deadline, error, the consumer cancelled) ``cancel`` (default: ``stream.cancel``
+    if it has one, e.g. a Ray Serve response generator) stops the work behind the stream."""
+    deadline = time.monotonic() + timeout_s
+    started = False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if not started and first_item_timeout_s is not None:
+                left = min(left, first_item_timeout_s)
+            if left <= 0:
+                raise RequestTimeout(timeout_s if started else (first_item_timeout_s or timeout_s), started)
+            try:
+                item = await asyncio.wait_for(stream.__anext__(), left)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise RequestTimeout(timeout_s if started or first_item_timeout_s is None
+                                     else min(timeout_s, first_item_timeout_s), started) from None
+            started = True
+            yield item
+    except BaseException:
+        # timeout, client gone (CancelledError), or an error: stop the generation behind the stream.
+        # A Ray Serve response generator has cancel(); a plain async generator has aclose().
+        stop = cancel or getattr(stream, "cancel", None)
+        if callable(stop):
+            with contextlib.suppress(Exception):
+                stop()
+        raise
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):  # closing a broken stream must not mask the real error
+                await aclose()
+        if on_close is not None:
+            on_close()
+
+
+def request_timeout(limits: RequestLimits, header: str | None) -> float:
+    """The deadline of one request: the server's ``request_timeout_s``, or less if the client asked
+    for less with ``X-Coe-Timeout`` (never more; junk values are ignored)."""
+    try:
+        asked = float(header) if header else None
+    except ValueError:
+        asked = None
+    if asked is None or not math.isfinite(asked) or asked <= 0:
+        return limits.request_timeout_s
+    return min(asked, limits.request_timeout_s)
+
+
+# ------------------------------------------------------------------------------------- body limit
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def _reply(send: Callable, status: int, payload: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    """Reads a request body up to ``max_bytes`` before the app sees it, then replays it.
+
+    413 ``request_too_large`` for a larger body (declared or actual), 400 ``invalid_encoding`` for
+    a body that is not UTF-8. Only bodies of ``POST``/``PUT``/``PATCH`` under ``prefixes``."""
+
+    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None,
+                 prefixes: tuple[str, ...] = ("/v1/",)):
+        self.app = app
+        self._max_bytes = max_bytes or default_max_request_bytes()
+        self.prefixes = prefixes
+
+    @property
+    def max_bytes(self) -> int:
+        """The limit now (a callable lets the service set it from its config after import)."""
+        return int(self._max_bytes() if callable(self._max_bytes) else self._max_bytes)
+
+    def _too_large(self, got: str) -> dict:
+        return openai_error(f"request body is {got} bytes; the limit is {self.max_bytes} bytes "
+                            f"(limits.max_request_bytes)", "request_too_large")
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if (scope["type"] != "http" or scope.get("method") not in _BODY_METHODS
+                or not scope.get("path", "").startswith(self.prefixes)):
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes
+        declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                return await _reply(send, 400, openai_error("invalid Content-Length header", "invalid_request"))
+            if n > limit:
+                return await _reply(send, 413, self._too_large(str(n)))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return  # the client left before sending its body: nothing to answer
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _reply(send, 413, self._too_large(f"more than {limit}"))
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return await _reply(send, 400, openai_error(
+                f"request body is not valid UTF-8 (byte {e.start}): JSON bodies must be UTF-8", "invalid_encoding"))
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for disconnect, as the server would
+
+        return await self.app(scope, replay, send)
+
+
+def install_limits(app: Any, limits: RequestLimits | None = None) -> RequestLimits:
+    """Add :class:`BodyLimitMiddleware` to a FastAPI/Starlette app; returns the limits used."""
+    limits = limits or RequestLimits()
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
+    return limits

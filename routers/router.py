@@ -30,7 +30,8 @@ from routers.quality import QualityPredictor
 log = logging.getLogger(__name__)
 
 FORMAT = "coe-router/1"
-CODE_VERSION = "1"  # bump when training or features change: invalidates cached default routers
+CODE_VERSION = "2"  # bump when training or features change: invalidates cached default routers
+# 2: fused+int8 ONNX graph, 96-token head+tail budget
 #: the default taxonomy (see TAXONOMY.md); the seed set has one file per category
 DEFAULT_CATEGORIES = ["coding", "math", "reasoning", "writing", "roleplay", "extraction", "stem",
                       "humanities", "general"]
@@ -209,7 +210,7 @@ class Router:
         p = self.classifier.predict_proba(self.embed([prompt]))[0]
         return dict(zip(self.categories, map(float, p)))
 
-    def classify_batch(self, prompts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    def classify_batch(self, prompts: Sequence[str], batch_size: int = 16) -> np.ndarray:
         """Probabilities ``(n, len(categories))`` for many prompts, embedded in batches."""
         return self.classifier.predict_proba(self.encoder.encode(list(prompts), batch_size=batch_size))
 

@@ -205,7 +205,8 @@ def pool_config(system: str, args: argparse.Namespace, footprint: int) -> Any:
                   max_batch_size=args.max_batch)
     if system in ("a_coe", "d_resident"):
         return PoolConfig(policy="demand", max_wait_ms=args.max_wait_ms, **common)
-    return PoolConfig(policy="lru", max_wait_ms=args.fifo_wait_ms, **common)
+    # the baselines keep the plain "FIFO across experts" scheduler users get from LRU multiplexing
+    return PoolConfig(policy="lru", scheduler="fifo", max_wait_ms=args.fifo_wait_ms, **common)
 
 
 async def run_system(system: str, args: argparse.Namespace, experts: list[Any], engines: list[Any],

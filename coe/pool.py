@@ -1,17 +1,24 @@
 """ExpertPool: per-expert queues over one set of tier budgets, batched by expert.
 
-Scheduling (one asyncio task, woken by arrivals/completions and every ``max_wait_ms/4``):
+The pool runs the asyncio side; *what* to do is decided by a pure policy in :mod:`coe.scheduler`
+(read its docstring for the rules and the starvation bound). One scheduler task, woken by arrivals,
+completions and session changes (and at the time the policy asks for), builds a view of every
+expert's queue and session and applies the policy's decision:
 
 * each expert has a bounded FIFO queue (:class:`~coe.errors.QueueFull` when full);
-* an expert with queued requests gets a *session*: it acquires the expert from the tier manager
-  (HBM-resident + lease) and admits queued requests to the engine, up to ``max_batch_size`` in
-  flight — the engine batches the requests it has at once;
-* a session ends when its queue drains (lease released; the expert stays resident until evicted),
-  or when another expert without a lease has a request older than ``max_wait_ms`` and older than
-  this expert's oldest: then it stops admitting, lets in-flight requests finish and releases the
-  lease so the tier manager can swap. Under starvation this is global FIFO; otherwise batch-by-expert.
+* a *session* holds the expert acquired from the tier manager (HBM-resident + lease); the policy
+  starts sessions only where their weights fit beside the other sessions, so which expert comes in
+  next is the policy's choice, not the order acquires happened to wait in;
+* an active session admits its queue up to ``max_batch_size`` in flight (the engine batches them);
+  when another expert needs its space the policy closes only that session: it admits nothing new,
+  its in-flight requests finish, the lease is released and the tier manager swaps;
+* a session whose queue and in-flight requests are empty ends at once (the weights stay resident
+  until something needs the space);
 * ``residency_hint()`` gives the router the "already hot" term; ``hint_demand()`` takes the router's
-  demand forecast, which (policy ``demand``) drives prefetch of the next expert while one generates.
+  demand forecast, which (policy ``demand``) drives prefetch of the policy's next expert.
+
+``PoolConfig.scheduler="fifo"`` keeps the former rule (FIFO across experts under starvation) for
+baselines.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,6 +44,7 @@ from coe.errors import (
     PoolClosed,
     QueueFull,
 )
+from coe.scheduler import POLICIES, ExpertView, SchedulerParams, auto_min_batch, auto_quantum
 from coe.tiers import TierManager
 
 log = logging.getLogger(__name__)
@@ -66,9 +75,12 @@ class PoolConfig(BaseModel):
     hbm_budget_bytes: int | None = Field(None, ge=0, description="active-tier budget; None: 60% of GPU / 4 GiB on CPU")
     dram_budget_bytes: int | None = Field(None, ge=0, description="host-tier budget; None: half the RAM")
     policy: Literal["lru", "demand"] = "lru"
-    max_wait_ms: float = Field(2000.0, gt=0)
+    max_wait_ms: float = Field(2000.0, gt=0, description="starvation threshold: past it an expert preempts one session")
     max_queue_per_expert: int = Field(64, ge=1)
     max_batch_size: int = Field(8, ge=1)
+    scheduler: Literal["batch", "fifo"] = Field("batch", description="batch by expert (default) or the former FIFO rule")
+    quantum_ms: float | None = Field(None, gt=0, description="time slice when others wait; None: 9x the measured switch, within [max_wait/10, max_wait]")
+    min_batch: int | None = Field(None, ge=1, description="queued requests an expert needs to preempt a session past its quantum; None: max_batch_size/4 in [1, 8]")
 
 
 class ExpertState(BaseModel):
@@ -102,6 +114,41 @@ class _Slot:
     loading: bool = False
     served: int = 0
     running: set = field(default_factory=set)  # asyncio.Tasks of admitted requests
+    size: int = 0  # weight bytes (HBM footprint) as registered with the tier manager
+    closing: bool = False  # the policy closed this session: no admission, release when drained
+    active_since: float = 0.0
+    last_admit: float = 0.0
+    service_s: float = 0.0  # EWMA of admit -> finish of its requests (drain estimate)
+    arrival_sum: float = 0.0  # Σ arrival times of queued requests (Σ waits = n·now − this)
+    rate_acc: float = 0.0  # decayed arrival count (rate = rate_acc / RATE_TAU_S)
+    rate_t: float = 0.0
+
+    def push(self, p: "_Pending") -> None:
+        decay = math.exp(-(p.arrival - self.rate_t) / RATE_TAU_S) if self.rate_t else 0.0
+        self.rate_acc, self.rate_t = self.rate_acc * decay + 1.0, p.arrival
+        self.queue.append(p)
+        self.arrival_sum += p.arrival
+
+    def pop(self) -> "_Pending":
+        p = self.queue.popleft()
+        self.arrival_sum -= p.arrival
+        if not self.queue:
+            self.arrival_sum = 0.0
+        return p
+
+    def drop(self, p: "_Pending") -> None:
+        self.queue.remove(p)  # ValueError when already admitted
+        self.arrival_sum -= p.arrival
+        if not self.queue:
+            self.arrival_sum = 0.0
+
+    def rate(self, now: float) -> float:
+        if not self.rate_t:
+            return 0.0
+        return self.rate_acc * math.exp(-(now - self.rate_t) / RATE_TAU_S) / RATE_TAU_S
+
+
+RATE_TAU_S = 10.0  # horizon of the arrival-rate estimate the policy weighs sessions by
 
 
 class ExpertPool:
@@ -122,6 +169,9 @@ class ExpertPool:
         self._closed = False
         self._loop_task: asyncio.Task | None = None
         self._prefetch_task: asyncio.Task | None = None
+        self._policy = POLICIES[self.config.scheduler]()
+        self._next_wake: float | None = None
+        self.decisions: collections.deque = collections.deque(maxlen=200)  # (t, reasons) for debugging
 
     # ---------------------------------------------------------------- membership
     async def add_expert(self, expert: Any) -> None:
@@ -137,7 +187,7 @@ class ExpertPool:
         except Exception as exc:  # missing / unreadable files: refuse now, with the reason
             raise ExpertLoadError(expert.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         self.tiers.register(expert.name, engine, size)
-        self._slots[expert.name] = _Slot(expert.name, engine)
+        self._slots[expert.name] = _Slot(expert.name, engine, size=int(size))
         self._ensure_loop()
 
     async def remove_expert(self, name: str) -> None:
@@ -182,7 +232,7 @@ class ExpertPool:
         if len(slot.queue) >= self.config.max_queue_per_expert:
             raise QueueFull(f"expert {name!r} has {len(slot.queue)} queued requests (max_queue_per_expert)")
         p = _Pending(messages, params or SamplingParams(), time.monotonic())
-        slot.queue.append(p)
+        slot.push(p)
         self._ensure_loop()
         self._kick()
         try:
@@ -200,7 +250,7 @@ class ExpertPool:
                     p.task.cancel()
                 else:
                     with contextlib.suppress(ValueError):
-                        slot.queue.remove(p)
+                        slot.drop(p)
                 self._kick()
 
     # ---------------------------------------------------------------- scheduler
@@ -212,41 +262,88 @@ class ExpertPool:
         self._wake.set()
 
     async def _loop(self) -> None:
-        tick = max(self.config.max_wait_ms / 4000.0, 0.005)
         while not self._closed:
+            tick = self._next_wake if self._next_wake is not None else self.config.max_wait_ms / 4000.0
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), tick)
+                await asyncio.wait_for(self._wake.wait(), max(tick, 0.002))
             self._wake.clear()
             try:
                 self._tick()
             except Exception:  # pragma: no cover - a scheduler bug must not kill serving
                 log.exception("scheduler tick failed")
 
-    def _starving(self, now: float) -> _Pending | None:
-        """Oldest request older than max_wait_ms among experts that hold no lease."""
-        limit = self.config.max_wait_ms / 1000.0
-        worst: _Pending | None = None
-        for s in self._slots.values():
-            if s.queue and s.acquired is None and now - s.queue[0].arrival > limit:
-                if worst is None or s.queue[0].arrival < worst.arrival:
-                    worst = s.queue[0]
-        return worst
+    def _switch_s(self) -> float:
+        """Mean measured switch (DRAM→HBM in + HBM→DRAM out); 0 before the first one."""
+        m = self.tiers.metrics
+        out = 0.0
+        for k in ("dram->hbm", "hbm->dram"):
+            if m.swaps.get(k):
+                out += m.swap_seconds.get(k, 0.0) / m.swaps[k]
+        return out
+
+    def scheduler_params(self) -> SchedulerParams:
+        c = self.config
+        max_wait = c.max_wait_ms / 1000.0
+        switch = self._switch_s()
+        return SchedulerParams(
+            capacity=c.max_batch_size, budget_bytes=self.tiers.budget[Tier.HBM], max_wait_s=max_wait,
+            quantum_s=c.quantum_ms / 1000.0 if c.quantum_ms is not None else auto_quantum(switch, max_wait),
+            min_batch=c.min_batch if c.min_batch is not None else auto_min_batch(c.max_batch_size),
+            switch_s=switch,
+        )
+
+    def _view(self, s: _Slot, now: float) -> ExpertView:
+        if s.session is None:
+            phase = "idle"
+        elif s.acquired is None:
+            phase = "loading"
+        elif s.closing or s.session_end.is_set():
+            phase = "closing"
+        else:
+            phase = "active"
+        n = len(s.queue)
+        drain = max(0.0, s.service_s - (now - s.last_admit)) if s.in_flight else 0.0
+        return ExpertView(
+            name=s.name, size_bytes=s.size, queued=n,
+            oldest_wait_s=now - s.queue[0].arrival if n else 0.0,
+            wait_sum_s=max(0.0, n * now - s.arrival_sum) if n else 0.0,
+            in_flight=s.in_flight, resident=s.engine.tier is Tier.HBM, phase=phase,
+            session_age_s=now - s.active_since if phase == "active" else 0.0, drain_s=drain,
+            rate=s.rate(now), hint=self._router_demand.get(s.name, 0),
+            failed=self.tiers.error_of(s.name) is not None,
+        )
 
     def _tick(self) -> None:
-        now = time.monotonic()
-        starving = self._starving(now)
-        for s in list(self._slots.values()):
-            may = starving is None or (s.queue and s.queue[0].arrival <= starving.arrival)
-            if s.acquired is not None:
-                while s.queue and s.in_flight < self.config.max_batch_size and may:
-                    self._admit(s, s.queue.popleft())
-                    may = starving is None or (s.queue and s.queue[0].arrival <= starving.arrival)
-                if s.in_flight == 0 and (not s.queue or not may):
+        if self._closed:
+            return
+        params = self.scheduler_params()
+        for _ in range(1 + sum(len(s.queue) for s in self._slots.values())):
+            now = time.monotonic()
+            d = self._policy.decide([self._view(s, now) for s in self._slots.values()], params)
+            changed = bool(d.admit or d.start or d.close)
+            if d.reasons:
+                self.decisions.append((now, dict(d.reasons)))
+                log.debug("scheduler: %s", d.reasons)
+            for name in d.close:
+                self._slots[name].closing = True
+            for name, n in d.admit.items():
+                s = self._slots[name]
+                for _ in range(min(n, len(s.queue))):
+                    self._admit(s, s.pop())
+            for name in d.release:
+                s = self._slots[name]
+                if s.in_flight == 0:
                     s.session_end.set()
-            elif s.session is None and s.queue and may:
-                s.session_end = asyncio.Event()
-                s.session = asyncio.get_running_loop().create_task(self._session(s), name=f"coe-session-{s.name}")
-        self._update_demand()
+            for name in d.start:
+                s = self._slots[name]
+                if s.session is None:
+                    s.session_end = asyncio.Event()
+                    s.closing = False
+                    s.session = asyncio.get_running_loop().create_task(self._session(s), name=f"coe-session-{s.name}")
+            self._next_wake = d.wake_in_s
+            if not changed:
+                break
+        self._update_demand(d.prefetch)
 
     async def _session(self, s: _Slot) -> None:
         try:
@@ -254,13 +351,14 @@ class ExpertPool:
             async with self.tiers.acquire(s.name) as engine:
                 s.loading = False
                 s.acquired = engine
+                s.active_since = time.monotonic()
                 self._tick()
                 await s.session_end.wait()
                 s.acquired = None
         except ExpertLoadError as exc:
             log.warning("%s", exc)
             while s.queue:
-                p = s.queue.popleft()
+                p = s.pop()
                 p.finished = True
                 p.out.put_nowait(exc)
         except asyncio.CancelledError:
@@ -268,25 +366,30 @@ class ExpertPool:
         except Exception as exc:  # pragma: no cover - unexpected: fail queued requests, keep serving
             log.exception("session for %s failed", s.name)
             while s.queue:
-                s.queue.popleft().out.put_nowait(exc)
+                s.pop().out.put_nowait(exc)
         finally:
             s.loading = False
             s.acquired = None
+            s.closing = False
             s.session = None
             self._kick()
 
     def _admit(self, s: _Slot, p: _Pending) -> None:
         assert s.acquired is not None
         s.in_flight += 1
+        s.last_admit = time.monotonic()
         p.task = asyncio.get_running_loop().create_task(self._run(s, s.acquired, p))
         s.running.add(p.task)
         p.task.add_done_callback(s.running.discard)
 
     async def _run(self, s: _Slot, engine: Engine, p: _Pending) -> None:
+        t0 = time.monotonic()
         agen = engine.generate(p.messages, p.params)
+        ok = False
         try:
             async for chunk in agen:
                 p.out.put_nowait(chunk)
+            ok = True
         except asyncio.CancelledError:
             pass
         except Exception as exc:
@@ -294,25 +397,34 @@ class ExpertPool:
         finally:
             with contextlib.suppress(Exception):
                 await agen.aclose()
+            if ok:
+                dt = time.monotonic() - t0
+                s.service_s = dt if s.service_s == 0.0 else 0.8 * s.service_s + 0.2 * dt
             s.in_flight -= 1
             s.served += 1
             self._kick()
 
     # ---------------------------------------------------------------- router interface
-    def _update_demand(self) -> None:
+    def _update_demand(self, nxt: str | None = None) -> None:
+        """Queued demand to the tier manager (eviction order); under ``demand``, prefetch the
+        policy's next expert (or, for the fifo rule, the most demanded non-resident one)."""
         demand = {n: len(s.queue) + s.in_flight + self._router_demand.get(n, 0) for n, s in self._slots.items()}
         self.tiers.hint_demand(demand)
         if self.config.policy != "demand":
             return
         if self._prefetch_task is not None and not self._prefetch_task.done():
             return
+        if self.config.scheduler == "batch" and any(s.session is not None and s.acquired is None
+                                                    for s in self._slots.values()):
+            return  # a session is acquiring space a prefetch could take from it (a wasted copy)
         cands = [
             (d, n) for n, d in demand.items()
             if d > 0 and not self._slots[n].removing and self._slots[n].acquired is None
             and self.tiers.tier_of(n) is not Tier.HBM and self.tiers.error_of(n) is None
         ]
-        if cands:
-            _, name = max(cands)
+        names = {n for _, n in cands}
+        name = nxt if nxt in names else (max(cands)[1] if cands else None)
+        if name is not None:
             self._prefetch_task = asyncio.get_running_loop().create_task(self.tiers.prefetch(name))
 
     def hint_demand(self, demand: Mapping[str, int]) -> None:
@@ -350,6 +462,9 @@ class ExpertPool:
         snap["in_flight"] = {n: s.in_flight for n, s in self._slots.items()}
         snap["served"] = {n: s.served for n, s in self._slots.items()}
         snap["batch_sizes"] = {n: list(s.engine.stats().batch_sizes[-100:]) for n, s in self._slots.items()}
+        sp = self.scheduler_params()
+        snap["scheduler"] = {"policy": self.config.scheduler, "quantum_s": sp.quantum_s, "switch_s": sp.switch_s,
+                             "min_batch": sp.min_batch, "max_wait_s": sp.max_wait_s}
         return snap
 
     async def close(self) -> None:
@@ -359,6 +474,7 @@ class ExpertPool:
             for p in list(s.queue):
                 p.out.put_nowait(PoolClosed("the expert pool is closed"))
             s.queue.clear()
+            s.arrival_sum = 0.0
             s.session_end.set()
         running = [t for s in self._slots.values() for t in s.running]
         for t in [*running, self._loop_task, self._prefetch_task, *(s.session for s in self._slots.values())]:

@@ -112,6 +112,10 @@ class HFEngine(Engine):
         self._jobs: queue.Queue[_Request | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._tok_lock = threading.Lock()
+        # Held by the worker thread while a batch computes: leaving HBM waits for it, so a forward
+        # pass never reads weights that were already handed back (a cancelled stream's batch stops
+        # at its next step, after the pool already counted the request as finished).
+        self._compute_lock = threading.Lock()
         self.last_load_info: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- sizes and sources
@@ -323,7 +327,17 @@ class HFEngine(Engine):
         if self._tier is not Tier.HBM:
             return SwapRecord(self._tier, self._tier, 0, 0.0)
         t0 = time.perf_counter()
-        self.to_dram_sync()
+        if not self._compute_lock.acquire(blocking=False):  # a batch is finishing its last step
+            waiter = asyncio.ensure_future(asyncio.to_thread(self._compute_lock.acquire))
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:  # the thread still gets the lock: hand it back then
+                waiter.add_done_callback(lambda _f: self._compute_lock.release())
+                raise
+        try:
+            self.to_dram_sync()
+        finally:
+            self._compute_lock.release()
         return SwapRecord(Tier.HBM, Tier.DRAM, self._nbytes, time.perf_counter() - t0)
 
     def to_dram_sync(self) -> None:
@@ -408,7 +422,8 @@ class HFEngine(Engine):
             if not batch:
                 continue
             try:
-                self._run_batch(batch)
+                with self._compute_lock:
+                    self._run_batch(batch)
             except BaseException as exc:  # surface to every waiting stream, keep the worker alive
                 log.exception("expert %s: batch failed", self.name)
                 for r in batch:

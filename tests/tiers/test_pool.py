@@ -215,3 +215,47 @@ async def test_residency_hint_reports_tiers(tiny_model_dir, byte_model_dir):
     assert pool.residency_hint() == {"a": 0.5, "b": 1.0}  # a was evicted to DRAM by b
     assert pool.state()["a"].tier == Tier.DRAM.value
     await pool.close()
+
+
+async def test_starving_expert_preempts_one_session_while_the_other_keeps_admitting(tiny_model_dir, byte_model_dir):
+    """HBM for two of three experts, both slots busy with long generations. A third expert's
+    requests starve: the scheduler closes only the least-demanded session (b), the other (a) keeps
+    taking new requests, and c's queued requests are served together as one batch once b drains."""
+    exps = [make_expert("a", tiny_model_dir, max_context=8192), make_expert("b", byte_model_dir, max_context=8192),
+            make_expert("c", tiny_model_dir, max_context=8192)]
+    sizes = await sizes_of(exps)
+    two = sorted(sizes.values())[-2:]
+    assert sum(sizes.values()) > sum(two)  # the three never fit together
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=sum(two), dram_budget_bytes=10**9, max_wait_ms=300, max_batch_size=8))
+    for e in exps:
+        await pool.add_expert(e)
+    long = SamplingParams(max_tokens=5000, temperature=0, ignore_eos=True)
+    hold_a = asyncio.create_task(ask(pool, "a", params=long))
+    hold_b = asyncio.create_task(ask(pool, "b", params=long))
+    try:
+        while pool.state()["a"].in_flight == 0 or pool.state()["b"].in_flight == 0:
+            await asyncio.sleep(0.01)
+        for _ in range(3):  # a is the busier expert
+            await ask(pool, "a")
+        cs = [asyncio.create_task(ask(pool, "c")) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while not any("c" in r for _, r in pool.decisions) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        reasons = [r for _, r in pool.decisions if "c" in r]
+        assert reasons and reasons[0]["b"] == "closed for c"  # the least-demanded session is the victim
+        # a keeps admitting while c waits for b's in-flight request to finish
+        text, _ = await asyncio.wait_for(ask(pool, "a"), 30)
+        assert text and not any(t.done() for t in cs)
+        assert pool.state()["c"].queue_depth == 3 and pool.state()["b"].tier == "hbm"
+        hold_b.cancel()  # b's last request ends (here: its client goes away): b drains, c swaps in
+        await asyncio.wait_for(asyncio.gather(*cs), 60)
+        c_in = [t for t, n, what in pool.tiers.metrics.events if n == "c" and what == "dram->hbm start"]
+        assert len(c_in) == 1  # c's three requests were served in one residency
+        assert not any(r.get("a", "").startswith("closed") for _, r in pool.decisions)  # a never closed
+        assert pool.state()["b"].tier == "dram" and not hold_a.done()
+        m = pool.metrics()
+        assert m["peak_bytes"]["hbm"] <= m["budget_bytes"]["hbm"]
+    finally:
+        hold_a.cancel()
+        hold_b.cancel()
+        await pool.close()

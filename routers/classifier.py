@@ -16,13 +16,13 @@ so a loaded classifier gives bit-identical probabilities.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from routers.artifacts import read_artifact, write_artifact
 from routers.errors import ArtifactError
 
 FORMAT = "coe-router-classifier/1"
@@ -161,28 +161,15 @@ class CategoryClassifier:
     # -- persistence ------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Write ``classifier.json`` + ``classifier.npz`` into ``directory`` (created)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / "classifier.npz", coef=self.coef, intercept=self.intercept)
         doc = {
             "format": FORMAT, "labels": self.labels, "encoder_id": self.encoder_id,
             "temperature": self.temperature, "training": self.meta, "metrics": self.metrics,
         }
-        (d / "classifier.json").write_text(json.dumps(doc, indent=2, sort_keys=False))
-        return d
+        return write_artifact(directory, "classifier", doc, {"coef": self.coef, "intercept": self.intercept})
 
     @classmethod
     def load(cls, directory: str | Path) -> "CategoryClassifier":
-        d = Path(directory)
-        try:
-            doc = json.loads((d / "classifier.json").read_text())
-            with np.load(d / "classifier.npz", allow_pickle=False) as z:
-                coef, intercept = z["coef"], z["intercept"]
-        except FileNotFoundError as e:
-            raise ArtifactError(f"{d}: not a classifier folder (missing {Path(e.filename).name})") from None
-        except (json.JSONDecodeError, KeyError, ValueError) as e:
-            raise ArtifactError(f"{d}: unreadable classifier artifact ({e})") from None
-        if doc.get("format") != FORMAT:
-            raise ArtifactError(f"{d}/classifier.json: format {doc.get('format')!r}, expected {FORMAT!r}")
+        doc, z = read_artifact(directory, "classifier", FORMAT, ("coef", "intercept"))
+        coef, intercept = z["coef"], z["intercept"]
         return cls(doc["labels"], coef, intercept, doc.get("temperature", 1.0), doc.get("encoder_id", ""),
                    doc.get("training"), doc.get("metrics"))

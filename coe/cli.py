@@ -205,33 +205,36 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
         console.print(line, soft_wrap=True)
 
 
+def _stop_serve() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def _stop_redis() -> None:
+    from expert_registry.embedded import stop_embedded
+
+    stop_embedded()
+
+
 def _shutdown(started: dict) -> None:
     """Stop what this process started, in reverse order; each step is best effort."""
     console.print("[bold]Shutting down…")
-    if started.get("serve"):
+    for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
+                             ("redis", "embedded Redis", _stop_redis)):
+        if not started.get(key):
+            continue
         try:
-            from ray import serve
-
-            serve.shutdown()
-            console.print("[green]✓[/] Serve stopped")
+            stop()
+            console.print(f"[green]✓[/] {label} stopped")
         except Exception as e:
-            err_console.print(f"[yellow]![/] Serve shutdown: {e}")
-    if started.get("ray"):
-        try:
-            import ray
-
-            ray.shutdown()
-            console.print("[green]✓[/] Ray stopped")
-        except Exception as e:
-            err_console.print(f"[yellow]![/] Ray shutdown: {e}")
-    if started.get("redis"):
-        try:
-            from expert_registry.embedded import stop_embedded
-
-            stop_embedded()
-            console.print("[green]✓[/] embedded Redis stopped")
-        except Exception as e:
-            err_console.print(f"[yellow]![/] Redis shutdown: {e}")
+            err_console.print(f"[yellow]![/] {label} shutdown: {e}")
 
 
 @app.command()

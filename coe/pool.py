@@ -36,7 +36,7 @@ from typing import Any, AsyncIterator, Literal, Mapping, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from coe.engines import create_engine
-from coe.engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams, Tier
+from coe.engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams, Tier, relay
 from coe.errors import (
     ExpertExistsInPool,
     ExpertLoadError,
@@ -236,13 +236,8 @@ class ExpertPool:
         self._ensure_loop()
         self._kick()
         try:
-            while True:
-                item = await p.out.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in relay(p.out):
                 yield item
-                if item.finish_reason is not None:
-                    return
         finally:
             if not p.finished:
                 p.finished = True

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+import asyncio
 from typing import Any, AsyncIterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -164,3 +165,17 @@ class Engine(ABC):
             await self.to_dram()
         if self.tier is Tier.DRAM:
             await self.unload()
+
+
+async def relay(out: "asyncio.Queue[GenerationChunk | BaseException]") -> AsyncIterator[GenerationChunk]:
+    """Yield the chunks a producer puts on ``out`` until one carries a ``finish_reason``.
+
+    An exception put on the queue is raised here, in the consumer. Shared by the engines (worker
+    thread → caller) and the pool (engine task → caller), which add their own cancellation."""
+    while True:
+        item = await out.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return

@@ -41,6 +41,7 @@ from coe.engines.base import (
     SwapRecord,
     Tier,
     as_messages,
+    relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
 from coe.errors import EngineNotResident, ExpertLoadError
@@ -387,13 +388,8 @@ class HFEngine(Engine):
         self._ensure_worker()
         self._jobs.put(req)
         try:
-            while True:
-                item = await req.out.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in relay(req.out):
                 yield item
-                if item.finish_reason is not None:
-                    return
         finally:
             if not req.done:
                 req.cancelled.set()

@@ -54,6 +54,14 @@ class SamplingParams(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
 
+    def with_defaults(self, generation: Any) -> "SamplingParams":
+        """Fill the fields the caller did not set from an expert's ``generation`` defaults."""
+        if generation is None:
+            return self
+        upd = {f: getattr(generation, f) for f in ("max_tokens", "temperature", "top_p", "stop")
+               if f not in self.model_fields_set and getattr(generation, f, None) is not None}
+        return self.model_copy(update=upd) if upd else self
+
 
 class ChatMessage(BaseModel):
     """One chat turn (OpenAI shape, text content only)."""
@@ -179,3 +187,21 @@ async def relay(out: "asyncio.Queue[GenerationChunk | BaseException]") -> AsyncI
         yield item
         if item.finish_reason is not None:
             return
+
+
+# Used when neither the expert nor its tokenizer has a chat template (e.g. a bare base model).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
+    """The prompt text every engine feeds its model: the expert's system prompt (unless the
+    conversation has one), then the expert's template override, the tokenizer's, or the fallback."""
+    msgs = as_messages(messages)
+    sys_prompt = getattr(expert, "system_prompt", None)
+    if sys_prompt and not any(m["role"] == "system" for m in msgs):
+        msgs = [{"role": "system", "content": sys_prompt}] + msgs
+    template = getattr(expert, "chat_template", None) or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)

@@ -40,7 +40,7 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
-    as_messages,
+    render_chat,
     relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 _ALIGN = 256
 _LOAD_LOCK = LOAD_LOCK  # loads are serialised (see sources.LOAD_LOCK); swaps are not
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @dataclass
@@ -181,13 +177,7 @@ class HFEngine(Engine):
             return self._tokenizer
 
     def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        msgs = as_messages(messages)
-        sys_prompt = getattr(self.expert, "system_prompt", None)
-        if sys_prompt and not any(m["role"] == "system" for m in msgs):
-            msgs = [{"role": "system", "content": sys_prompt}] + msgs
-        tok = self.tokenizer
-        template = getattr(self.expert, "chat_template", None) or tok.chat_template or _FALLBACK_TEMPLATE
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+        return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
         text = self.apply_chat_template(messages)
@@ -362,23 +352,12 @@ class HFEngine(Engine):
     def stats(self) -> EngineStats:
         return self._stats
 
-    def _effective(self, params: SamplingParams) -> SamplingParams:
-        """Fill the fields the caller did not set from the expert's generation defaults."""
-        gen = getattr(self.expert, "generation", None)
-        if gen is None:
-            return params
-        upd: dict[str, Any] = {}
-        for f in ("max_tokens", "temperature", "top_p", "stop"):
-            if f not in params.model_fields_set and getattr(gen, f, None) is not None:
-                upd[f] = getattr(gen, f)
-        return params.model_copy(update=upd) if upd else params
-
     async def generate(
         self, messages: Sequence[ChatMessage | Mapping[str, Any]], params: SamplingParams
     ) -> AsyncIterator[GenerationChunk]:
         if self._tier is not Tier.HBM:
             raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
-        params = self._effective(params)
+        params = params.with_defaults(getattr(self.expert, "generation", None))
         ids = await asyncio.to_thread(self._encode, messages)
         gen = None
         if params.temperature > 0:

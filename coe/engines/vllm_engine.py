@@ -67,7 +67,7 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
-    as_messages,
+    render_chat,
 )
 from coe.errors import CoeError, EngineNotResident, ExpertLoadError
 
@@ -75,10 +75,6 @@ log = logging.getLogger(__name__)
 
 SWITCH_MODES = ("pinned", "sleep", "reload")
 WORKER_EXTENSION = "coe.engines.vllm_worker.CoeWorkerExtension"
-_FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 _ids = itertools.count()
 
 
@@ -220,13 +216,7 @@ class VLLMEngine(Engine):
         return self._tokenizer
 
     def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        msgs = as_messages(messages)
-        sys_prompt = getattr(self.expert, "system_prompt", None)
-        if sys_prompt and not any(m["role"] == "system" for m in msgs):
-            msgs = [{"role": "system", "content": sys_prompt}] + msgs
-        tok = self.tokenizer
-        template = getattr(self.expert, "chat_template", None) or tok.chat_template or _FALLBACK_TEMPLATE
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+        return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
         return list(self.tokenizer(self.apply_chat_template(messages), add_special_tokens=False)["input_ids"])
@@ -465,16 +455,6 @@ class VLLMEngine(Engine):
     def stats(self) -> EngineStats:
         return self._stats
 
-    def _effective(self, params: SamplingParams) -> SamplingParams:
-        gen = getattr(self.expert, "generation", None)
-        if gen is None:
-            return params
-        upd: dict[str, Any] = {}
-        for f in ("max_tokens", "temperature", "top_p", "stop"):
-            if f not in params.model_fields_set and getattr(gen, f, None) is not None:
-                upd[f] = getattr(gen, f)
-        return params.model_copy(update=upd) if upd else params
-
     def _vllm_params(self, params: SamplingParams, logprobs: int | None = None) -> Any:
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
@@ -519,7 +499,7 @@ class VLLMEngine(Engine):
             raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
         from vllm.inputs import TokensPrompt
 
-        params = self._effective(params)
+        params = params.with_defaults(getattr(self.expert, "generation", None))
         ids = self._encode(messages)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"

@@ -130,6 +130,31 @@ def _mount_of(path: str) -> str:
     return f"{best} ({fs})"
 
 
+async def start_engines(engines: list[Any], parallel: int) -> dict[str, Any]:
+    """``load()`` the vLLM engines, ``parallel`` at a time (each is its own process); any whose
+    concurrent start fails (vLLM's start-up memory check can trip over a neighbour's) is retried
+    alone on the loop thread. Returns what went wrong, if anything."""
+    for e in engines:
+        e.build_in_thread = parallel > 1
+    sem = asyncio.Semaphore(max(1, parallel))
+
+    async def load(e: Any) -> None:
+        async with sem:
+            await e.load()
+            print(f"  loaded {e.name}: {json.dumps(e.last_load_info, default=str)}", flush=True)
+
+    results = await asyncio.gather(*(load(e) for e in engines), return_exceptions=True)
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if not failed:
+        return {}
+    info = {"parallel_start_failures": {engines[i].name: repr(results[i])[:300] for i in failed}}
+    print(f"  retrying sequentially: {info['parallel_start_failures']}", flush=True)
+    for i in failed:
+        engines[i].build_in_thread = False
+        await load(engines[i])
+    return info
+
+
 async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], list[Any], dict[str, Any]]:
     from expert_registry.spec import Expert, GenerationDefaults
 
@@ -150,22 +175,8 @@ async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[A
                 ex, device="cuda", max_batch_size=args.max_batch, switch_mode="pinned",
                 gpu_memory_utilization=args.gpu_util, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
                 max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs, load_format="dummy",
-                reload_dir=args.reload_dir, dummy_init_seed=1000 + i, build_in_thread=args.parallel_start > 1))
-        sem = asyncio.Semaphore(max(1, args.parallel_start))
-
-        async def load(e: Any) -> None:
-            async with sem:
-                await e.load()
-                print(f"  loaded {e.name}: {json.dumps(e.last_load_info, default=str)}", flush=True)
-
-        results = await asyncio.gather(*(load(e) for e in engines), return_exceptions=True)
-        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-        if failed:  # concurrent start-up failed for some: retry those one at a time on the loop thread
-            setup["parallel_start_failures"] = {engines[i].name: repr(results[i])[:300] for i in failed}
-            print(f"  retrying sequentially: {setup['parallel_start_failures']}", flush=True)
-            for i in failed:
-                engines[i].build_in_thread = False
-                await engines[i].load()
+                reload_dir=args.reload_dir, dummy_init_seed=1000 + i))
+        setup.update(await start_engines(engines, args.parallel_start))
         setup["load_info"] = {e.name: e.last_load_info for e in engines}
     else:  # CPU plumbing check: tiny hf models, same pool and trace code
         from coe.engines.hf import HFEngine
@@ -480,6 +491,35 @@ def _write(res: dict[str, Any], out: Path, stem: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- switch test
+async def alternate(a: Any, b: Any, cycles: int) -> tuple[list[float], list[float], list[dict[str, float]]]:
+    """``cycles`` switches between two engines: move the resident one out, then the other in.
+    Returns the seconds of each move out and in, and each move in's breakdown."""
+    ins, outs, details = [], [], []
+    cur, nxt = (a, b) if a.tier.name == "HBM" else (b, a)
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        moved = await cur.to_dram() if cur.tier.name == "HBM" else None
+        t1 = time.perf_counter()
+        await nxt.to_hbm()
+        t2 = time.perf_counter()
+        outs.append(t1 - t0 if moved else 0.0)
+        ins.append(t2 - t1)
+        details.append(dict(nxt.last_switch_info))
+        cur, nxt = nxt, cur
+    return ins, outs, details
+
+
+def summarize(ins: list[float], outs: list[float], nbytes: int, details: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians of a run of :func:`alternate`; a switch (out + in) counts only cycles that moved
+    something out (the first cycle starts with nothing resident)."""
+    switch = [i + o for i, o in zip(ins, outs)]
+    full = [i + o for i, o in zip(ins, outs) if o > 0] or switch
+    return {"switch_in_s": ins, "switch_out_s": outs, "switch_s": switch, "details": details,
+            "switch_in_median_s": statistics.median(ins),
+            "switch_out_median_s": statistics.median([o for o in outs if o > 0] or outs),
+            "switch_median_s": statistics.median(full), "in_gbps": nbytes / statistics.median(ins) / 1e9}
+
+
 async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     """Two experts of one shape; coe switch (sleep(2) one + pinned restore of the other) vs vLLM's
     sleep(1)/wake_up(); greedy tokens (and top-5 logprobs) after N switches vs before."""
@@ -501,10 +541,8 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
         engs.append(VLLMEngine(ex, device="cuda", max_batch_size=16, switch_mode="pinned",
                                gpu_memory_utilization=0.1, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
                                max_model_len=1024, enforce_eager=not args.cuda_graphs, load_format="dummy",
-                               dummy_init_seed=7 + i, build_in_thread=False))
-    for e in engs:
-        await e.load()
-        print(f"loaded {e.name}: {json.dumps(e.last_load_info, default=str)}", flush=True)
+                               dummy_init_seed=7 + i, copy_streams=args.copy_streams))
+    res["start"] = await start_engines(engs, args.parallel_start)
     res["load_info"] = {e.name: e.last_load_info for e in engs}
     res["weights_bytes"] = engs[0].footprint_bytes()
     prompt = [{"role": "user", "content": word_prompt(32, 128256, random.Random(1))}]
@@ -526,18 +564,7 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     before_b = await greedy(b)
     await b.to_dram()
     # coe switches: A in / B out alternately; a switch = evict the resident one + bring the other in.
-    ins, outs, details = [], [], []
-    cur, nxt = b, a
-    for _ in range(args.cycles):
-        t0 = time.perf_counter()
-        rec_out = await cur.to_dram() if cur.tier.name == "HBM" else None
-        t1 = time.perf_counter()
-        await nxt.to_hbm()
-        t2 = time.perf_counter()
-        outs.append(t1 - t0 if rec_out else 0.0)
-        ins.append(t2 - t1)
-        details.append(dict(nxt.last_switch_info))
-        cur, nxt = nxt, cur
+    ins, outs, details = await alternate(a, b, args.cycles)
     if a.tier.name != "HBM":
         await b.to_dram()
         await a.to_hbm()
@@ -547,11 +574,7 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     await b.to_hbm()
     after_b = await greedy(b)
     await b.to_dram()
-    switch = [i + o for i, o in zip(ins, outs)]
-    res["coe"] = {"switch_in_s": ins, "switch_out_s": outs, "switch_s": switch, "details": details,
-                  "switch_in_median_s": statistics.median(ins), "switch_out_median_s": statistics.median(outs),
-                  "switch_median_s": statistics.median(switch),
-                  "in_gbps": res["weights_bytes"] / statistics.median(ins) / 1e9}
+    res["coe"] = summarize(ins, outs, res["weights_bytes"], details)
     res["greedy_equal_after_switches"] = before[0] == after[0] and before_b[0] == after_b[0]
     res["logprobs_equal_after_switches"] = before[1] == after[1]
     res["digest_equal_after_switches"] = digest_before == digest_after
@@ -565,41 +588,42 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_gpu_switch_{args.shape}_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}.json"
     path.write_text(json.dumps(res, indent=1, default=str))  # the coe half survives a killed baseline
+    # What each part of coe's wake buys (same engines, fewer cycles): one copy stream instead of
+    # several, and vLLM's three steps (wake_up(weights), copy, wake_up(kv_cache)) instead of one pass.
+    res["ablations"] = {}
+    for label, streams, fast in (("one_pass_1_stream", 1, True), ("three_step", args.copy_streams, False)):
+        if args.ablation_cycles <= 0:
+            break
+        for e in engs:
+            e.copy_streams, e.fast_wake = streams, fast
+        ins_x, outs_x, det_x = await alternate(a, b, args.ablation_cycles)
+        res["ablations"][label] = summarize(ins_x, outs_x, res["weights_bytes"], det_x)
+        print(f"ablation {label}: in {res['ablations'][label]['switch_in_median_s']:.3f}s "
+              f"switch {res['ablations'][label]['switch_median_s']:.3f}s", flush=True)
+    for e in engs:
+        e.copy_streams, e.fast_wake = args.copy_streams, True
+    path.write_text(json.dumps(res, indent=1, default=str))
     # vLLM baseline on the same two engines: sleep(level=1) / wake_up(). The first level-1 sleep of
     # each engine allocates its pinned backup (10-15 s for 8B): not a switch, excluded from the median.
     t0 = time.perf_counter()
-    for e in engs:
-        await e.set_switch_mode("sleep")
+    await asyncio.gather(*(e.set_switch_mode("sleep") for e in engs))
     res["baseline_prep_s"] = time.perf_counter() - t0
-    ins, outs = [], []
-    cur, nxt = b, a
-    for _ in range(args.baseline_cycles):
-        t0 = time.perf_counter()
-        r = await cur.to_dram() if cur.tier.name == "HBM" else None
-        t1 = time.perf_counter()
-        await nxt.to_hbm()
-        t2 = time.perf_counter()
-        outs.append(t1 - t0 if r else 0.0)
-        ins.append(t2 - t1)
-        cur, nxt = nxt, cur
+    ins, outs, _ = await alternate(a, b, args.baseline_cycles)
     if a.tier.name != "HBM":
         await b.to_dram()
         await a.to_hbm()
     after_sleep = await greedy(a)
-    switch = [i + o for i, o in zip(ins, outs)]
-    res["vllm_sleep_wake"] = {"wake_s": ins, "sleep_s": outs, "switch_s": switch,
-                              "wake_median_s": statistics.median(ins), "sleep_median_s": statistics.median(outs[1:] or outs),
-                              "switch_median_s": statistics.median(switch[1:] or switch),
-                              "greedy_equal": after_sleep[0] == before[0]}
+    res["vllm_sleep_wake"] = summarize(ins, outs, res["weights_bytes"], [])
+    res["vllm_sleep_wake"]["greedy_equal"] = after_sleep[0] == before[0]
     res["speedup_switch_vs_vllm"] = res["vllm_sleep_wake"]["switch_median_s"] / res["coe"]["switch_median_s"]
-    res["speedup_in_vs_vllm_wake"] = res["vllm_sleep_wake"]["wake_median_s"] / res["coe"]["switch_in_median_s"]
+    res["speedup_in_vs_vllm_wake"] = res["vllm_sleep_wake"]["switch_in_median_s"] / res["coe"]["switch_in_median_s"]
     res["targets"] = {"switch_le_0.35s": res["coe"]["switch_median_s"] <= 0.35,
                       "in_le_0.35s": res["coe"]["switch_in_median_s"] <= 0.35,
                       "2x_faster_than_sleep_wake": res["speedup_switch_vs_vllm"] >= 2.0,
                       "greedy_equal_after_switches": res["greedy_equal_after_switches"]}
     res["wall_s"] = time.monotonic() - t_start
-    print(f"vllm sleep/wake: wake {res['vllm_sleep_wake']['wake_median_s']:.3f}s sleep "
-          f"{res['vllm_sleep_wake']['sleep_median_s']:.3f}s switch {res['vllm_sleep_wake']['switch_median_s']:.3f}s; "
+    print(f"vllm sleep/wake: wake {res['vllm_sleep_wake']['switch_in_median_s']:.3f}s sleep "
+          f"{res['vllm_sleep_wake']['switch_out_median_s']:.3f}s switch {res['vllm_sleep_wake']['switch_median_s']:.3f}s; "
           f"coe speedup {res['speedup_switch_vs_vllm']:.2f}x; targets {res['targets']}", flush=True)
     path.write_text(json.dumps(res, indent=1, default=str))
     for e in engs:
@@ -640,7 +664,10 @@ def main() -> None:
     s = sub.add_parser("switch", help="two-expert switch test: coe vs vLLM sleep/wake, greedy equality")
     s.add_argument("--shape", default="8b")
     s.add_argument("--cycles", type=int, default=10)
-    s.add_argument("--baseline-cycles", type=int, default=4)
+    s.add_argument("--baseline-cycles", type=int, default=5)
+    s.add_argument("--ablation-cycles", type=int, default=6)
+    s.add_argument("--copy-streams", type=int, default=2)
+    s.add_argument("--parallel-start", type=int, default=2, help="engines started at once")
     s.add_argument("--tokens", type=int, default=24)
     s.add_argument("--kv-gib", type=float, default=4.0)
     s.add_argument("--cuda-graphs", action="store_true")

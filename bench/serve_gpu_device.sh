@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What bench/serve_gpu.py runs on the lent GPU machine, once vLLM is staged there
 # (../shared/device/vllm-stage.sh: `prepare` once here, then `next` + a device call per part).
-#   bash bench/serve_gpu_device.sh main    # 8B switch test, then the serving benchmark (one call)
-#   bash bench/serve_gpu_device.sh extra   # bench/switch.py (other helper's) + the GPU tests
+#   bash bench/serve_gpu_device.sh switch  # 8B switch test + the GPU tests (one call, ~5 min)
+#   bash bench/serve_gpu_device.sh serve   # the serving benchmark (one call, ~8 min)
+#   bash bench/serve_gpu_device.sh main    # both in one call (tight in 10 minutes)
+#   bash bench/serve_gpu_device.sh extra   # bench/switch.py (hf engine, 1B) + the GPU tests
 # Results land in $OUT; the full log in $OUT/serve_gpu_device_log.txt.
 set -u
 export PYTHONPATH=/tmp/vllm-site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
@@ -18,6 +20,13 @@ step() {
   echo "=== $name rc=$? $(date -u +%T)" | tee -a "$log"
 }
 case ${1:-main} in
+switch)
+  { nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv; df -h /tmp; free -g; nproc; } | tee -a "$log"
+  step switch8b 330 python bench/serve_gpu.py switch --shape 8b --cycles 10 --out "$OUT" "${@:2}"
+  grep -E "^(coe:|ablation|vllm sleep/wake|  loaded)" "$log" | cut -c1-400
+  step pytest_gpu 170 python -m pytest tests/engines/test_vllm_gpu.py -v -p no:cacheprovider -o addopts= -x
+  grep -E "PASSED|FAILED|ERROR|passed|failed" "$log" | tail -8
+  ;;
 main)
   { nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv; df -h /tmp; free -g; nproc; } | tee -a "$log"
   step switch8b 170 python bench/serve_gpu.py switch --shape 8b --cycles 10 --out "$OUT"

@@ -10,8 +10,9 @@ Switching (``switch_mode``)
     ``weights`` tag once into a pinned host buffer (the DRAM tier), then ``sleep(level=2)``.
     HBM→DRAM is ``sleep(level=2)``: the device memory is released and nothing is copied back.
     DRAM→HBM maps the weight allocations again (same virtual addresses) and copies the pinned
-    buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped),
-    then ``wake_up()`` maps the KV cache and resumes scheduling. If that one-pass call fails, the
+    buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped,
+    on ``copy_streams`` CUDA streams in turn; the KV cache is mapped while the last copies are in
+    flight), then ``wake_up()`` does vLLM's bookkeeping and resumes scheduling. If that one-pass call fails, the
     engine falls back for good to the documented three steps: ``wake_up(tags=["weights"])``, the
     copy, ``wake_up(tags=["kv_cache"])``.
 ``"sleep"`` (vLLM's own switching; the baseline)
@@ -130,6 +131,7 @@ class VLLMEngine(Engine):
         build_in_thread: bool = True,
         dummy_init_seed: int | None = None,
         fast_wake: bool = True,
+        copy_streams: int = 2,
         engine_args: Mapping[str, Any] | None = None,
         **_ignored: Any,
     ):
@@ -151,6 +153,7 @@ class VLLMEngine(Engine):
         self.build_in_thread = build_in_thread
         self.dummy_init_seed = dummy_init_seed
         self.fast_wake = fast_wake
+        self.copy_streams = max(1, int(copy_streams))
         self.engine_args = dict(engine_args or {})
         self._llm: Any = None
         self._state = "none"  # none | awake | asleep1 | asleep2
@@ -307,16 +310,17 @@ class VLLMEngine(Engine):
         if source == "pinned" and self.fast_wake:
             t0 = time.perf_counter()
             try:
-                copy_s = float(await self._rpc("coe_wake_restore"))
+                gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams))
             except Exception as exc:  # nothing was left mapped: take the three-step path from now on
                 log.warning("expert %s: one-pass wake+restore failed (%s); using wake_up(weights) + copy",
                             self.name, exc)
                 self.fast_wake = False
             else:
                 t1 = time.perf_counter()
-                await self._llm.wake_up()  # maps the KV cache only; resumes scheduling
+                await self._llm.wake_up()  # maps nothing more; buffers, KV scales, resumes scheduling
                 t2 = time.perf_counter()
-                return {"map_and_copy_s": copy_s, "rpc_s": t1 - t0, "wake_rest_s": t2 - t1}
+                return {"map_and_copy_s": float(gpu["total_s"]), "map_and_issue_s": float(gpu["map_and_issue_s"]),
+                        "map_kv_s": float(gpu["map_others_s"]), "rpc_s": t1 - t0, "wake_rest_s": t2 - t1}
         t0 = time.perf_counter()
         await self._llm.wake_up(tags=["weights"])
         t1 = time.perf_counter()

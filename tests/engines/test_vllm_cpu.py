@@ -144,6 +144,36 @@ def test_pinned_copy_restores_discarded_weights_exactly():
         assert torch.equal(m(ids), before)
 
 
+def test_one_pass_restore_maps_each_chunk_just_before_its_copy_across_streams():
+    """The one-pass wake's order: chunk i is mapped, then its copy is queued (on the streams in
+    turn), before chunk i+1 is mapped, so copies overlap mapping; the bytes still come back exact."""
+    from coe.engines.vllm_worker import round_robin
+
+    torch.manual_seed(1)
+    m = _Tiny().eval()
+    ids = torch.arange(20)
+    with torch.no_grad():
+        before = m(ids).clone()
+    chunks = _chunks(m)
+    pc = PinnedCopy(chunks)
+    pc.capture(_memmove)
+    with torch.no_grad():
+        for t in m.parameters():
+            t.fill_(float("nan"))
+    events: list[tuple] = []
+
+    def copy(dst: int, src: int, n: int, stream: str) -> None:
+        events.append(("copy", dst, stream))
+        ctypes.memmove(dst, src, n)
+
+    pc.restore(round_robin(["s0", "s1", "s2"], copy), chunks, prepare=lambda i: events.append(("map", chunks[i][0])))
+    assert [e[0] for e in events] == ["map", "copy"] * len(chunks)
+    assert [e[1] for e in events[::2]] == [e[1] for e in events[1::2]] == [ptr for ptr, _ in chunks]
+    assert [e[2] for e in events[1::2]] == [f"s{i % 3}" for i in range(len(chunks))]
+    with torch.no_grad():
+        assert torch.equal(m(ids), before)
+
+
 def test_pinned_copy_refuses_changed_allocations():
     m = _Tiny()
     pc = PinnedCopy(_chunks(m))
@@ -208,12 +238,13 @@ def test_percentile_and_targets():
     assert t["a_over_d_target_0.8_met"] and not t["a_over_b_target_2_met"] and t["a_over_c_target_5_met"]
 
 
-def test_one_pass_wake_leaves_only_the_kv_cache_to_vllm():
-    """After coe_wake_restore has mapped and filled the weights, the allocator's next wake_up must
-    map everything else (the KV cache) and not the weights again; later wake-ups are vLLM's own."""
+def test_one_pass_wake_leaves_nothing_it_mapped_to_vllm():
+    """After coe_wake_restore has mapped the weights (and filled them) and the KV cache, the
+    allocator's next wake_up must map neither again (mapping twice fails); when it mapped only the
+    weights, the next wake_up maps the rest; wake-ups after that are vLLM's own."""
     from types import SimpleNamespace
 
-    from coe.engines.vllm_worker import _skip_weights_on_next_wake
+    from coe.engines.vllm_worker import _skip_on_next_wake
 
     class Allocator:  # the two members of vLLM's CuMemAllocator the hook uses
         def __init__(self):
@@ -225,10 +256,13 @@ def test_one_pass_wake_leaves_only_the_kv_cache_to_vllm():
             self.calls.append(tags)
 
     a = Allocator()
-    _skip_weights_on_next_wake(a)
+    _skip_on_next_wake(a, {"weights"})
     a.wake_up(None)
     a.wake_up(None)
-    _skip_weights_on_next_wake(a)
+    _skip_on_next_wake(a, {"weights"})
     a.wake_up(["weights"])
     a.wake_up(["weights", "kv_cache"])
-    assert a.calls == [["kv_cache"], None, ["weights", "kv_cache"]]
+    _skip_on_next_wake(a, {"weights", "kv_cache"})
+    a.wake_up(None)
+    a.wake_up(None)
+    assert a.calls == [["kv_cache"], None, ["weights", "kv_cache"], None]

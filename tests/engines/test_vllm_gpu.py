@@ -90,12 +90,14 @@ def test_ten_switches_keep_greedy_outputs(engine, loop):
         for _ in range(10):
             await engine.to_dram()
             await engine.to_hbm()
+        path = dict(engine.last_switch_info)
         after = await _greedy(engine)
         digest_after = await engine.weights_digest()
         await engine.to_dram()
-        return before, after, digest, digest_after
+        return before, after, digest, digest_after, path
 
-    before, after, digest, digest_after = loop.run_until_complete(go())
+    before, after, digest, digest_after, path = loop.run_until_complete(go())
+    assert engine.fast_wake and "map_and_copy_s" in path, path  # the one-pass wake, not the fallback
     assert before[0] == after[0]
     assert before[1] == after[1]  # top-5 logprobs of every step, bit for bit
     assert digest == digest_after

@@ -2,6 +2,7 @@
 # What bench/serve_gpu.py runs on the lent GPU machine, once vLLM is staged there
 # (../shared/device/vllm-stage.sh: `prepare` once here, then `next` + a device call per part).
 #   bash bench/serve_gpu_device.sh switch  # 8B switch test + the GPU tests (one call, ~5 min)
+#   bash bench/serve_gpu_device.sh probe   # copy-rate probe, then the 8B switch test (one call, ~6 min)
 #   bash bench/serve_gpu_device.sh serve   # the serving benchmark (one call, ~8 min)
 #   bash bench/serve_gpu_device.sh main    # both in one call (tight in 10 minutes)
 #   bash bench/serve_gpu_device.sh extra   # bench/switch.py (hf engine, 1B) + the GPU tests
@@ -26,6 +27,13 @@ switch)
   grep -E "^(coe:|ablation|vllm sleep/wake|  loaded)" "$log" | cut -c1-400
   step pytest_gpu 170 python -m pytest tests/engines/test_vllm_gpu.py -v -p no:cacheprovider -o addopts= -x
   grep -E "PASSED|FAILED|ERROR|passed|failed" "$log" | tail -8
+  ;;
+probe)
+  { nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv; free -g; nproc; cat /sys/kernel/mm/transparent_hugepage/enabled; } | tee -a "$log"
+  step probe 200 python bench/serve_gpu.py probe --shape 8b
+  sed -n '/^| host buffer/,$p' "$log"
+  step switch8b 330 python bench/serve_gpu.py switch --shape 8b --cycles 10 --out "$OUT" "${@:2}"
+  grep -E "^(coe:|picked|  variant|  recaptured|vllm sleep/wake|  loaded)" "$log" | cut -c1-400
   ;;
 main)
   { nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv; df -h /tmp; free -g; nproc; } | tee -a "$log"

@@ -132,6 +132,8 @@ class VLLMEngine(Engine):
         dummy_init_seed: int | None = None,
         fast_wake: bool = True,
         copy_streams: int = 2,
+        host_alloc: str = "register",
+        bounce_mb: int = 0,
         engine_args: Mapping[str, Any] | None = None,
         **_ignored: Any,
     ):
@@ -154,6 +156,8 @@ class VLLMEngine(Engine):
         self.dummy_init_seed = dummy_init_seed
         self.fast_wake = fast_wake
         self.copy_streams = max(1, int(copy_streams))
+        self.host_alloc = host_alloc
+        self.bounce_mb = int(bounce_mb)
         self.engine_args = dict(engine_args or {})
         self._llm: Any = None
         self._state = "none"  # none | awake | asleep1 | asleep2
@@ -285,7 +289,7 @@ class VLLMEngine(Engine):
             if self.dummy_init_seed is not None and self.load_format == "dummy":
                 await self._rpc("coe_randomize", int(self.dummy_init_seed))
             if self.switch_mode == "pinned":
-                info["capture"] = await self._rpc("coe_capture")
+                info["capture"] = await self._rpc("coe_capture", self.host_alloc)
                 self._has_copy = True
             elif self.switch_mode == "reload":
                 info["save"] = await self._rpc("coe_save_file", self._reload_path())
@@ -310,7 +314,7 @@ class VLLMEngine(Engine):
         if source == "pinned" and self.fast_wake:
             t0 = time.perf_counter()
             try:
-                gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams))
+                gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams, self.bounce_mb))
             except Exception as exc:  # nothing was left mapped: take the three-step path from now on
                 log.warning("expert %s: one-pass wake+restore failed (%s); using wake_up(weights) + copy",
                             self.name, exc)
@@ -391,7 +395,7 @@ class VLLMEngine(Engine):
             await self._sleep(1)
         else:
             if self.switch_mode == "pinned" and not self._has_copy:
-                await self._rpc("coe_capture")  # the copy was dropped: take it again before discarding
+                await self._rpc("coe_capture", self.host_alloc)  # the copy was dropped: take it again first
                 self._has_copy = True
             if self.switch_mode == "reload" and not self._file:
                 await self._rpc("coe_save_file", self._reload_path())
@@ -439,6 +443,20 @@ class VLLMEngine(Engine):
         self.switch_mode = mode
         if self._state == "awake":
             await self.to_dram()
+
+    async def set_host_alloc(self, mode: str) -> dict[str, Any]:
+        """Take the pinned copy again, allocated the ``mode`` way (see
+        :func:`coe.engines.vllm_worker.pinned_host`); the engine ends in the tier it was in."""
+        self.host_alloc = mode
+        if self._state == "none" or self.switch_mode != "pinned":
+            return {}
+        was_awake = self._state == "awake"
+        await self.to_hbm()
+        info = dict(await self._rpc("coe_capture", mode))
+        self._has_copy = True
+        if not was_awake:
+            await self.to_dram()
+        return info
 
     async def drop_host_copy(self) -> int:
         """Release the pinned copy (and torch's cached pinned blocks) in the worker; bytes released."""

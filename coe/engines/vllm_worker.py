@@ -19,16 +19,18 @@ fused/processed weights, buffers and any tensor a model keeps as a plain attribu
 knowing the model's structure. The list of allocations is taken at capture time and checked at
 every restore (it must not change while the engine lives).
 
-Pinning: the host copy is one flat ``torch.empty`` buffer registered with ``cudaHostRegister``
-(the caching pinned allocator would round 16 GB up to 32 GB); when registration is refused it falls
-back to ``pin_memory=True``.
+Pinning: the host copy is one flat buffer of exactly its size (the caching pinned allocator would
+round 16 GB up to 32 GB), pinned as :func:`pinned_host` says (``host_alloc``), falling back to
+``pin_memory=True``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 _ALIGN = 4096
@@ -57,14 +59,27 @@ def _weight_chunks() -> list[tuple[int, int]]:
 Memcpy = Callable[[int, int, int], None]  # (dst, src, nbytes)
 
 
+@dataclass
+class HostBuffer:
+    """A flat uint8 host tensor and how to give it back (``how`` says how it was pinned)."""
+
+    tensor: Any
+    how: str = "unpinned"
+    release: Callable[[], None] = lambda: None
+
+
+def _plain_host(nbytes: int) -> HostBuffer:
+    import torch
+
+    return HostBuffer(torch.empty(max(nbytes, 1), dtype=torch.uint8))
+
+
 class PinnedCopy:
     """A host copy of a list of memory chunks ``(address, nbytes)``, laid out back to back (4 KiB
     aligned) in one flat buffer. Device-agnostic: the caller gives the copy function (``cudaMemcpy``
-    in the worker; ``ctypes.memmove`` in the CPU tests) and how to pin the buffer."""
+    in the worker; ``ctypes.memmove`` in the CPU tests) and how to allocate the buffer."""
 
-    def __init__(self, chunks: list[tuple[int, int]], pin: Callable[[Any], bool] | None = None):
-        import torch
-
+    def __init__(self, chunks: list[tuple[int, int]], alloc: Callable[[int], HostBuffer] = _plain_host):
         self.chunks = list(chunks)
         self.offsets: list[int] = []
         total = 0
@@ -73,8 +88,12 @@ class PinnedCopy:
             total += (size + _ALIGN - 1) // _ALIGN * _ALIGN
         self.host_bytes = total
         self.nbytes = sum(s for _, s in self.chunks)
-        self.host = torch.empty(max(total, 1), dtype=torch.uint8)
-        self.registered = bool(pin(self.host)) if pin is not None else False
+        self.buffer = alloc(total)
+        self.host = self.buffer.tensor
+
+    def release(self) -> None:
+        self.buffer.release()
+        self.buffer, self.host = HostBuffer(None), None
 
     def capture(self, memcpy: Memcpy) -> None:
         base = self.host.data_ptr()
@@ -107,9 +126,9 @@ def _cuda_memcpy(dst: int, src: int, n: int) -> None:
 _ASYNC: Any = None
 
 
-def _h2d_async(dst: int, src: int, n: int, stream: Any = None) -> None:
-    """cudaMemcpyAsync host→device on ``stream`` (torch's current one by default); the caller
-    synchronizes once at the end."""
+def _memcpy_async(dst: int, src: int, n: int, stream: Any = None, kind: int = 1) -> None:
+    """cudaMemcpyAsync on ``stream`` (torch's current one by default); ``kind`` 1 is host→device,
+    3 device→device. The caller synchronizes once at the end."""
     global _ASYNC
     import torch
 
@@ -119,9 +138,13 @@ def _h2d_async(dst: int, src: int, n: int, stream: Any = None) -> None:
         f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         _ASYNC = f
     s = stream if stream is not None else torch.cuda.current_stream()
-    rc = _ASYNC(ctypes.c_void_p(dst), ctypes.c_void_p(src), n, 1, ctypes.c_void_p(s.cuda_stream))
+    rc = _ASYNC(ctypes.c_void_p(dst), ctypes.c_void_p(src), n, kind, ctypes.c_void_p(s.cuda_stream))
     if rc != 0:
         raise RuntimeError(f"cudaMemcpyAsync failed: {_cudart().cudaGetErrorString(rc)}")
+
+
+def _h2d_async(dst: int, src: int, n: int, stream: Any = None) -> None:
+    _memcpy_async(dst, src, n, stream, kind=1)
 
 
 def round_robin(streams: list[Any], copy: Callable[[int, int, int, Any], None]) -> Memcpy:
@@ -160,22 +183,97 @@ def _skip_on_next_wake(alloc: Any, tags: set[str]) -> None:
     alloc._coe_skip = set(tags)
 
 
-def _pin_host(host: Any) -> bool:
-    """cudaHostRegister the buffer in place (no power-of-two rounding); False if refused."""
+HOST_ALLOC_MODES = ("register", "register_thp", "hostalloc")
+_HUGE = 2 << 20
+
+
+def _register(t: Any, how: str, keep: Any = None) -> HostBuffer | None:
+    """cudaHostRegister ``t`` in place; None if refused (``keep``: what must outlive the tensor)."""
     import torch
 
     try:
-        rc = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)
-        return int(getattr(rc, "value", rc)) == 0
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
     except Exception:  # pragma: no cover - depends on the CUDA build
-        return False
+        return None
+    if int(getattr(rc, "value", rc)) != 0:
+        return None
+    ptr = t.data_ptr()
+    return HostBuffer(t, how, lambda: (torch.cuda.cudart().cudaHostUnregister(ptr), keep))
+
+
+def pinned_host(nbytes: int, mode: str = "register") -> HostBuffer:
+    """A pinned host buffer of exactly ``nbytes`` (torch's caching pinned allocator would round 16 GB
+    up to 32 GB), pinned the ``mode`` way, falling back towards ``pin_memory=True``:
+
+    ``register``      ``torch.empty`` (4 KiB pages) + ``cudaHostRegister``;
+    ``register_thp``  anonymous ``mmap`` aligned to 2 MiB with ``MADV_HUGEPAGE`` + ``cudaHostRegister``:
+                      the DMA engine walks 512× fewer page entries;
+    ``hostalloc``     ``cudaHostAlloc`` (the driver's own pinned allocation, what ``pin_memory`` uses).
+    """
+    import torch
+
+    if mode not in HOST_ALLOC_MODES:
+        raise ValueError(f"unknown host_alloc {mode!r}; choose one of {', '.join(HOST_ALLOC_MODES)}")
+    if mode == "hostalloc":
+        lib = _cudart().lib
+        ptr = ctypes.c_void_p()
+        lib.cudaHostAlloc.restype = ctypes.c_int
+        lib.cudaHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+        if lib.cudaHostAlloc(ctypes.byref(ptr), max(nbytes, 1), 0) == 0 and ptr.value:
+            t = torch.frombuffer((ctypes.c_uint8 * max(nbytes, 1)).from_address(ptr.value), dtype=torch.uint8)
+            return HostBuffer(t, "cudaHostAlloc", lambda: lib.cudaFreeHost(ptr))
+    elif mode == "register_thp":
+        m = mmap.mmap(-1, max(nbytes, 1) + _HUGE)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            m.madvise(mmap.MADV_HUGEPAGE)
+        whole = torch.frombuffer(m, dtype=torch.uint8)
+        off = (-whole.data_ptr()) % _HUGE
+        buf = _register(whole[off: off + max(nbytes, 1)], "cudaHostRegister+THP", keep=m)
+        if buf is not None:
+            return buf
+    buf = _register(torch.empty(max(nbytes, 1), dtype=torch.uint8), "cudaHostRegister")
+    if buf is not None:
+        return buf
+    return HostBuffer(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True), "pin_memory")
+
+
+def bounce_restore(pc: PinnedCopy, streams: list[Any], ring_bytes: int, prepare: Callable[[int], None],
+                   slots: int = 4) -> None:
+    """Restore through a ring of ordinary (``cudaMalloc``) device buffers: host→ring on one stream,
+    ring→destination (device to device, ~TB/s) on another, so the PCIe copy never writes into
+    freshly mapped sleep-mode memory itself. Queues everything; the caller synchronizes."""
+    import torch
+
+    h2d = streams[0]
+    d2d = streams[1] if len(streams) > 1 else torch.cuda.Stream()
+    ring = [torch.empty(ring_bytes, dtype=torch.uint8, device="cuda") for _ in range(slots)]
+    filled = [torch.cuda.Event() for _ in ring]
+    freed: list[Any] = [None] * slots
+    base, k = pc.host.data_ptr(), 0
+    for i, ((ptr, size), off) in enumerate(zip(pc.chunks, pc.offsets)):
+        prepare(i)
+        done = 0
+        while done < size:
+            n, slot = min(ring_bytes, size - done), k % slots
+            if freed[slot] is not None:
+                h2d.wait_event(freed[slot])
+            _memcpy_async(ring[slot].data_ptr(), base + off + done, n, h2d, kind=1)
+            filled[slot].record(h2d)
+            d2d.wait_event(filled[slot])
+            _memcpy_async(ptr + done, ring[slot].data_ptr(), n, d2d, kind=3)
+            freed[slot] = torch.cuda.Event()
+            freed[slot].record(d2d)
+            done, k = done + n, k + 1
+    d2d.synchronize()
+    h2d.synchronize()
+    del ring
 
 
 class CoeWorkerExtension:
     """Mixed into vLLM's GPU ``Worker``; every method is called via ``collective_rpc("coe_…")``."""
 
     # ------------------------------------------------------------------ pinned copy (DRAM tier)
-    def coe_capture(self) -> dict[str, Any]:
+    def coe_capture(self, host_alloc: str = "register") -> dict[str, Any]:
         """Copy every ``weights`` allocation into one pinned host buffer (called once, while awake)."""
         import torch
 
@@ -184,18 +282,16 @@ class CoeWorkerExtension:
         if not chunks:
             raise RuntimeError("no allocations tagged 'weights': was the engine built with enable_sleep_mode=True?")
         t0 = time.perf_counter()
-        pc = PinnedCopy(chunks, pin=_pin_host)
-        if not pc.registered:  # fall back to the caching pinned allocator
-            pc.host = torch.empty(pc.host_bytes, dtype=torch.uint8, pin_memory=True)
+        pc = PinnedCopy(chunks, alloc=lambda n: pinned_host(n, host_alloc))
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         pc.capture(_cuda_memcpy)
         t2 = time.perf_counter()
         self._coe_copy = pc
         return {"nbytes": pc.nbytes, "host_bytes": pc.host_bytes, "chunks": len(chunks), "pin_s": t1 - t0,
-                "copy_s": t2 - t1, "pinned_via": "cudaHostRegister" if pc.registered else "pin_memory"}
+                "copy_s": t2 - t1, "pinned_via": pc.buffer.how}
 
-    def coe_wake_restore(self, streams: int = 2) -> dict[str, Any]:
+    def coe_wake_restore(self, streams: int = 2, bounce_mb: int = 0) -> dict[str, Any]:
         """Level-2 sleep → awake memory in one pass, as far as the GPU side goes.
 
         Maps each weight allocation and queues its copy from the pinned buffer right away (on
@@ -204,7 +300,8 @@ class CoeWorkerExtension:
         next call). While the copies are in flight it also maps every other discarded allocation
         (the KV cache), which vLLM would otherwise map after the copy. The engine then calls
         ``wake_up()``, which (see :func:`_skip_on_next_wake`) maps nothing and does vLLM's
-        bookkeeping: buffers, KV-cache scales, resuming the scheduler. Returns timings (seconds)."""
+        bookkeeping: buffers, KV-cache scales, resuming the scheduler. With ``bounce_mb`` > 0 the
+        copy goes through :func:`bounce_restore`. Returns timings (seconds)."""
         import torch
         from vllm.device_allocator.cumem import create_and_map, unmap_and_release
 
@@ -227,7 +324,10 @@ class CoeWorkerExtension:
 
         t0 = time.perf_counter()
         try:
-            pc.restore(round_robin(ss, _h2d_async), prepare=map_chunk)
+            if bounce_mb > 0:
+                bounce_restore(pc, self._coe_streams(max(2, streams)), int(bounce_mb) << 20, map_chunk)
+            else:
+                pc.restore(round_robin(ss, _h2d_async), prepare=map_chunk)
             t1 = time.perf_counter()
             for d in others:
                 create_and_map(d.handle)
@@ -271,14 +371,11 @@ class CoeWorkerExtension:
 
     def coe_drop(self) -> int:
         """Release the pinned copy (DRAM→DISK); returns the bytes released."""
-        import torch
-
         pc = getattr(self, "_coe_copy", None)
         if pc is None:
             return 0
-        if pc.registered:
-            torch.cuda.cudart().cudaHostUnregister(pc.host.data_ptr())
         self._coe_copy = None
+        pc.release()
         return pc.host_bytes
 
     # ------------------------------------------------------------------ a file copy (reload baseline)

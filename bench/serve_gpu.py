@@ -1,4 +1,4 @@
-"""Serving benchmark: six Llama-shaped experts on one GPU, four ways of sharing it, one seeded trace.
+"""Serving benchmark: six Llama-shaped experts on one GPU, several ways of sharing it, one seeded trace.
 
 Systems (same engines, same trace, same pool code — the ``ExpertPool`` that coe's Ray Serve
 deployment wraps; Ray itself is not used, it is not installed on the GPU machine):
@@ -9,6 +9,8 @@ deployment wraps; Ray itself is not used, it is not installed on the GPU machine
   b_sleep     HBM budget for 2; vLLM's ``sleep(level=1)``/``wake_up()``, LRU, FIFO across experts
   c_reload    HBM budget for 2; reload the weights from a file on a miss, LRU, FIFO across experts
               (what model multiplexing does, minus building a new engine: a lower bound of its cost)
+  e_sleep_batch  (opt-in, ``--systems``) vLLM's sleep/wake switching under coe's scheduler: splits
+              (a)'s gain over (b) into what the scheduler buys and what the switching buys
 
 Workload: N requests, expert popularity Zipf(s), P-token prompts, T output tokens (ignore_eos),
 Poisson arrivals at a fixed rate; the trace is a pure function of the seed.
@@ -24,6 +26,7 @@ Poisson arrivals at a fixed rate; the trace is a pure function of the seed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import asyncio
 import dataclasses
 import datetime as dt
@@ -41,11 +44,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SYSTEMS = ("d_resident", "a_coe", "b_sleep", "c_reload")
+SYSTEMS = ("d_resident", "a_coe", "b_sleep", "c_reload", "e_sleep_batch")
 # How coe's wake can copy (engine attributes); the switch test measures each and keeps the fastest.
-VARIANT_KEYS = ("copy_streams", "fast_wake", "bounce_mb", "host_alloc")
+VARIANT_KEYS = ("copy_streams", "fast_wake", "host_alloc")
 LABELS = {"d_resident": "(d) all resident", "a_coe": "(a) coe tiered", "b_sleep": "(b) vLLM sleep/wake LRU",
-          "c_reload": "(c) reload on miss LRU"}
+          "c_reload": "(c) reload on miss LRU", "e_sleep_batch": "(e) vLLM sleep/wake + coe scheduler"}
 
 
 # ------------------------------------------------------------------------------------- the trace
@@ -216,7 +219,7 @@ def pool_config(system: str, args: argparse.Namespace, footprint: int) -> Any:
     common = dict(device=dev, hbm_budget_bytes=int(footprint * n_hbm * 1.02),
                   dram_budget_bytes=int(footprint * (args.experts + 1)), max_queue_per_expert=100_000,
                   max_batch_size=args.max_batch)
-    if system in ("a_coe", "d_resident"):
+    if system in ("a_coe", "d_resident", "e_sleep_batch"):
         return PoolConfig(policy="demand", max_wait_ms=args.max_wait_ms, **common)
     # the baselines keep the plain "FIFO across experts" scheduler users get from LRU multiplexing
     return PoolConfig(policy="lru", scheduler="fifo", max_wait_ms=args.fifo_wait_ms, **common)
@@ -228,10 +231,11 @@ async def run_system(system: str, args: argparse.Namespace, experts: list[Any], 
     from coe.engines.base import SamplingParams
     from coe.pool import ExpertPool
 
-    mode = {"d_resident": "pinned", "a_coe": "pinned", "b_sleep": "sleep", "c_reload": "reload"}[system]
+    mode = {"d_resident": "pinned", "a_coe": "pinned", "b_sleep": "sleep", "c_reload": "reload",
+            "e_sleep_batch": "sleep"}[system]
     t_prep = time.perf_counter()
     prep_s = await set_mode(engines, mode)
-    if system in ("b_sleep", "c_reload"):
+    if system in ("b_sleep", "c_reload", "e_sleep_batch"):
         # Neither baseline uses coe's pinned copies: release them (and torch's cached pinned blocks)
         # so host memory holds one system's copies at a time.
         for e in engines:
@@ -395,8 +399,10 @@ def targets(systems: dict[str, Any]) -> dict[str, Any]:
     def tps(k: str) -> float | None:
         return systems.get(k, {}).get("output_tokens_per_s")
 
-    a, b, c, d = (tps(k) for k in ("a_coe", "b_sleep", "c_reload", "d_resident"))
+    a, b, c, d, e = (tps(k) for k in ("a_coe", "b_sleep", "c_reload", "d_resident", "e_sleep_batch"))
     out: dict[str, Any] = {}
+    if a and e:
+        out["a_over_e"] = a / e  # informational: what coe's switching adds under the same scheduler
     if a and d:
         out["a_over_d"] = a / d
         out["a_over_d_target_0.8_met"] = a / d >= 0.8
@@ -443,6 +449,8 @@ def table(res: dict[str, Any]) -> str:
             parts.append(f"(a)/(b) = {t['a_over_b']:.2f} (target ≥ 2)")
         if "a_over_c" in t:
             parts.append(f"(a)/(c) = {t['a_over_c']:.2f} (target ≥ 5)")
+        if "a_over_e" in t:
+            parts.append(f"(a)/(e) = {t['a_over_e']:.2f} (same scheduler, vLLM's switching)")
         lines.append("; ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -536,7 +544,7 @@ async def apply_variant(engs: list[Any], var: dict[str, Any]) -> None:
 
 async def pick_variant(engs: list[Any], args: argparse.Namespace, nbytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Coordinate search over the wake variants, ``--ablation-cycles`` switches each: first the copy
-    path (streams, bounce ring) on the current host buffer, then the host buffer kind with the best
+    path (streams) on the current host buffer, then the host buffer kind with the best
     path. The three-step wake is measured for reference only (it is the fallback). The winner is
     applied; the caller then measures it afresh, so the reported figure carries no selection bias."""
     a, b = engs
@@ -553,7 +561,7 @@ async def pick_variant(engs: list[Any], args: argparse.Namespace, nbytes: int) -
     best = {k: getattr(a, k) for k in VARIANT_KEYS}
     best_t = await measure("default", best)
     for label, change in (("one_stream", {"copy_streams": 1}), ("four_streams", {"copy_streams": 4}),
-                          ("bounce_64mb", {"bounce_mb": 64}), ("three_step", {"fast_wake": False})):
+                          ("three_step", {"fast_wake": False})):
         var = {**best, **change}
         t = await measure(label, var)
         if t < best_t and label != "three_step":
@@ -589,7 +597,7 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
                                gpu_memory_utilization=0.1, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
                                max_model_len=1024, enforce_eager=not args.cuda_graphs, load_format="dummy",
                                dummy_init_seed=7 + i, copy_streams=args.copy_streams,
-                               host_alloc=args.host_alloc, bounce_mb=args.bounce_mb))
+                               host_alloc=args.host_alloc))
     res["start"] = await start_engines(engs, args.parallel_start)
     res["load_info"] = {e.name: e.last_load_info for e in engs}
     res["weights_bytes"] = engs[0].footprint_bytes()
@@ -681,12 +689,45 @@ def llama_chunks(shape: dict[str, Any]) -> list[int]:
     return emb + layer * n + [h * 2]
 
 
+class _VMM:
+    """The CUDA driver calls that vLLM's sleep mode does not expose: unmap an allocation *without*
+    releasing its physical memory, and map that same physical memory again (the probe's question:
+    is a fresh ``cuMemCreate`` what makes a wake slower than the bare copy?)."""
+
+    class _Loc(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+    class _Access(ctypes.Structure):
+        _fields_ = [("location", ctypes.c_int * 2), ("flags", ctypes.c_int)]
+
+    def __init__(self, device: int = 0):
+        self.cu = ctypes.CDLL("libcuda.so.1")
+        self.device = device
+
+    def _ok(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"{what} failed: CUresult {rc}")
+
+    def unmap(self, ptr: int, size: int) -> None:
+        self._ok(self.cu.cuMemUnmap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size)), "cuMemUnmap")
+
+    def remap(self, ptr: int, size: int, p_handle: int) -> None:
+        handle = ctypes.c_ulonglong.from_address(p_handle).value
+        self._ok(self.cu.cuMemMap(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size), ctypes.c_size_t(0),
+                                  ctypes.c_ulonglong(handle), ctypes.c_ulonglong(0)), "cuMemMap")
+        acc = self._Access()
+        acc.location[0], acc.location[1], acc.flags = 1, self.device, 3  # DEVICE, id, PROT_READWRITE
+        self._ok(self.cu.cuMemSetAccess(ctypes.c_ulonglong(ptr), ctypes.c_size_t(size), ctypes.byref(acc),
+                                        ctypes.c_size_t(1)), "cuMemSetAccess")
+
+
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Where does host→device time go into vLLM's sleep-mode memory? The same bytes (one expert's
     weight layout) copied from each kind of pinned host buffer into each kind of device memory, with
-    the worker's own copy functions. Medians of ``--reps``; GB/s = bytes / seconds."""
+    the worker's own copy functions; the unmapping before a row is untimed. Medians of ``--reps``;
+    GB/s = bytes / seconds."""
     import torch
-    from vllm.device_allocator.cumem import CuMemAllocator, create_and_map
+    from vllm.device_allocator.cumem import CuMemAllocator, create_and_map, unmap_and_release
 
     from coe.engines import vllm_worker as w
     from coe.engines.vllm_models import SHAPES
@@ -696,42 +737,61 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
                            "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                            "command": " ".join([Path(sys.executable).name] + sys.argv), "machine": machine_info(),
                            "rows": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serve_gpu_probe_{args.shape}_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}.json"
     alloc = CuMemAllocator.get_instance()
     with alloc.use_memory_pool(tag="weights"):
         vmm = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in sizes]
     vmm_chunks = w._weight_chunks()  # what the worker copies: sleep-mode allocations, by address
+    datas = [alloc.pointer_to_data[ptr] for ptr, _ in vmm_chunks]
     total = sum(n for _, n in vmm_chunks)
-    res.update(bytes=total, chunks=len(vmm_chunks))
+    res.update(bytes=total, chunks=len(vmm_chunks), tensors=len(vmm))
     plain = [torch.empty(n, dtype=torch.uint8, device="cuda") for _, n in vmm_chunks]  # same sizes, cudaMalloc
     plain_chunks = [(t.data_ptr(), t.numel()) for t in plain]
     flat: Any = None
     streams = [torch.cuda.Stream() for _ in range(4)]
+    drv = _VMM(torch.cuda.current_device())
 
-    def timed(fn: Any) -> float:
-        xs = []
-        for _ in range(args.reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            xs.append(time.perf_counter() - t0)
-        return statistics.median(xs)
+    def release_all() -> None:  # what sleep(level=2) does to the weights
+        for d in datas:
+            unmap_and_release(d.handle)
 
-    def row(name: str, fn: Any) -> None:
+    def unmap_keep_all() -> None:  # what a shared physical arena would do instead
+        for d in datas:
+            drv.unmap(d.handle[2], d.handle[1])
+
+    def row(name: str, fn: Any, setup: Any = None) -> None:
         try:
-            t = timed(fn)
-            res["rows"][name] = {"s": t, "gbps": total / t / 1e9}
+            xs = []
+            for _ in range(args.reps):
+                if setup is not None:
+                    setup()
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                xs.append(time.perf_counter() - t0)
+            t = statistics.median(xs)
+            res["rows"][name] = {"s": t, "gbps": total / t / 1e9, "all_s": xs}
         except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
             res["rows"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        print(f"{name:55s} {json.dumps(res['rows'][name])}", flush=True)
+        print(f"{name:60s} {json.dumps(res['rows'][name])}", flush=True)
+        path.write_text(json.dumps(res, indent=1, default=str))
 
-    def onto(chunks: list[tuple[int, int]], pc: Any, n_streams: int) -> Any:
+    def onto(chunks: list[tuple[int, int]], pc: Any, n_streams: int, prepare: Any = None) -> Any:
         pcx = w.PinnedCopy.__new__(w.PinnedCopy)
         pcx.__dict__.update(pc.__dict__)
         pcx.chunks = chunks
-        return lambda: pcx.restore(w.round_robin(streams[:n_streams], w._h2d_async))
+        return lambda: pcx.restore(w.round_robin(streams[:n_streams], w._h2d_async), prepare=prepare)
 
-    for host_mode in ("register", "register_thp", "hostalloc"):
+    def create(i: int) -> None:
+        create_and_map(datas[i].handle)
+
+    def remap(i: int) -> None:
+        drv.remap(datas[i].handle[2], datas[i].handle[1], datas[i].handle[3])
+
+    for host_mode in args.hosts.split(","):
         t0 = time.perf_counter()
         pc = w.PinnedCopy(vmm_chunks, alloc=lambda n: w.pinned_host(n, host_mode))
         how = pc.buffer.how
@@ -745,31 +805,21 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
             row(f"{how} -> cudaMalloc per tensor, {k} stream(s)", onto(plain_chunks, pc, k))
         for k in (1, 2, 4):
             row(f"{how} -> sleep-mode memory, mapped, {k} stream(s)", onto(vmm_chunks, pc, k))
-        ss = streams[:2]
-        row(f"{how} -> sleep-mode memory, bounce 64 MB ring", lambda: w.bounce_restore(pc, ss, 64 << 20, lambda i: None))
-
-        def one_pass() -> None:
-            alloc.sleep(offload_tags=())
-            datas = [alloc.pointer_to_data[ptr] for ptr, _ in pc.chunks]
-            pc.restore(w.round_robin(ss, w._h2d_async), prepare=lambda i: create_and_map(datas[i].handle))
-
-        row(f"{how} -> sleep-mode memory, one pass (map + copy), 2 streams", one_pass)
-
-        def map_only() -> None:
-            alloc.sleep(offload_tags=())
-            for d in alloc.pointer_to_data.values():
-                create_and_map(d.handle)
-
-        if host_mode == "register":
-            row("(no copy) unmap + map all sleep-mode chunks", map_only)
+        row(f"{how} -> released; cuMemCreate+map each, then copy (three-step)",
+            lambda: ([create(i) for i in range(len(datas))], onto(vmm_chunks, pc, 2)()), setup=release_all)
+        row(f"{how} -> released; cuMemCreate+map chunk i, copy i (one pass)", onto(vmm_chunks, pc, 2, create),
+            setup=release_all)
+        if host_mode == args.hosts.split(",")[0]:
+            row("(no copy) released; cuMemCreate+map all", lambda: [create(i) for i in range(len(datas))],
+                setup=release_all)
+            row("(no copy) unmapped, kept; map all again", lambda: [remap(i) for i in range(len(datas))],
+                setup=unmap_keep_all)
+            row(f"{how} -> unmapped, kept; map chunk i, copy i (one pass)", onto(vmm_chunks, pc, 2, remap),
+                setup=unmap_keep_all)
             time.sleep(1.0)
             row(f"{how} -> sleep-mode memory, mapped, 2 streams, after 1 s idle", onto(vmm_chunks, pc, 2))
         pc.release()
         del host
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"serve_gpu_probe_{args.shape}_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}.json").write_text(
-        json.dumps(res, indent=1, default=str))
     print("\n| host buffer -> device memory | s | GB/s |\n|---|---:|---:|")
     for name, r in res["rows"].items():
         if "gbps" in r:
@@ -812,11 +862,10 @@ def main() -> None:
     s.add_argument("--cycles", type=int, default=10)
     s.add_argument("--baseline-cycles", type=int, default=5)
     s.add_argument("--ablation-cycles", type=int, default=6)
-    s.add_argument("--pick", action=argparse.BooleanOptionalAction, default=True,
+    s.add_argument("--pick", action=argparse.BooleanOptionalAction, default=False,
                    help="measure the wake variants first and keep the fastest (see pick_variant)")
     s.add_argument("--copy-streams", type=int, default=2)
     s.add_argument("--host-alloc", default="register", help="how the pinned copy is allocated (pinned_host)")
-    s.add_argument("--bounce-mb", type=int, default=0, help="copy through a ring of device buffers (0: off)")
     s.add_argument("--parallel-start", type=int, default=2, help="engines started at once")
     s.add_argument("--tokens", type=int, default=24)
     s.add_argument("--kv-gib", type=float, default=4.0)
@@ -826,6 +875,7 @@ def main() -> None:
     q = sub.add_parser("probe", help="host→device copy rates into vLLM's sleep-mode memory, by buffer kind")
     q.add_argument("--shape", default="8b")
     q.add_argument("--reps", type=int, default=3)
+    q.add_argument("--hosts", default="register,register_thp,hostalloc", help="host buffer kinds (pinned_host)")
     q.add_argument("--out", default=os.environ.get("OUT", "."))
     p = sub.add_parser("plot", help="PNG + table from a recorded JSON")
     p.add_argument("json")

@@ -4,6 +4,7 @@
 #   bash bench/serve_gpu_device.sh switch  # 8B switch test + the GPU tests (one call, ~5 min)
 #   bash bench/serve_gpu_device.sh probe   # copy-rate probe, then the 8B switch test (one call, ~6 min)
 #   bash bench/serve_gpu_device.sh serve   # the serving benchmark (one call, ~8 min)
+#   bash bench/serve_gpu_device.sh followup # probe (one host kind) + serving run of (d), (a), (e)
 #   bash bench/serve_gpu_device.sh main    # both in one call (tight in 10 minutes)
 #   bash bench/serve_gpu_device.sh extra   # bench/switch.py (hf engine, 1B) + the GPU tests
 # Results land in $OUT; the full log in $OUT/serve_gpu_device_log.txt.
@@ -34,6 +35,13 @@ probe)
   sed -n '/^| host buffer/,$p' "$log"
   step switch8b 330 python bench/serve_gpu.py switch --shape 8b --cycles 10 --out "$OUT" "${@:2}"
   grep -E "^(coe:|picked|  variant|  recaptured|vllm sleep/wake|  loaded)" "$log" | cut -c1-400
+  ;;
+followup)
+  step probe 150 python bench/serve_gpu.py probe --shape 8b --hosts register
+  sed -n '/^| host buffer/,$p' "$log"
+  left=$((t_end - SECONDS - 5))
+  step serve $left python bench/serve_gpu.py run --out "$OUT" --budget-s $((left - 10)) --system-timeout-s 80 --systems d_resident,a_coe,e_sleep_batch
+  cat "$OUT"/serve_gpu_h*.md 2>/dev/null
   ;;
 main)
   { nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv; df -h /tmp; free -g; nproc; } | tee -a "$log"

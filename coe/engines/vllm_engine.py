@@ -133,7 +133,6 @@ class VLLMEngine(Engine):
         fast_wake: bool = True,
         copy_streams: int = 2,
         host_alloc: str = "register",
-        bounce_mb: int = 0,
         engine_args: Mapping[str, Any] | None = None,
         **_ignored: Any,
     ):
@@ -157,7 +156,6 @@ class VLLMEngine(Engine):
         self.fast_wake = fast_wake
         self.copy_streams = max(1, int(copy_streams))
         self.host_alloc = host_alloc
-        self.bounce_mb = int(bounce_mb)
         self.engine_args = dict(engine_args or {})
         self._llm: Any = None
         self._state = "none"  # none | awake | asleep1 | asleep2
@@ -314,7 +312,7 @@ class VLLMEngine(Engine):
         if source == "pinned" and self.fast_wake:
             t0 = time.perf_counter()
             try:
-                gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams, self.bounce_mb))
+                gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams))
             except Exception as exc:  # nothing was left mapped: take the three-step path from now on
                 log.warning("expert %s: one-pass wake+restore failed (%s); using wake_up(weights) + copy",
                             self.name, exc)

@@ -126,9 +126,9 @@ def _cuda_memcpy(dst: int, src: int, n: int) -> None:
 _ASYNC: Any = None
 
 
-def _memcpy_async(dst: int, src: int, n: int, stream: Any = None, kind: int = 1) -> None:
-    """cudaMemcpyAsync on ``stream`` (torch's current one by default); ``kind`` 1 is host→device,
-    3 device→device. The caller synchronizes once at the end."""
+def _h2d_async(dst: int, src: int, n: int, stream: Any = None) -> None:
+    """cudaMemcpyAsync host→device on ``stream`` (torch's current one by default); the caller
+    synchronizes once at the end."""
     global _ASYNC
     import torch
 
@@ -138,13 +138,9 @@ def _memcpy_async(dst: int, src: int, n: int, stream: Any = None, kind: int = 1)
         f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
         _ASYNC = f
     s = stream if stream is not None else torch.cuda.current_stream()
-    rc = _ASYNC(ctypes.c_void_p(dst), ctypes.c_void_p(src), n, kind, ctypes.c_void_p(s.cuda_stream))
+    rc = _ASYNC(ctypes.c_void_p(dst), ctypes.c_void_p(src), n, 1, ctypes.c_void_p(s.cuda_stream))
     if rc != 0:
         raise RuntimeError(f"cudaMemcpyAsync failed: {_cudart().cudaGetErrorString(rc)}")
-
-
-def _h2d_async(dst: int, src: int, n: int, stream: Any = None) -> None:
-    _memcpy_async(dst, src, n, stream, kind=1)
 
 
 def round_robin(streams: list[Any], copy: Callable[[int, int, int, Any], None]) -> Memcpy:
@@ -237,38 +233,6 @@ def pinned_host(nbytes: int, mode: str = "register") -> HostBuffer:
     return HostBuffer(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True), "pin_memory")
 
 
-def bounce_restore(pc: PinnedCopy, streams: list[Any], ring_bytes: int, prepare: Callable[[int], None],
-                   slots: int = 4) -> None:
-    """Restore through a ring of ordinary (``cudaMalloc``) device buffers: host→ring on one stream,
-    ring→destination (device to device, ~TB/s) on another, so the PCIe copy never writes into
-    freshly mapped sleep-mode memory itself. Queues everything; the caller synchronizes."""
-    import torch
-
-    h2d = streams[0]
-    d2d = streams[1] if len(streams) > 1 else torch.cuda.Stream()
-    ring = [torch.empty(ring_bytes, dtype=torch.uint8, device="cuda") for _ in range(slots)]
-    filled = [torch.cuda.Event() for _ in ring]
-    freed: list[Any] = [None] * slots
-    base, k = pc.host.data_ptr(), 0
-    for i, ((ptr, size), off) in enumerate(zip(pc.chunks, pc.offsets)):
-        prepare(i)
-        done = 0
-        while done < size:
-            n, slot = min(ring_bytes, size - done), k % slots
-            if freed[slot] is not None:
-                h2d.wait_event(freed[slot])
-            _memcpy_async(ring[slot].data_ptr(), base + off + done, n, h2d, kind=1)
-            filled[slot].record(h2d)
-            d2d.wait_event(filled[slot])
-            _memcpy_async(ptr + done, ring[slot].data_ptr(), n, d2d, kind=3)
-            freed[slot] = torch.cuda.Event()
-            freed[slot].record(d2d)
-            done, k = done + n, k + 1
-    d2d.synchronize()
-    h2d.synchronize()
-    del ring
-
-
 class CoeWorkerExtension:
     """Mixed into vLLM's GPU ``Worker``; every method is called via ``collective_rpc("coe_…")``."""
 
@@ -291,7 +255,7 @@ class CoeWorkerExtension:
         return {"nbytes": pc.nbytes, "host_bytes": pc.host_bytes, "chunks": len(chunks), "pin_s": t1 - t0,
                 "copy_s": t2 - t1, "pinned_via": pc.buffer.how}
 
-    def coe_wake_restore(self, streams: int = 2, bounce_mb: int = 0) -> dict[str, Any]:
+    def coe_wake_restore(self, streams: int = 2) -> dict[str, Any]:
         """Level-2 sleep → awake memory in one pass, as far as the GPU side goes.
 
         Maps each weight allocation and queues its copy from the pinned buffer right away (on
@@ -300,8 +264,7 @@ class CoeWorkerExtension:
         next call). While the copies are in flight it also maps every other discarded allocation
         (the KV cache), which vLLM would otherwise map after the copy. The engine then calls
         ``wake_up()``, which (see :func:`_skip_on_next_wake`) maps nothing and does vLLM's
-        bookkeeping: buffers, KV-cache scales, resuming the scheduler. With ``bounce_mb`` > 0 the
-        copy goes through :func:`bounce_restore`. Returns timings (seconds)."""
+        bookkeeping: buffers, KV-cache scales, resuming the scheduler. Returns timings (seconds)."""
         import torch
         from vllm.device_allocator.cumem import create_and_map, unmap_and_release
 
@@ -324,10 +287,7 @@ class CoeWorkerExtension:
 
         t0 = time.perf_counter()
         try:
-            if bounce_mb > 0:
-                bounce_restore(pc, self._coe_streams(max(2, streams)), int(bounce_mb) << 20, map_chunk)
-            else:
-                pc.restore(round_robin(ss, _h2d_async), prepare=map_chunk)
+            pc.restore(round_robin(ss, _h2d_async), prepare=map_chunk)
             t1 = time.perf_counter()
             for d in others:
                 create_and_map(d.handle)

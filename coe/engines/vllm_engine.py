@@ -12,9 +12,10 @@ Switching (``switch_mode``)
     DRAM→HBM maps the weight allocations again (same virtual addresses) and copies the pinned
     buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped,
     on ``copy_streams`` CUDA streams in turn; the KV cache is mapped while the last copies are in
-    flight), then ``wake_up()`` does vLLM's bookkeeping and resumes scheduling. If that one-pass call fails, the
-    engine falls back for good to the documented three steps: ``wake_up(tags=["weights"])``, the
-    copy, ``wake_up(tags=["kv_cache"])``.
+    flight), then ``wake_up()`` does vLLM's bookkeeping and resumes scheduling. If that one-pass
+    call fails, the engine falls back for good to the documented three steps:
+    ``wake_up(tags=["weights"])``, the copy, ``wake_up(tags=["kv_cache"])``. ``host_alloc`` says
+    how the pinned copy is allocated (:func:`coe.engines.vllm_worker.pinned_host`).
 ``"sleep"`` (vLLM's own switching; the baseline)
     HBM→DRAM is ``sleep(level=1)`` (vLLM copies the weights device→host on every sleep),
     DRAM→HBM is ``wake_up()``.

@@ -118,17 +118,23 @@ def _chunks(module: torch.nn.Module) -> list[tuple[int, int]]:
     return sorted((t.data_ptr(), t.numel() * t.element_size()) for t in ts)
 
 
-def test_pinned_copy_restores_discarded_weights_exactly():
-    torch.manual_seed(0)
+def _captured(seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, list[tuple[int, int]], PinnedCopy]:
+    """A tiny model, an input, its output, its chunks and a pinned copy captured from them."""
+    torch.manual_seed(seed)
     m = _Tiny().eval()
     ids = torch.arange(20)
     with torch.no_grad():
         before = m(ids).clone()
     chunks = _chunks(m)
     pc = PinnedCopy(chunks)
+    pc.capture(_memmove)
+    return m, ids, before, chunks, pc
+
+
+def test_pinned_copy_restores_discarded_weights_exactly():
+    m, ids, before, chunks, pc = _captured(0)
     assert pc.nbytes == sum(s for _, s in chunks) and pc.host_bytes >= pc.nbytes
     assert all(off % 4096 == 0 for off in pc.offsets)
-    pc.capture(_memmove)
     with torch.no_grad():  # what sleep(level=2) + wake_up(["weights"]) leave: memory with other contents
         for t in list(m.parameters()) + list(m.buffers()):
             t.fill_(float("nan"))
@@ -149,14 +155,7 @@ def test_one_pass_restore_maps_each_chunk_just_before_its_copy_across_streams():
     turn), before chunk i+1 is mapped, so copies overlap mapping; the bytes still come back exact."""
     from coe.engines.vllm_worker import round_robin
 
-    torch.manual_seed(1)
-    m = _Tiny().eval()
-    ids = torch.arange(20)
-    with torch.no_grad():
-        before = m(ids).clone()
-    chunks = _chunks(m)
-    pc = PinnedCopy(chunks)
-    pc.capture(_memmove)
+    m, ids, before, chunks, pc = _captured(1)
     with torch.no_grad():
         for t in m.parameters():
             t.fill_(float("nan"))

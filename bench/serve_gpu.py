@@ -26,8 +26,8 @@ Poisson arrivals at a fixed rate; the trace is a pure function of the seed.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import asyncio
+import ctypes
 import dataclasses
 import datetime as dt
 import json
@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SYSTEMS = ("d_resident", "a_coe", "b_sleep", "c_reload", "e_sleep_batch")
-# How coe's wake can copy (engine attributes); the switch test measures each and keeps the fastest.
+# How coe's wake can copy (engine attributes); `switch --pick` measures each and keeps the fastest.
 VARIANT_KEYS = ("copy_streams", "fast_wake", "host_alloc")
 LABELS = {"d_resident": "(d) all resident", "a_coe": "(a) coe tiered", "b_sleep": "(b) vLLM sleep/wake LRU",
           "c_reload": "(c) reload on miss LRU", "e_sleep_batch": "(e) vLLM sleep/wake + coe scheduler"}
@@ -236,8 +236,8 @@ async def run_system(system: str, args: argparse.Namespace, experts: list[Any], 
     t_prep = time.perf_counter()
     prep_s = await set_mode(engines, mode)
     if system in ("b_sleep", "c_reload", "e_sleep_batch"):
-        # Neither baseline uses coe's pinned copies: release them (and torch's cached pinned blocks)
-        # so host memory holds one system's copies at a time.
+        # These systems switch vLLM's way or from files, not from coe's pinned copies: release them
+        # (and torch's cached pinned blocks) so host memory holds one system's copies at a time.
         for e in engines:
             if hasattr(e, "drop_host_copy"):
                 await e.drop_host_copy()

@@ -611,14 +611,20 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
             lps.extend(lp)
         return ids, lps
 
+    async def snapshot(a: Any, b: Any) -> tuple[Any, list[float], Any]:
+        """Greedy output (+ logprobs) and weight sums of A, greedy output of B; both left asleep."""
+        if b.tier.name == "HBM":
+            await b.to_dram()
+        await a.to_hbm()
+        out_a, digest = await greedy(a), await a.weights_digest()
+        await a.to_dram()
+        await b.to_hbm()
+        out_b = await greedy(b)
+        await b.to_dram()
+        return out_a, digest, out_b
+
     a, b = engs
-    await a.to_hbm()
-    before = await greedy(a)
-    digest_before = await a.weights_digest()
-    await a.to_dram()
-    await b.to_hbm()
-    before_b = await greedy(b)
-    await b.to_dram()
+    before, digest_before, before_b = await snapshot(a, b)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"serve_gpu_switch_{args.shape}_{_machine_tag(res['machine'])}_{res['date_utc'][:10]}.json"
@@ -629,15 +635,7 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     res["variant"] = {k: getattr(a, k) for k in VARIANT_KEYS}
     # coe switches: A in / B out alternately; a switch = evict the resident one + bring the other in.
     ins, outs, details = await alternate(a, b, args.cycles)
-    if a.tier.name != "HBM":
-        await b.to_dram()
-        await a.to_hbm()
-    after = await greedy(a)
-    digest_after = await a.weights_digest()
-    await a.to_dram()
-    await b.to_hbm()
-    after_b = await greedy(b)
-    await b.to_dram()
+    after, digest_after, after_b = await snapshot(a, b)
     res["coe"] = summarize(ins, outs, res["weights_bytes"], details)
     res["greedy_equal_after_switches"] = before[0] == after[0] and before_b[0] == after_b[0]
     res["logprobs_equal_after_switches"] = before[1] == after[1]

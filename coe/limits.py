@@ -63,7 +63,9 @@ class RequestTimeout(Exception):
 
 
 def openai_error(message: str, code: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    from coe.api.protocol import error_payload
+
+    return error_payload(message, type, param, code)
 
 
 # ------------------------------------------------------------------------------------- backpressure
@@ -202,13 +204,12 @@ class BodyLimitMiddleware:
     """Reads a request body up to ``max_bytes`` before the app sees it, then replays it.
 
     413 ``request_too_large`` for a larger body (declared or actual), 400 ``invalid_encoding`` for
-    a body that is not UTF-8. Only bodies of ``POST``/``PUT``/``PATCH`` under ``prefixes``."""
+    a body that is not UTF-8 or spells a lone surrogate. Every ``POST``/``PUT``/``PATCH`` body, on
+    every route, whatever prefix the app is mounted under (deny by default, issue 12 item 2)."""
 
-    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None,
-                 prefixes: tuple[str, ...] = ("/v1/",)):
+    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None):
         self.app = app
         self._max_bytes = max_bytes or default_max_request_bytes()
-        self.prefixes = prefixes
 
     @property
     def max_bytes(self) -> int:
@@ -220,8 +221,7 @@ class BodyLimitMiddleware:
                             f"(limits.max_request_bytes)", "request_too_large")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if (scope["type"] != "http" or scope.get("method") not in _BODY_METHODS
-                or not scope.get("path", "").startswith(self.prefixes)):
+        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
             return await self.app(scope, receive, send)
         limit = self.max_bytes
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)

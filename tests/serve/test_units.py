@@ -105,3 +105,17 @@ def test_pool_numbers_become_labelled_series():
     assert series[("coe_expert_served", (("expert", "a"),))] == 4
     text = IngressMetrics(use_ray=False).render([{"replica": "r1", "experts": {}, "metrics": m}]).decode()
     assert 'coe_swaps_total{dst="hbm",replica="r1",src="dram"} 3.0' in text
+
+
+def test_readiness_needs_every_routable_category_in_memory():
+    from coe.serve.readiness import WarmUp, readiness
+
+    w = WarmUp(plan={"math": ["tutor", "general"], "coding": ["coder"]})
+    ready, body = readiness(w, {"tutor": 1.0, "coder": 0.5})
+    assert not ready and body["status"] == "starting"  # not warmed up yet
+    w.done = True
+    assert readiness(w, None)[0] is False  # the pool did not answer
+    ready, body = readiness(w, {"tutor": 0.0, "general": 0.5, "coder": 1.0})
+    assert ready and body["categories"] == {"coding": "coder", "math": "general"}
+    ready, body = readiness(w, {"tutor": 1.0, "coder": 0.0})  # coder evicted to disk or failed
+    assert not ready and body["status"] == "not_ready" and "coding" in body["detail"]

@@ -193,22 +193,27 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 @contextlib.contextmanager
-def _ray_output_to_log() -> Iterator[None]:
-    """Send what Ray prints on this process's stderr while it starts or stops (its banner, the
-    errors of actors it kills itself at shutdown) to ``$COE_HOME/logs/serve.log``, without ANSI
-    codes; the banner names the file. Replica logs stay in Ray's own log folder."""
+def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
+    """Send what Ray prints on this process's stderr (and stdout, when given) while it starts or
+    stops (its banner, the raylet's report of the controller it kills itself at shutdown) to
+    ``$COE_HOME/logs/serve.log``, without ANSI codes; the banner names the file. Replica logs stay
+    in Ray's own log folder. Start-up keeps stdout: rich's spinner draws there."""
     from expert_registry.paths import state_dir
 
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
+        for fd in fds:
+            os.dup2(tmp.fileno(), fd)
         try:
             yield
         finally:
+            sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             tmp.seek(0)
             text = _ANSI.sub("", tmp.read().decode(errors="replace"))
             if text.strip():
@@ -335,20 +340,27 @@ def _stop_redis() -> None:
 
 
 def _shutdown(started: dict) -> None:
-    """Stop what this process started, in reverse order; each step is best effort."""
+    """Stop what this process started, in reverse order; each step is best effort. Ray reports
+    the controller it kills itself as a failed task (asynchronously, on stdout or stderr): all of
+    Ray's output during the stop goes to the log, and the outcome is printed after it."""
     console.print("[bold]Shutting down…")
-    # Ray reports the controller it kills itself as a failed task; that goes to the log, not the screen
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-    for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
-                             ("redis", "embedded Redis", _stop_redis)):
-        if not started.get(key):
-            continue
-        try:
-            with _ray_output_to_log():
+    results: list[tuple[str, Exception | None]] = []
+    with _ray_output_to_log(fds=(1, 2)):
+        for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
+                                 ("redis", "embedded Redis", _stop_redis)):
+            if not started.get(key):
+                continue
+            try:
                 stop()
+                results.append((label, None))
+            except Exception as e:
+                results.append((label, e))
+    for label, err in results:
+        if err is None:
             console.print(f"[green]✓[/] {label} stopped")
-        except Exception as e:
-            err_console.print(f"[yellow]![/] {label} shutdown: {e}")
+        else:
+            err_console.print(f"[yellow]![/] {label} shutdown: {err}")
 
 
 @app.command()

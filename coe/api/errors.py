@@ -101,14 +101,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
 
 
 def served_endpoints(app: Any) -> list[str]:
-    """``METHOD /path`` of every API route the app serves, from the app itself (never a copy)."""
-    from fastapi.routing import APIRoute
-
-    out = []
-    for r in app.routes:
-        if isinstance(r, APIRoute) and r.include_in_schema:
-            out += [f"{m} {r.path}" for m in sorted(r.methods - {"HEAD"})]
-    return out
+    """``METHOD /path`` of every API route the app serves, read from its own OpenAPI schema (which
+    also sees the routes Ray Serve re-mounts from the ingress class), never a hand-kept copy."""
+    try:
+        paths = app.openapi().get("paths", {})
+    except Exception:  # pragma: no cover - a schema that cannot be built must not break a 404
+        return []
+    return [f"{m.upper()} {p}" for p, ops in paths.items() for m in ops]
 
 
 def _not_json(request: Request, exc: RequestValidationError) -> APIError | None:

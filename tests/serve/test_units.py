@@ -84,6 +84,12 @@ def test_deploy_files_parse_into_the_service_config():
     assert k8s.pool.device == "cuda" and k8s.pool.num_gpus == 1
     env = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "COE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "coe-redis", "key": "url"}}} in env
+    # Kubernetes sends traffic only to a warm app: readiness is coe's /readyz on every pod
+    spec = doc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        probe = pod["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/readyz", "port": 8000}
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):

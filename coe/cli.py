@@ -59,6 +59,7 @@ def serve(
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _quiet_ray()  # before anything imports ray: it reads RAY_AUTH_MODE once, at import
     from coe.config import ServeConfig
 
     try:
@@ -184,7 +185,8 @@ def _load_router(cfg, registry, status) -> None:
 
 def _quiet_ray() -> None:
     """Environment that keeps Ray's own notices off the user's screen. Token auth is asked for
-    explicitly, so Ray does not print an invitation to turn it off (RAY_AUTH_MODE=disabled)."""
+    explicitly, so Ray does not print an invitation to turn it off (RAY_AUTH_MODE=disabled).
+    Must run before ``import ray`` (the router stage imports it)."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # workers inherit it: nothing downloads at run time
 
@@ -226,7 +228,6 @@ def _start_ray(started: dict, dashboard_port: int, num_cpus: int | None, reinsta
     import ray
 
     t = time.perf_counter()
-    _quiet_ray()
     with _ray_output_to_log():
         ray.init(include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=dashboard_port,
                  num_cpus=num_cpus, namespace="coe", log_to_driver=False)

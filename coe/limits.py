@@ -220,10 +220,3 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: wait for disconnect, as the server would
 
         return await self.app(scope, replay, send)
-
-
-def install_limits(app: Any, limits: RequestLimits | None = None) -> RequestLimits:
-    """Add :class:`BodyLimitMiddleware` to a FastAPI/Starlette app; returns the limits used."""
-    limits = limits or RequestLimits()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
-    return limits

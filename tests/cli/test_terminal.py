@@ -86,7 +86,7 @@ def test_serve_start_chat_and_ctrl_c_as_a_user_sees_them():
         # ready means warm: /readyz agrees with the banner
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
         # start-up printed only what a user needs, and nothing invites turning auth off
-        for noise in ("RAY_AUTH_MODE", "disabled to opt out", "Traceback", "\x1b["):
+        for noise in ("RAY_AUTH_MODE", "disabled to opt out", "Started a local Ray instance", "Traceback", "\x1b["):
             assert noise not in screen, (noise, screen)
         assert not [a for a in answers if "json" not in a[1]], answers  # never a plain-text 404
         # the banner's command works as printed, in a fresh shell (no venv on PATH, no COE_* vars)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shutil
@@ -57,7 +58,7 @@ def main() -> None:
     clone, home = Path(a.clone), Path(tempfile.mkdtemp(prefix="coe-first-"))
     shutil.rmtree(clone, ignore_errors=True)
     res: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.node(),
-                 "cpus": len(__import__("os").sched_getaffinity(0)), "python": platform.python_version()}
+                 "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()}
     commit = subprocess.run(["git", "-C", a.repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     res["commit"] = commit
     t0 = time.monotonic()
@@ -73,10 +74,9 @@ def main() -> None:
     if setup.returncode:
         raise SystemExit(setup.stderr[-2000:])
 
-    sock, port, dash = f"coe-first-{port_tag()}", _free_port(), _free_port()
+    sock, port, dash = f"coe-first-{os.getpid()}", _free_port(), _free_port()
     cmd = (f"cd {clone} && env COE_HOME={home} .venv/bin/coe serve --demo --port {port} --dashboard-port {dash};"
            f" echo EXITED-$?; sleep 900")
-    t0 = time.monotonic()
     _tmux(sock, "new-session", "-d", "-s", "t", "-x", "110", "-y", "50", cmd)
     try:
         res["serve_to_banner_s"] = round(_wait_for(sock, "coe is serving", 900), 1)
@@ -89,7 +89,6 @@ def main() -> None:
         res["first_chat_rc"] = chat.returncode
         res["first_chat_stdout"] = chat.stdout[-600:]
         _tmux(sock, "send-keys", "-t", "t", "C-c")
-        t1 = time.monotonic()
         res["stop_s"] = round(_wait_for(sock, "EXITED-", 120), 1)
         res["total_first_run_s"] = round(res["clone_s"] + res["setup_s"] + res["serve_to_banner_s"], 1)
         res["coe_home_bytes"] = _du_bytes(home)
@@ -101,10 +100,6 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
     Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
-
-
-def port_tag() -> str:
-    return f"{int(time.time())}"
 
 
 if __name__ == "__main__":

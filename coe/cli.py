@@ -173,7 +173,7 @@ def _load_router(cfg, registry, status) -> None:
     """Load (on a first start: train) the router here, once, so replicas find it cached."""
     if not registry.list():
         console.print("[yellow]![/] the registry is empty: add experts with `coe-registry add`, "
-                      "or start with --demo")
+                      "or start with --demo", soft_wrap=True)
     status.update("[bold]Loading the router (trains on first start)…")
     t = time.perf_counter()
     from coe.serve.router_deployment import load_router

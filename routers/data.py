@@ -125,3 +125,32 @@ def fingerprint(records: Iterable[LabeledPrompt]) -> str:
         h.update(line.encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SynthPrompt:
+    """A template-generated training prompt (``routers.synth``) with its provenance, so that
+    benchmarks can hold out whole writers and voices."""
+
+    prompt: str
+    category: str
+    topic: str
+    family: str
+    writer: str
+    voice: str
+
+
+SYNTH_DIR = "data/synth"
+
+
+def read_synth() -> list[SynthPrompt]:
+    """The generated training set shipped in the package (empty if it is absent)."""
+    root = resources.files(SEED_PACKAGE).joinpath(SYNTH_DIR)
+    out: list[SynthPrompt] = []
+    if not root.is_dir():
+        return out
+    for p in sorted(Path(str(x)) for x in root.iterdir() if str(x).endswith(".jsonl")):
+        for _, obj in _iter_json_lines(p):
+            out.append(SynthPrompt(obj["prompt"], obj["category"], obj["topic"], obj["family"],
+                                   obj["writer"], obj["voice"]))
+    return out

@@ -46,7 +46,9 @@ def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+0085, U+2028, U+2029 and other
+    # characters that are valid, unescaped, inside JSON strings (JSON Lines ends records with \n)
+    for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:

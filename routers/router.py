@@ -126,9 +126,7 @@ class Router:
         final.metrics = metrics
         qp = None
         if quality_records:
-            qp = QualityPredictor(encoder.encode([r.prompt for r in quality_records]),
-                                  [r.expert for r in quality_records], [r.score for r in quality_records],
-                                  encoder_id=encoder.id)
+            qp = QualityPredictor.from_records(quality_records, encoder.encode, encoder_id=encoder.id)
         return cls(final, encoder, RoutingPolicy(policy), qp, info={"training": meta, "metrics": metrics})
 
     def save(self, directory: str | Path) -> Path:
@@ -215,6 +213,16 @@ class Router:
             router = cls.train(seed, encoder, source="seed+synth", groups=groups)
             router.save(d)
             return router
+
+    def with_quality(self, records: Sequence[EvalRecord], retune: bool = True) -> "Router":
+        """This router with ``records`` added to its quality predictor (stage 1 untouched): each
+        distinct new prompt is embedded once; ``retune`` re-chooses k/tau/m and the margin."""
+        if self.quality is None:
+            qp = QualityPredictor.from_records(records, self.encoder.encode, encoder_id=self.encoder.id, tune=retune)
+        else:
+            qp = self.quality.add(records, self.encoder.encode)
+            qp = qp.tuned() if retune else qp
+        return Router(self.classifier, self.encoder, self.policy, qp, self.info, self.path)
 
     # -- stage 1 ------------------------------------------------------------------------------------
     def embed(self, prompts: Sequence[str]) -> np.ndarray:

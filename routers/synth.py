@@ -65,6 +65,10 @@ SUBJECTS: dict[str, list[str]] = {
 # pasted material (each tagged with its domain): paragraphs, equations, reviews, notes, tables, code
 MATERIAL: dict[str, list[str]] = {
     "math": [
+        "A prime number are a number that have exactly two divisor, one and itself. The number one is not prime "
+        "because it only have one divisor.",
+        "To solve a quadratic equation you can use the formula x equals minus b plus or minus the square root of "
+        "b squared minus four a c, all over two a.",
         "1) 3x^2 + 2xy - sin(z) = 7\n2) e^(k t) = ln(P0) + r/q\n3) a_n = a_(n-1) + d*m",
         "y = 4w^3 - 2v + sqrt(u)\nF = G*m1*m2 / r^2\nA = pi * r^2 + 2*pi*r*h",
         "Problem 4: Let f(x) = x^3 - 6x^2 + 11x - 6. Show that f has three real roots and find them. "
@@ -75,6 +79,10 @@ MATERIAL: dict[str, list[str]] = {
         "and a median of 81.5 for the class.",
     ],
     "stem": [
+        "Black holes is regions where gravity are so strong that nothing, not even light, can escapes. They forms "
+        "when a massive star collapse at the end of it's life.",
+        "The vaccine teach the immune system to recognise a virus by showing it a harmless piece of them, so "
+        "the body make antibodies before a real infection happen.",
         "Mitochondria convert glucose and oxygen into ATP through glycolysis, the Krebs cycle and the electron "
         "transport chain. Damaged mitochondria release cytochrome c, which can trigger apoptosis in the cell.",
         "The probe reached Jupiter in July 2016 after a five-year cruise. Its magnetometer found the planet's "
@@ -87,6 +95,10 @@ MATERIAL: dict[str, list[str]] = {
         "but fruit set was two weeks later and leaf chlorophyll readings were 8% lower.",
     ],
     "humanities": [
+        "The french revolution begun in 1789 when the people of Paris was angry about bread prices and the king "
+        "spending, and it lead to the end of the monarchy.",
+        "Stoicism teach that we cant control what happen to us but we can control how we reacts, which is why "
+        "Marcus Aurelius wrote his meditations every nights.",
         "In 1848 revolutions broke out in France, the German states, the Austrian Empire and Italy. Liberals "
         "demanded constitutions and a free press, but by 1849 most of the old monarchies had regained control.",
         "Seneca wrote that we suffer more in imagination than in reality. For the Stoics, what disturbs us is "
@@ -115,6 +127,8 @@ MATERIAL: dict[str, list[str]] = {
         "B and C. Please store water in advance. Questions go to the building office, room 12.",
         "Flight LH 1234 from Berlin to Lisbon departs 07:45 from gate B12 on 3 May; check-in closes at 07:05. "
         "Hotel Miramar, 2 nights, booking ref QX88T, breakfast included.",
+        "me and my husband was thinking to visit the coast this summer but the prices is crazy, "
+        "so maybe we stays home and do day trips instead, the kids dont mind much.",
         "I've been so tired lately. work is crazy, the kids have colds and honestly i havent been to the gym "
         "in weeks. my sister says i should try meal prepping on sundays but idk where to start",
     ],
@@ -165,6 +179,9 @@ EXTRACTION: T = [
     (("code",), "From this snippet, extract the names of all functions, variables and tables that are referenced.\n\n{mat}"),
     (ALL, "Here is a note I received:\n\"{mat}\"\nPlease extract any action items and who is responsible for each."),
     (ALL, "Summarise the following in exactly two sentences, keeping every figure it mentions.\n\n{mat}"),
+    (ALL, "{mat}\n\nQuestion about the text above: which words in it are technical terms? List them, nothing else."),
+    (ALL, "Fill in this template from the passage: Topic: ... | People: ... | Numbers: ... | Places: ...\n\n{mat}"),
+    (ALL, "Is the following passage written in the past, present or future tense? Quote one verb as evidence.\n\n{mat}"),
     (("stem", "humanities"), "Make an index of this passage: every proper noun and every date, each with the sentence number it occurs in.\n\n{mat}"),
 ]
 
@@ -184,6 +201,12 @@ WRITING: T = [
     (ALL, "Write the wedding-speech joke section for my friend, who is a huge nerd about {subj}."),
     (ALL, "Translate the tone of this to be friendlier and more casual, keep the facts:\n\n{mat}"),
     (ALL, "Write a limerick about {subj}."),
+    (ALL, "{mat}\n\nCan you clean up the writing above? Grammar, spelling, sentence flow. Same content."),
+    (ALL, "Copy-edit the following for a school newsletter, keeping it the same length:\n\n{mat}"),
+    (ALL, "My English is not good. Please correct my text and make it sound natural:\n{mat}"),
+    (ALL, "Rephrase this paragraph in plain language for a ten-year-old reader, without adding facts:\n\n{mat}"),
+    (ALL, "Polish this paragraph so it could go in a published book:\n\n{mat}"),
+    (ALL, "Turn these notes into one well-written paragraph:\n\n{mat}"),
     (ALL, "Write a cover letter for a junior position at a museum; mention my volunteer work on {subj}."),
 ]
 

@@ -176,6 +176,9 @@ class ExpertPoolDeployment:
         max_tokens = request.get("max_tokens") or (gen.max_tokens if gen else 256)
         try:
             prompt_tokens = await asyncio.to_thread(self.pool.count_prompt_tokens, name, messages)
+        except ce.RequestError as e:  # the request's content, not the expert: 400, registry untouched
+            yield _err(400, e.message, e.param, e.code)
+            return
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
             yield _err(503, str(e), "model", "expert_load_failed")
@@ -216,6 +219,8 @@ class ExpertPoolDeployment:
                        "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
                 if chunk.finish_reason is not None:
                     self._latency.observe(time.monotonic() - t0)
+        except ce.RequestError as e:
+            yield _err(400, e.message, e.param, e.code)
         except ce.QueueFull as e:
             from coe.limits import retry_after_s
 

@@ -43,7 +43,9 @@ from coe.config import ServeConfig
 from coe.engines.features import engine_kind, engines_supporting, unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
-from coe.security import APIKeyMiddleware, KeyStore, install_log_redaction
+from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts
+from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
+from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
 log = logging.getLogger("coe.serve.ingress")
 
@@ -56,9 +58,10 @@ install_error_handlers(app)
 _RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "keys": None}
 
 
-def _keys() -> KeyStore:
+def _keys() -> KeyRing:
+    """The replica's key ring (coe/keys.py); until the replica is configured, environment keys only."""
     if _RUNTIME["keys"] is None:
-        _RUNTIME["keys"] = KeyStore()
+        _RUNTIME["keys"] = KeyRing(None)
     return _RUNTIME["keys"]
 
 
@@ -193,7 +196,9 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(config)
         self.limits = self.cfg.limits
         _RUNTIME["limits"] = self.limits
-        _RUNTIME["keys"] = KeyStore(path=self.cfg.security.api_keys_file)
+        _RUNTIME["keys"] = self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
+        self.tenants = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
+                                                          socket_connect_timeout=2), self.cfg.namespace)
         self.router = router
         self.pool = pool
         self.device = self.cfg.pool.resolved_device()  # resolves engine "auto" for the feature check
@@ -222,6 +227,9 @@ class Ingress:
         })
         if "error" in res:
             err = res["error"]
+            if err.get("code") == "no_eligible_expert" and permitted is not None and not features:
+                raise APIError(403, f"this API key may not use any expert of '{model}'", "permission_error",
+                               "model", "model_not_permitted")
             if err.get("code") == "no_eligible_expert" and features:
                 raise APIError(400, f"'{features[0]}' is not supported by any expert of '{model}' "
                                     f"({err['message']})", "invalid_request_error", features[0],
@@ -320,6 +328,34 @@ class Ingress:
             raise APIError(504, f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s "
                                 "or X-Coe-Timeout)", "server_error", None, "request_timeout") from None
 
+    # ---- keys and per-key limits ---------------------------------------------------------------
+    def _identity(self, request: Request) -> StoredKey | None:
+        """The caller's key record (role, limits), from the one check the auth middleware also uses;
+        None when auth is off. (The middleware already refused requests without a valid key.)"""
+        if not self.keys.configured:
+            return None
+        try:
+            return self.keys.check(bearer_token(request.headers.get("authorization")))
+        except KeyStoreUnavailable as e:
+            raise APIError(503, f"the API key store cannot be read: {e}", "server_error", None,
+                           "key_store_unavailable", 2) from None
+
+    def _admit(self, key: StoredKey | None, req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> Reservation:
+        """Reserve the request against its key's RPM/TPM/budget (429 + Retry-After when over)."""
+        if key is None:
+            return Reservation(None)
+        chars = sum(len(m["content"]) for m in messages)
+        try:
+            return self.tenants.admit(key, estimate_tokens(chars, req.requested_max_tokens(), req.n or 1))
+        except LimitExceeded as e:
+            raise APIError(429, str(e), "rate_limit_error", None, f"key_{e.limit}_limit", e.retry_after_s) from None
+
+    def _refused(self, key: StoredKey | None, ticket: Reservation, status: int, used_tokens: int = 0) -> None:
+        """A request that failed or was refused: count it, give back what it reserved."""
+        self.metrics.observe_error(status)
+        self.metrics.observe_key(key.name if key else None, str(status))
+        ticket.settle(used_tokens)
+
     # ---- endpoints ---------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
@@ -328,20 +364,24 @@ class Ingress:
         timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
         deadline = time.monotonic() + timeout_s
         session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
+        key = await asyncio.to_thread(self._identity, request)
+        ticket = Reservation(None)
         try:
             greq = to_generate_request(req, rid)
             messages = normalise_messages(req.messages)
+            ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
+            permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
             info, _spec = await self._within(deadline, timeout_s, self._route(
-                req.model, messages, req.requested_max_tokens(), req.features(), None, session))
+                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
         except APIError as e:
-            self.metrics.observe_error(e.status)
+            self._refused(key, ticket, e.status)
             raise
         except Exception as e:  # a replica died or is restarting: a clean 503, not a 500
             known = upstream_error(e)
             if known is None:
                 raise
-            self.metrics.observe_error(known.status)
+            self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
         items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel)
@@ -350,7 +390,7 @@ class Ingress:
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0),
+            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket),
                                      media_type="text/event-stream", headers=headers)
         try:
             async for item in items:
@@ -358,23 +398,26 @@ class Ingress:
                     raise _item_error(item)
                 builder.add(item)
         except APIError as e:
-            self.metrics.observe_error(e.status)
+            self._refused(key, ticket, e.status, builder.prompt_tokens + builder.completion_tokens)
             raise
         except Exception as e:  # deadline passed, or the pool replica died mid-generation
             known = upstream_error(e)
             if known is None:
                 raise
-            self.metrics.observe_error(known.status)
+            self._refused(key, ticket, known.status, builder.prompt_tokens + builder.completion_tokens)
             raise known from None
         usage = Usage(prompt_tokens=builder.prompt_tokens, completion_tokens=builder.completion_tokens)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        await asyncio.to_thread(ticket.settle, usage.total_tokens)
+        self.metrics.observe_key(key.name if key else None, "ok", usage.prompt_tokens, usage.completion_tokens)
         body = ChatCompletionResponse(id=cid, model=info.expert, choices=builder.choices(), usage=usage, coe=info)
         self.metrics.observe_request(info.expert, info.category, "ok", usage.prompt_tokens, usage.completion_tokens,
                                      time.perf_counter() - t0)
         return JSONResponse(body.model_dump(mode="json", exclude_none=False), headers=headers)
 
     async def _sse(self, gen, builder: ChoicesBuilder, info: CoeInfo, cid: str, include_usage: bool,
-                   t0: float) -> AsyncIterator[str]:
+                   t0: float, key: StoredKey | None = None,
+                   ticket: Reservation | None = None) -> AsyncIterator[str]:
         created = int(time.time())
         model = info.expert
         status = "ok"
@@ -439,6 +482,10 @@ class Ingress:
         finally:
             self.metrics.observe_request(info.expert, info.category, status, builder.prompt_tokens,
                                          builder.completion_tokens, time.perf_counter() - t0)
+            self.metrics.observe_key(key.name if key else None, status, builder.prompt_tokens,
+                                     builder.completion_tokens)
+            if ticket is not None:
+                await asyncio.to_thread(ticket.settle, builder.prompt_tokens + builder.completion_tokens)
 
     @app.post("/v1/route")
     async def route(self, req: RouteRequest) -> JSONResponse:
@@ -497,6 +544,7 @@ class Ingress:
         return JSONResponse({"status": "ok" if reg["reachable"] else "degraded", "version": __version__,
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
+                             "keys": _keys().health(),
                              "uptime_s": round(time.time() - self.started_at, 1)})
 
     @app.get("/metrics")

@@ -297,3 +297,23 @@ class KeyRing:
     def health(self) -> dict[str, Any]:
         return {"keys": len(self.records), "store": "ok" if self.error is None else "unreadable",
                 "detail": self.error}
+
+
+# ------------------------------------------------------------------------------------- the replica's ring
+_SERVICE: dict[str, KeyRing] = {}
+
+
+def service_ring() -> KeyRing:
+    """The ring this process serves with (set by the ingress replica; environment keys until then).
+
+    It lives here, on an imported module, because Ray Serve pickles the FastAPI app and its
+    middleware with the deployment: a module global of the ingress module read from a pickled
+    closure can be a copy, so the middleware would never see the ring the replica configured."""
+    ring = _SERVICE.get("ring")
+    if ring is None:
+        ring = _SERVICE["ring"] = KeyRing(None)
+    return ring
+
+
+def set_service_ring(ring: KeyRing) -> None:
+    _SERVICE["ring"] = ring

@@ -1,7 +1,8 @@
 """Every response carries a request id (decision 7 of DESIGN.md): ``x-request-id``.
 
-A client's own ``X-Request-Id`` is kept when it is a plain token (so a caller's tracing id follows
-the request through coe's logs); otherwise a fresh one is made. The id is in
+Ray Serve's proxy already does this: it keeps a client's ``X-Request-Id`` or makes one, passes it
+in the request headers and echoes it on the response; the id is then used as it is. Without the
+proxy (the app alone, tests) a fresh id is made and added here. The id is in
 ``scope["coe.request_id"]`` for the handlers: chat completions use it as their body ``id``
 (``chatcmpl-<id>``), as vLLM does.
 """
@@ -44,6 +45,8 @@ class RequestIdMiddleware:
         given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == HEADER), "")
         rid = given if _SAFE.fullmatch(given) else new_request_id()
         scope["coe.request_id"] = rid
+        if rid == given:  # Ray Serve's proxy put it there (the client's or its own) and echoes it itself
+            return await self.app(scope, receive, send)
 
         async def send_with_id(msg: dict) -> None:
             if msg["type"] == "http.response.start":

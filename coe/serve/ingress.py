@@ -43,7 +43,7 @@ from coe.config import ServeConfig
 from coe.engines.features import engine_kind, engines_supporting, unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
-from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts
+from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
@@ -55,14 +55,14 @@ install_error_handlers(app)
 
 # Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
 # module is imported), so the middlewares read them through these getters.
-_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "keys": None}
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits()}
 
 
 def _keys() -> KeyRing:
-    """The replica's key ring (coe/keys.py); until the replica is configured, environment keys only."""
-    if _RUNTIME["keys"] is None:
-        _RUNTIME["keys"] = KeyRing(None)
-    return _RUNTIME["keys"]
+    """The replica's key ring (:func:`coe.keys.service_ring`; environment keys until configured)."""
+    import coe.keys
+
+    return coe.keys.service_ring()
 
 
 app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
@@ -196,7 +196,8 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(config)
         self.limits = self.cfg.limits
         _RUNTIME["limits"] = self.limits
-        _RUNTIME["keys"] = self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
+        self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
+        set_service_ring(self.keys)
         self.tenants = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
                                                           socket_connect_timeout=2), self.cfg.namespace)
         self.router = router
@@ -369,8 +370,11 @@ class Ingress:
         try:
             greq = to_generate_request(req, rid)
             messages = normalise_messages(req.messages)
-            ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
+            # refusals that need no work come first: a field no allowed expert honours, a forbidden
+            # expert (400/403, not counted against the key), then the key's limits (429)
+            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
+            ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))

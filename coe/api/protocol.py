@@ -594,3 +594,10 @@ class ErrorResponse(BaseModel):
     """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     error: ErrorBody
+
+
+def error_payload(message: str, type: str = "invalid_request_error", param: str | None = None,
+                  code: str | None = None) -> dict[str, Any]:
+    """The one builder of the OpenAI error body (``{"error": {...}}``); the ingress's exception
+    handlers and its ASGI middlewares (auth, body limits) all answer with it."""
+    return ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code)).model_dump()

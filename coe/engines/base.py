@@ -297,6 +297,34 @@ def compose_system(persona: str | None, msgs: list[dict[str, Any]]) -> list[dict
     return [{"role": "system", "content": PERSONA_SEPARATOR.join(parts)}] + msgs[i:]
 
 
+def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                  tools: list[dict[str, Any]] | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """The prompt's token ids: :func:`render_chat`, then the tokenizer.
+
+    Everything that can fail here because of what the *request* holds (a template that raises on
+    its roles, text the tokenizer cannot encode) raises :class:`coe.errors.RequestError`, so the
+    pool answers that request with a 400 and leaves the expert's health alone (decision 2). A
+    template that does not even parse is the expert's fault and stays an ordinary exception. The
+    caller loads the tokenizer first, so a missing tokenizer file is never mistaken for bad input."""
+    from jinja2 import TemplateSyntaxError
+
+    from coe.errors import RequestError
+
+    try:
+        text = render_chat(expert, tokenizer, messages, tools, template_kwargs)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except TemplateSyntaxError:
+        raise
+    except (RequestError, MemoryError):
+        raise
+    except Exception as exc:
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise RequestError(f"the messages could not be turned into a prompt for expert "
+                           f"'{getattr(expert, 'name', '?')}': {type(exc).__name__}"
+                           + (f": {detail}" if detail else "")) from exc
+
+
 def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
                 tools: list[dict[str, Any]] | None = None,
                 template_kwargs: Mapping[str, Any] | None = None) -> str:

@@ -69,6 +69,7 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
+    encode_prompt,
     render_chat,
 )
 from coe.errors import CoeError, EngineNotResident, ExpertLoadError
@@ -225,7 +226,8 @@ class VLLMEngine(Engine):
         return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        return list(self.tokenizer(self.apply_chat_template(messages), add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors
+        return encode_prompt(self.expert, tok, messages)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         return len(self._encode(messages))
@@ -527,8 +529,7 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         params = params.with_defaults(getattr(self.expert, "generation", None))
-        ids = list(self.tokenizer(render_chat(self.expert, self.tokenizer, messages, params.tools,
-                                              params.chat_template_kwargs), add_special_tokens=False)["input_ids"])
+        ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"
         self._in_flight += 1

@@ -210,6 +210,52 @@ class Ingress:
         await self.watcher.start()
         self._categories: list[str] | None = None
         self.started_at = time.time()
+        from coe.serve.readiness import WarmUp
+
+        self.warm = WarmUp()
+        self._warm_task = asyncio.create_task(self._warm_up())
+
+    # ---- readiness ---------------------------------------------------------------------------
+    async def _warm_up(self) -> None:
+        """Route a one-token request to every category and run it on the chosen expert (see
+        :mod:`coe.serve.readiness`); retried until the router and pool answer."""
+        from coe.serve.readiness import WarmUp
+
+        while True:
+            w = WarmUp()
+            self.warm = w
+            try:
+                await self._warm_once(w)
+                w.done = True
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # router or pool still starting: try again shortly
+                w.step = f"waiting for the router and the expert pool ({type(e).__name__})"
+                await asyncio.sleep(2.0)
+
+    async def _warm_once(self, w: Any) -> None:
+        messages = [{"role": "user", "content": "Hello"}]
+        w.step = "routing one request per category"
+        for cat in await self.router.categories.remote():
+            try:
+                info, _ = await self._route(f"coe/{cat}", messages, 1)
+            except APIError:  # nothing can serve this category: not routable
+                continue
+            others = [c.get("expert") for c in info.candidates if c.get("expert") not in (None, info.expert)]
+            w.plan[cat] = [info.expert, *others]
+            req = ChatCompletionRequest(model=f"coe/{cat}", messages=[ChatMessageIn(role="user", content="Hello")],
+                                        max_tokens=1, temperature=0.0)
+            if info.expert in w.warmed or info.expert in w.failed:
+                continue
+            w.step = f"loading and warming expert '{info.expert}' ({len(w.warmed) + 1} so far)"
+            try:
+                gen, _first, _pending = await self._open_stream(info, messages, req)
+                async for _ in gen:
+                    pass
+                w.warmed.add(info.expert)
+            except APIError as e:  # a failed expert is marked in the registry; readiness shows it
+                w.failed[info.expert] = e.message
 
     # ---- routing -----------------------------------------------------------------------------
     async def _route(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None,
@@ -388,7 +434,8 @@ class Ingress:
             self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
-        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel)
+        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel,
+                              limit_s=timeout_s)
         cid = f"chatcmpl-{rid}"
         builder = ChoicesBuilder(req.n or 1, bool(req.logprobs), req.forced_tool_choice())
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
@@ -511,7 +558,7 @@ class Ingress:
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
-        for cat in sorted(set(self._categories) | set(snap.category_map)):
+        for cat in sorted(self._categories):  # a map entry the router cannot route is not requestable
             cards.append(ModelCard(id=f"coe/{cat}", kind="category", experts=list(snap.category_map.get(cat, [])),
                                    description=f"force category '{cat}'; the router picks among its experts"))
         for name in sorted(snap.experts):
@@ -550,6 +597,20 @@ class Ingress:
                              "registry": reg, "auth": "on" if _keys().configured else "off",
                              "keys": _keys().health(),
                              "uptime_s": round(time.time() - self.started_at, 1)})
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
+        from coe.serve.readiness import readiness
+
+        residency = None
+        if self.warm.done:
+            try:
+                residency = await asyncio.wait_for(self.pool.sync.remote(None), 5.0)
+            except Exception as e:
+                log.warning("readiness: the expert pool did not answer: %s", e)
+        ready, body = readiness(self.warm, residency)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

@@ -181,6 +181,9 @@ class ExpertPoolDeployment:
         max_tokens = sampling.max_tokens if "max_tokens" in sampling.model_fields_set else (gen.max_tokens if gen else 256)
         try:
             prompt_tokens = await asyncio.to_thread(self.pool.count_prompt_tokens, name, messages)
+        except ce.RequestError as e:  # the request's content, not the expert: 400, registry untouched
+            yield _err(400, e.message, e.param, e.code)
+            return
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
             yield _err(503, str(e), "model", "expert_load_failed")
@@ -216,6 +219,8 @@ class ExpertPoolDeployment:
                        "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None}
                 if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)
+        except ce.RequestError as e:
+            yield _err(400, e.message, e.param, e.code)
         except ce.QueueFull as e:
             from coe.limits import retry_after_s
 

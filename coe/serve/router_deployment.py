@@ -63,6 +63,7 @@ class RouterDeployment:
         self.demand: Counter[str] = Counter()
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
+        await asyncio.to_thread(self._publish_categories)
         self._sync_task = asyncio.create_task(self._sync_loop()) if pool is not None else None
 
     async def _sync_loop(self) -> None:
@@ -74,10 +75,13 @@ class RouterDeployment:
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
 
-    async def refresh_registry(self) -> int:
-        """Re-read the registry now (tests and the ingress call it after a change they made)."""
-        await self.watcher.refresh()
-        return self.watcher.snapshot.version
+    def _publish_categories(self) -> None:
+        """Tell ``coe-registry`` which categories this router knows (decision 6), so a typo such as
+        ``code`` for ``coding`` is refused at the door instead of failing silently at request time."""
+        try:
+            self.watcher.registry.publish_categories(self.router.categories, self.cfg.router.path or "default")
+        except Exception as e:  # Redis down at start: the CLI then warns and checks the default taxonomy
+            log.warning("could not publish the router's categories: %s", e)
 
     def categories(self) -> list[str]:
         return list(self.router.categories)

@@ -210,6 +210,11 @@ class Ingress:
         await self.watcher.start()
         self._categories: list[str] | None = None
         self.started_at = time.time()
+        rc = self.cfg.router
+        # beyond what the router deployment takes at once, requests would only queue in front of it
+        # (seconds under overload) before their 429: refuse them here instead, before any routing work
+        self.max_routing_waiters = self.limits.max_routing_waiters or rc.num_replicas * max(64, 4 * rc.max_batch_size)
+        self._routing = 0
         from coe.serve.readiness import WarmUp
 
         self.warm = WarmUp()
@@ -250,7 +255,7 @@ class Ingress:
                 continue
             w.step = f"loading and warming expert '{info.expert}' ({len(w.warmed) + 1} so far)"
             try:
-                gen, _first, _pending = await self._open_stream(info, messages, req)
+                gen, _first, _pending = await self._open_stream(info, req.to_generate_request())
                 async for _ in gen:
                     pass
                 w.warmed.add(info.expert)
@@ -267,11 +272,18 @@ class Ingress:
             raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
         allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted)
-        res = await self.router.route.remote({
-            "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
-            "prompt_tokens": None, "min_version": snap.version,
-            "allowed": sorted(allowed) if allowed is not None else None,
-        })
+        if self._routing >= self.max_routing_waiters:
+            raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
+                                "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
+        self._routing += 1
+        try:
+            res = await self.router.route.remote({
+                "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
+                "prompt_tokens": None, "min_version": snap.version,
+                "allowed": sorted(allowed) if allowed is not None else None,
+            })
+        finally:
+            self._routing -= 1
         if "error" in res:
             err = res["error"]
             if err.get("code") == "no_eligible_expert" and permitted is not None and not features:

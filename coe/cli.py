@@ -68,17 +68,18 @@ def serve(
         _fail(f"{config}: {' '.join(str(e).split())}")
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
-    from coe.security import KeyStore, check_bind, install_log_redaction
+    from coe.keys import KeyRing, RedisKeyStore
+    from coe.security import check_bind, install_log_redaction
 
     install_log_redaction()
-    try:
-        keys = KeyStore(path=cfg.security.api_keys_file)
-    except Exception as e:
-        _fail(str(e))
-    warning = check_bind(cfg.host, keys.configured)
+    # keys live in the registry's Redis (coe keys …); before it is up only a given URL can be read:
+    # the environment's keys plus whatever that store holds (an unreadable store shows as none here)
+    keys = KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace, socket_timeout=1.0) if cfg.redis_url else None)
+    n_keys = len(keys.records)
+    warning = check_bind(cfg.host, n_keys > 0)
     if warning:
         err_console.print(f"[bold white on red] {warning} [/]")
-    console.print(f"[dim]API keys: {'on (' + str(len(keys.records)) + ' key(s))' if keys.configured else 'off'}; "
+    console.print(f"[dim]API keys: {'on (' + str(n_keys) + ' key(s))' if n_keys else 'off'}; "
                   f"binding {cfg.host}:{cfg.port}[/]")
     stop = threading.Event()
 

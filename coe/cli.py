@@ -34,7 +34,6 @@ err_console = Console(stderr=True, highlight=False)
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
-RAY_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -162,12 +161,13 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
             return
 
         status.update("[bold]Starting Ray…")
-        import ray
+        from coe.ray_local import init_local_ray
 
         t = time.perf_counter()
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # workers inherit it: nothing downloads at run time
-        ray.init(include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=dashboard_port,
-                 num_cpus=num_cpus, namespace="coe", log_to_driver=False)
+        # every Ray port on 127.0.0.1, token file 0600 in a 0700 directory (docs/security.md)
+        init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus, namespace="coe",
+                       log_to_driver=False)
         started["ray"] = True
         reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
         console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")
@@ -191,6 +191,9 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
 
     api = f"http://{cfg.host}:{cfg.port}"
     dash = f"http://{DASHBOARD_HOST}:{dashboard_port}"
+    from coe.ray_local import token_path
+
+    token = token_path()
     lines = [
         "",
         f"[bold green]coe is serving[/]: {len(registry.list())} experts, started in {time.perf_counter() - t_all:.0f} s",
@@ -198,8 +201,8 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
         f"  try        coe chat \"Hello!\"    curl {api}/v1/models",
         f"  health     {api}/healthz    metrics: {api}/metrics",
         f"  dashboard  {dash}   (Ray token auth is on)",
-        f"  token      {RAY_TOKEN_PATH}: paste it when the dashboard page asks for it; for its API:",
-        f"             curl -H \"Authorization: Bearer $(cat {RAY_TOKEN_PATH})\" {dash}/api/serve/applications/",
+        f"  token      {token} (0600): paste it when the dashboard page asks for it; for its API:",
+        f"             curl -H \"Authorization: Bearer $(cat {token})\" {dash}/api/serve/applications/",
     ]
     for line in lines:
         console.print(line, soft_wrap=True)

@@ -122,6 +122,11 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
             was_running = embedded_status() is not None
             url = ensure_embedded().url
             started["redis"] = not was_running
+            from expert_registry.embedded import EmbeddedSupervisor
+
+            # restarted at the same URL if it dies; /healthz shows the restart count
+            started["redis_supervisor"] = EmbeddedSupervisor(on_restart=lambda i: err_console.print(
+                f"[yellow]![/] the embedded Redis had died; restarted (pid {i.pid}, restart #{i.restarts})")).start()
             where = f"embedded Redis at {url} ({'reused' if was_running else 'started'})"
         cfg = cfg.model_copy(update={"redis_url": url})
         registry = RedisRegistry(url, namespace=cfg.namespace)
@@ -229,6 +234,9 @@ def _stop_redis() -> None:
 def _shutdown(started: dict) -> None:
     """Stop what this process started, in reverse order; each step is best effort."""
     console.print("[bold]Shutting down…")
+    supervisor = started.pop("redis_supervisor", None)
+    if supervisor is not None:  # first, or it would restart the Redis we are about to stop
+        supervisor.stop()
     for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
                              ("redis", "embedded Redis", _stop_redis)):
         if not started.get(key):

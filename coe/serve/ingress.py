@@ -395,8 +395,13 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         """200 while serving; ``status`` is "degraded" while Redis is unreachable (routing then uses
         the last registry snapshot and the watcher reconnects with backoff)."""
+        from expert_registry.embedded import embedded_health
+
         snap = self.watcher.snapshot
         reg = self.watcher.health()
+        emb = embedded_health(self.cfg.redis_url)  # restarts of the embedded Redis, if it is the one
+        if emb is not None:
+            reg = {**reg, **emb}
         return JSONResponse({"status": "ok" if reg["reachable"] else "degraded", "version": __version__,
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",

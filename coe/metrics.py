@@ -59,6 +59,8 @@ class IngressMetrics:
                                registry=self.registry)
         self.errors = Counter("coe_errors", "Requests refused or failed, by HTTP status", ["status"],
                               registry=self.registry)
+        self.invalid_entries = Gauge("coe_registry_invalid_entries",
+                                     "Registry entries that cannot be read and are skipped", registry=self.registry)
         self._ray = None
         rm = _ray_metrics() if use_ray else None
         if rm is not None:

@@ -412,4 +412,5 @@ class Ingress:
         from coe.metrics import load_pool_snapshots
 
         snaps = await asyncio.to_thread(load_pool_snapshots, self.redis, self.cfg.namespace)
+        self.metrics.invalid_entries.set(len(self.watcher.invalid))
         return Response(self.metrics.render(snaps), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def new_id(prefix: str) -> str:
     """An OpenAI-style object id (``chatcmpl-…``)."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -32,8 +36,8 @@ class ChatMessageIn(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: str | list[ContentPart] | None = Field(default=None)
+    name: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         """The message's text, text parts joined; non-text parts are rejected earlier."""
@@ -53,15 +57,16 @@ class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions`` body."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = "coe"
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field("coe", min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = 1
+    # a signed 64-bit integer, as vLLM takes; beyond it torch's generator raised deep in the pool
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -88,10 +93,10 @@ class RouteRequest(BaseModel):
     """``POST /v1/route``: the routing part of a chat request (other chat fields are ignored)."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = "coe"
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field("coe", min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 class Usage(BaseModel):

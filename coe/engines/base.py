@@ -51,7 +51,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # signed 64-bit, as vLLM takes
     ignore_eos: bool = False
 
     def with_defaults(self, generation: Any) -> "SamplingParams":

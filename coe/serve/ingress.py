@@ -20,7 +20,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
-from coe.api.errors import APIError, bad_request, install_error_handlers, upstream_error
+from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
+from coe.api.request_id import RequestIdMiddleware
 from coe.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,8 +57,9 @@ def _keys() -> KeyStore:
 
 
 app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
-# added last = outermost: a request without a valid key is refused before its body is even read
+# added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
+app.add_middleware(RequestIdMiddleware)  # outermost: every response, a 401 too, carries x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
 
@@ -101,8 +103,8 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
 
 def _item_error(item: dict) -> APIError:
     """An error item of the pool's stream as the APIError the client gets."""
-    return APIError(item["status"], item["message"], item.get("error_type") or "server_error", item.get("param"),
-                    item.get("code"), item.get("retry_after"))
+    return APIError(item["status"], hide_paths(item["message"]) or "error", item.get("error_type") or "server_error",
+                    item.get("param"), item.get("code"), item.get("retry_after"))
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -262,7 +264,7 @@ class Ingress:
         items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(items, first, info, req.model, include_usage, t0),
+            return StreamingResponse(self._sse(items, first, info, req.model, include_usage, t0, request.scope),
                                      media_type="text/event-stream", headers=headers)
         text, finish, usage = [], "stop", Usage(prompt_tokens=first.get("prompt_tokens", 0))
         try:
@@ -291,7 +293,7 @@ class Ingress:
         return JSONResponse(body.model_dump(mode="json"), headers=headers)
 
     async def _sse(self, gen, first: dict, info: CoeInfo, model: str, include_usage: bool,
-                   t0: float) -> AsyncIterator[str]:
+                   t0: float, scope: dict) -> AsyncIterator[str]:
         cid, created = new_id("chatcmpl"), int(time.time())
         usage = Usage(prompt_tokens=first.get("prompt_tokens", 0))
         status = "ok"
@@ -309,7 +311,7 @@ class Ingress:
                     if item.get("type") == "error":
                         status = "error"
                         self.metrics.observe_error(item["status"])
-                        yield sse({"error": {"message": item["message"], "type": item.get("error_type"),
+                        yield sse({"error": {"message": hide_paths(item["message"]), "type": item.get("error_type"),
                                              "param": item.get("param"), "code": item.get("code")}})
                         break
                     usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
@@ -323,8 +325,7 @@ class Ingress:
             except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
                 known = upstream_error(e)
                 if known is None:
-                    log.exception("stream from expert %s failed", info.expert)
-                    known = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+                    known = internal_error(scope, e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
                 yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
@@ -370,7 +371,7 @@ class Ingress:
             e = snap.experts[name]
             status = e.status if e.status != "ready" else states.get(name, "ready")
             cards.append(ModelCard(id=name, kind="expert", tier=tiers.get(name, "unloaded"), status=status,
-                                   status_reason=e.status_reason, max_context=e.max_context,
+                                   status_reason=hide_paths(e.status_reason), max_context=e.max_context,
                                    capabilities=dict(e.capabilities),
                                    created=int(e.created_at.timestamp())))
         return JSONResponse(ModelList(data=cards).model_dump(mode="json", exclude_none=True))

@@ -27,7 +27,6 @@ embedded server. The embedded server:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import redis
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
 
 from expert_registry.errors import EmbeddedRedisError, RedisUnavailable
 from expert_registry.paths import state_dir
@@ -136,21 +137,12 @@ def _pid_alive(pid: int) -> bool:
 
 @contextlib.contextmanager
 def _locked(data_dir: Path, timeout: float = 60.0) -> Iterator[None]:
-    """An exclusive flock on ``server.lock``: one process at a time checks/starts/stops."""
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    """An exclusive lock on ``server.lock``: one process at a time checks/starts/stops."""
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EmbeddedRedisError(f"timed out waiting for the lock {data_dir / LOCK_FILE}") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+        with FileLock(data_dir / LOCK_FILE, timeout=timeout, mode=0o600):
+            yield
+    except FileLockTimeout:
+        raise EmbeddedRedisError(f"timed out waiting for the lock {data_dir / LOCK_FILE}") from None
 
 
 def _read_info(data_dir: Path) -> ServerInfo | None:

@@ -56,7 +56,8 @@ def _keys() -> KeyStore:
     return _RUNTIME["keys"]
 
 
-app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
+app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes,
+                   idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
 # added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
 app.add_middleware(RequestIdMiddleware)  # outermost: every response, a 401 too, carries x-request-id

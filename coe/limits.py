@@ -51,6 +51,10 @@ class RequestLimits(BaseModel):
     body_idle_timeout_s: float = Field(
         10.0, gt=0, description="a client that sends nothing of its body for this long gets 408 (slow-client "
                                 "defence; nginx's client_body_timeout is the same idea)")
+    max_routing_waiters: int | None = Field(
+        None, ge=1, description="requests one ingress replica lets wait for the router; beyond: 429 at once, "
+                                "before any routing work (None = the router's capacity: its replicas x "
+                                "max(64, 4 x max_batch_size))")
     retry_after_min_s: int = Field(1, ge=0)
     retry_after_max_s: int = Field(30, ge=1)
 
@@ -60,7 +64,8 @@ class RequestTimeout(Exception):
     """The per-request deadline passed; ``started`` tells whether any output had been produced."""
 
     def __init__(self, timeout_s: float, started: bool):
-        super().__init__(f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s)")
+        super().__init__(f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s "
+                         "or X-Coe-Timeout)")
         self.timeout_s = timeout_s
         self.started = started
 
@@ -94,12 +99,16 @@ class LatencyEWMA:
 # ------------------------------------------------------------------------------------- deadlines
 async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_timeout_s: float | None = None,
                         on_close: Callable[[], Any] | None = None,
-                        cancel: Callable[[], Any] | None = None) -> AsyncIterator[_T]:
+                        cancel: Callable[[], Any] | None = None,
+                        limit_s: float | None = None) -> AsyncIterator[_T]:
     """Yield ``stream``'s items until it ends or the deadline passes (then close it and raise
     :class:`RequestTimeout`). ``first_item_timeout_s`` bounds the wait for the first item separately.
     On any early exit (deadline, error, the consumer cancelled) ``cancel`` (default: ``stream.cancel``
-    if it has one, e.g. a Ray Serve response generator) stops the work behind the stream."""
+    if it has one, e.g. a Ray Serve response generator) stops the work behind the stream.
+    ``limit_s`` is the limit the client or operator set, for the error message, when ``timeout_s``
+    is only what was left of it (a user who set 1 s should read "1 s", not "0.771852 s")."""
     deadline = time.monotonic() + timeout_s
+    shown = limit_s if limit_s is not None else timeout_s
     started = False
     try:
         while True:
@@ -107,14 +116,14 @@ async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_
             if not started and first_item_timeout_s is not None:
                 left = min(left, first_item_timeout_s)
             if left <= 0:
-                raise RequestTimeout(timeout_s if started else (first_item_timeout_s or timeout_s), started)
+                raise RequestTimeout(shown if started else (first_item_timeout_s or shown), started)
             try:
                 item = await asyncio.wait_for(stream.__anext__(), left)
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
-                raise RequestTimeout(timeout_s if started or first_item_timeout_s is None
-                                     else min(timeout_s, first_item_timeout_s), started) from None
+                raise RequestTimeout(shown if started or first_item_timeout_s is None
+                                     else min(shown, first_item_timeout_s), started) from None
             started = True
             yield item
     except BaseException:
@@ -277,10 +286,3 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: wait for disconnect, as the server would
 
         return await self.app(scope, replay, send)
-
-
-def install_limits(app: Any, limits: RequestLimits | None = None) -> RequestLimits:
-    """Add :class:`BodyLimitMiddleware` to a FastAPI/Starlette app; returns the limits used."""
-    limits = limits or RequestLimits()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
-    return limits

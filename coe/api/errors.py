@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -100,6 +101,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
 
 
+def served_endpoints(app: Any) -> list[str]:
+    """``METHOD /path`` of every API route the app serves, read from its own OpenAPI schema (which
+    also sees the routes Ray Serve re-mounts from the ingress class), never a hand-kept copy."""
+    try:
+        paths = app.openapi().get("paths", {})
+    except Exception:  # pragma: no cover - a schema that cannot be built must not break a 404
+        return []
+    return [f"{m.upper()} {p}" for p, ops in paths.items() for m in ops]
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> APIError | None:
+    """A body that is not a JSON object because it was not sent as JSON (text/plain, a form, no
+    content type): 415 naming what to send, instead of pydantic's "Input should be a valid dictionary"."""
+    errors = exc.errors()
+    if not errors or tuple(errors[0].get("loc", ())) != ("body",):
+        return None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return None
+    got = f"Content-Type '{ctype}'" if ctype else "no Content-Type"
+    return APIError(415, f"the request body must be a JSON object sent with Content-Type: application/json "
+                         f"(got {got})", "invalid_request_error", None, "unsupported_media_type")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure to the OpenAI error shape with the right status."""
 
@@ -108,7 +133,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        wrong_type = _not_json(request, exc)
+        if wrong_type is not None:
+            return wrong_type.response()
         message, param, code = _validation_message(exc)
         return APIError(400, message, "invalid_request_error", param, code).response()
 
@@ -117,10 +145,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         etype = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), etype, None, code).response()
+        message = str(exc.detail)
+        if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+            # e.g. /v1/completions or /v1/embeddings: say what coe does serve
+            message = (f"coe does not serve {request.method} {request.url.path}; it serves: "
+                       + ", ".join(served_endpoints(request.app)))
+        return APIError(exc.status_code, message, etype, None, code).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -128,20 +161,17 @@ def install_error_handlers(app: FastAPI) -> None:
         if known is not None:
             log.warning("%s", known.message)
             return known.response()
-        from coe.api.request_id import request_id
+        from coe.api.request_id import request_id_of
 
-        resp = internal_error(request.scope, exc).response()
+        resp = internal_error(request_id_of(request), exc).response()
         # Starlette answers this handler outside the user middlewares: add the id here
-        resp.headers["x-request-id"] = request_id(request.scope)
+        resp.headers["x-request-id"] = request_id_of(request)
         return resp
 
 
-def internal_error(scope: dict, exc: BaseException) -> APIError:
+def internal_error(rid: str, exc: BaseException) -> APIError:
     """A 500 that says only that it happened and the request id; the traceback (which can name
     pids, node IPs, actor ids and file paths) goes to the log, under the same id."""
-    from coe.api.request_id import request_id
-
-    rid = request_id(scope)
     log.error("unhandled error in request %s", rid, exc_info=exc)
     return APIError(500, f"internal error; request id {rid} (the server log has the details)", "server_error",
                     None, "internal_error")

@@ -80,9 +80,6 @@ class RegistryWatcher:
         self.down_since: float | None = None
         self.invalid: dict[str, str] = {}  # unreadable registry entries (skipped), name -> reason
 
-    def add_callback(self, cb: OnChange) -> None:
-        self._callbacks.append(cb)
-
     async def start(self) -> None:
         """Read the first snapshot and start listening; idempotent."""
         if self._loop is not None:

@@ -35,7 +35,6 @@ err_console = Console(stderr=True, highlight=False)
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
-RAY_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
 CHAT_DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
@@ -146,6 +145,11 @@ def _start_redis(cfg, started: dict):
         was_running = embedded_status() is not None
         url = ensure_embedded().url
         started["redis"] = not was_running
+        from expert_registry.embedded import EmbeddedSupervisor
+
+        # restarted at the same URL if it dies; /healthz shows the restart count
+        started["redis_supervisor"] = EmbeddedSupervisor(on_restart=lambda i: err_console.print(
+            f"[yellow]![/] the embedded Redis had died; restarted (pid {i.pid}, restart #{i.restarts})")).start()
         where = f"embedded Redis at {url} ({'reused' if was_running else 'started'})"
     cfg = cfg.model_copy(update={"redis_url": url})
     registry = RedisRegistry(url, namespace=cfg.namespace)
@@ -226,15 +230,16 @@ def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
 
 def _start_ray(started: dict, dashboard_port: int, num_cpus: int | None, reinstall_handlers, status) -> None:
     status.update("[bold]Starting Ray…")
-    import ray
-
     import logging
+
+    from coe.ray_local import init_local_ray
 
     t = time.perf_counter()
     status.stop()  # Ray prints its start-up notice on stdout too: the spinner pauses while it is captured
     with _ray_output_to_log(fds=(1, 2)):
-        ray.init(include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=dashboard_port,
-                 num_cpus=num_cpus, namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
+        # every Ray port on 127.0.0.1, the token file 0600 in a 0700 directory (docs/security.md)
+        init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus, namespace="coe",
+                       log_to_driver=False, logging_level=logging.WARNING)
     status.start()
     started["ray"] = True
     reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
@@ -314,7 +319,10 @@ def _chat_url_option(api: str) -> str:
 def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> None:
     api = f"http://{cfg.host}:{cfg.port}"
     dash = f"http://{DASHBOARD_HOST}:{dashboard_port}"
+    from coe.ray_local import token_path
     from expert_registry.paths import state_dir
+
+    token = token_path()
 
     lines = [
         "",
@@ -324,8 +332,8 @@ def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> No
         f"             curl {api}/v1/models",
         f"  health     {api}/healthz (alive)   {api}/readyz (warm)   metrics: {api}/metrics",
         f"  dashboard  {dash}   (Ray token auth is on)",
-        f"  token      {RAY_TOKEN_PATH}: paste it when the dashboard page asks for it; for its API:",
-        f"             curl -H \"Authorization: Bearer $(cat {RAY_TOKEN_PATH})\" {dash}/api/serve/applications/",
+        f"  token      {token} (0600): paste it when the dashboard page asks for it; for its API:",
+        f"             curl -H \"Authorization: Bearer $(cat {token})\" {dash}/api/serve/applications/",
         f"  logs       {state_dir('logs') / 'serve.log'} (Ray's own notices); replicas: /tmp/ray/session_latest/logs",
     ]
     for line in lines:
@@ -355,6 +363,9 @@ def _shutdown(started: dict) -> None:
     the controller it kills itself as a failed task (asynchronously, on stdout or stderr): all of
     Ray's output during the stop goes to the log, and the outcome is printed after it."""
     console.print("[bold]Shutting down…")
+    supervisor = started.pop("redis_supervisor", None)
+    if supervisor is not None:  # first, or it would restart the Redis we are about to stop
+        supervisor.stop()
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     results: list[tuple[str, Exception | None]] = []
     with _ray_output_to_log(fds=(1, 2)):

@@ -67,6 +67,9 @@ class SecurityConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     api_keys_file: str | None = Field(
         default=None, description="None = $COE_API_KEYS_FILE or $COE_HOME/api_keys.json (written by `coe keys add`)")
+    allow_remote_code: bool = Field(
+        default=False, description="let experts whose entry sets trust_remote_code run their model folder's Python "
+                                   "inside the pool; off: such experts are refused (marked failed, with the reason)")
 
 
 class ServeConfig(BaseModel):

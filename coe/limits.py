@@ -48,6 +48,9 @@ class RequestLimits(BaseModel):
                                  "less with the X-Coe-Timeout header (seconds)")
     max_queued_requests: int = Field(
         512, ge=-1, description="requests waiting in front of the ingress (Ray Serve); beyond: 429; -1 = no bound")
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, description="a client that sends nothing of its body for this long gets 408 (slow-client "
+                                "defence; nginx's client_body_timeout is the same idea)")
     max_routing_waiters: int | None = Field(
         None, ge=1, description="requests one ingress replica lets wait for the router; beyond: 429 at once, "
                                 "before any routing work (None = the router's capacity: its replicas x "
@@ -216,9 +219,11 @@ class BodyLimitMiddleware:
     a body that is not UTF-8 or spells a lone surrogate. Every ``POST``/``PUT``/``PATCH`` body, on
     every route, whatever prefix the app is mounted under (deny by default, issue 12 item 2)."""
 
-    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None):
+    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None,
+                 idle_timeout_s: float | Callable[[], float] = 10.0):
         self.app = app
         self._max_bytes = max_bytes or default_max_request_bytes()
+        self._idle = idle_timeout_s
 
     @property
     def max_bytes(self) -> int:
@@ -243,8 +248,14 @@ class BodyLimitMiddleware:
                 return await _reply(send, 413, self._too_large(str(n)))
         chunks: list[bytes] = []
         size = 0
+        idle = float(self._idle() if callable(self._idle) else self._idle)
         while True:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), idle)
+            except asyncio.TimeoutError:  # a slow (or stalled) client must not hold a slot forever
+                return await _reply(send, 408, openai_error(
+                    f"the request body stalled: nothing arrived for {idle:g} s (limits.body_idle_timeout_s)",
+                    "request_timeout"), [(b"connection", b"close")])
             if msg["type"] == "http.disconnect":
                 return  # the client left before sending its body: nothing to answer
             chunk = msg.get("body", b"")

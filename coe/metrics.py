@@ -59,6 +59,8 @@ class IngressMetrics:
                                registry=self.registry)
         self.errors = Counter("coe_errors", "Requests refused or failed, by HTTP status", ["status"],
                               registry=self.registry)
+        self.invalid_entries = Gauge("coe_registry_invalid_entries",
+                                     "Registry entries that cannot be read and are skipped", registry=self.registry)
         # per API key (name): usage for budgets and chargeback; "-" = no key (auth off)
         self.key_requests = Counter("coe_key_requests", "Requests per API key, by outcome", ["key", "status"],
                                     registry=self.registry)

@@ -28,7 +28,6 @@ When no key is configured at all, auth is off (the embedded default, bound to 12
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import ipaddress
@@ -44,6 +43,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
+
+from filelock import FileLock
 
 log = logging.getLogger("coe.security")
 
@@ -142,15 +143,10 @@ def read_keys_file(path: Path) -> list[KeyRecord]:
         raise KeyFileError(f"keys file {path} is malformed: {e}") from None
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
+def _locked(path: Path) -> FileLock:
+    """Serialises read-modify-write of the keys file across processes (``coe keys`` runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return FileLock(str(path) + ".lock", mode=0o600)
 
 
 def _write_keys_file(path: Path, records: Iterable[KeyRecord]) -> None:

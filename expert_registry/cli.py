@@ -77,6 +77,7 @@ app.add_typer(map_app, name="map")
 app.add_typer(server_app, name="server")
 
 out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 RedisUrl = Annotated[Optional[str], typer.Option(
     "--redis-url", envvar="COE_REDIS_URL", show_envvar=True,
@@ -297,6 +298,7 @@ def add(
         if not skip_model_check:
             data, info = _with_model_info(data, explicit)
         expert = parse_expert(data, source)
+        _warn_remote_code(expert.name, expert.trust_remote_code)
         reg = _open(redis_url, namespace)
         warning = _check_categories(reg, expert.capabilities, f"expert {expert.name}")
         version = reg.add(expert)
@@ -354,6 +356,7 @@ def update(
             merged, info = _with_model_info(merged, set(data))
             data = {**data, **{k: merged[k] for k in ("model", "size_bytes", "params_b", "max_context")
                                if k in merged}}
+        _warn_remote_code(name, bool(data.get("trust_remote_code")))
         version = reg.update(name, **data)
         stored = reg.get(name) if info else None
     out.print(f"updated expert '{name}'" + (f" ({_describe(info, stored)})" if info else "")
@@ -375,13 +378,24 @@ def remove(
     out.print(f"removed expert '{name}'; registry version {version}")
 
 
+def _warn_remote_code(name: str, asked: bool) -> None:
+    """An entry that asks to run its model folder's Python is a code-execution grant: say so."""
+    if asked:
+        err.print(f"[bold yellow]warning:[/] expert '{name}' asks for trust_remote_code: the Python files in its "
+                  "model folder would run inside the serving process. coe refuses to load it unless the service "
+                  "opts in (security.allow_remote_code: true in the serve config).")
+
+
 @app.command("list")
 def list_(json_out: JsonOut = False,
           long: Annotated[bool, typer.Option("--long", "-l", help="Also engine, model and tags.")] = False,
           redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
-    """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields)."""
+    """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields);
+    stored entries that cannot be read are skipped, with a warning each."""
     with _user_errors():
         snap = _open(redis_url, namespace).snapshot()
+    for bad, why in snap.invalid.items():  # skipped, never fatal; shown so that someone fixes them
+        err.print(f"[bold yellow]warning:[/] skipped unreadable entry '{bad}': {why}")
     if json_out:
         typer.echo(json.dumps([e.model_dump(mode="json") for e in snap.experts.values()], indent=2))
         return

@@ -17,9 +17,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 from expert_registry.errors import ModelNotFound, ModelUnreadable
+from expert_registry.weights_header import read_gguf_header, safetensors_tensors
 
 Format = Literal["safetensors", "bin", "gguf"]
 
@@ -144,127 +145,32 @@ def inspect_folder(folder: Path) -> ModelInfo:
 
 
 def _safetensors_numel(path: Path) -> int:
-    """Count parameters from a safetensors header (8-byte length + JSON); no tensor data read."""
+    """Count parameters from a safetensors header (no tensor data read)."""
     try:
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 100_000_000 or n > path.stat().st_size:
-                raise ValueError("header length out of range")
-            header = json.loads(f.read(n))
-        total = 0
-        for key, t in header.items():
-            if key == "__metadata__":
-                continue
-            numel = 1
-            for d in t["shape"]:
-                numel *= int(d)
-            total += numel
-        return total
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        return sum(n for n, _ in safetensors_tensors(path))
+    except (OSError, ValueError) as err:
         raise ModelUnreadable(f"cannot read safetensors header of {path}: {err}") from None
 
 
-# --------------------------------------------------------------------------------------------
-# GGUF
-#
-# We parse the header ourselves with the gguf package's type tables instead of GGUFReader:
-# GGUFReader builds numpy views for every metadata item (49k tokenizer strings for SmolLM2),
-# which takes seconds; this reader skips arrays it does not need and takes milliseconds.
-
-_GGUF_MAGIC = b"GGUF"
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
-           11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Reader:
-    def __init__(self, f: BinaryIO, size: int):
-        self.f, self.size = f, size
-
-    def read(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise ValueError("file ends inside the header (truncated?)")
-        return b
-
-    def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if n > self.size:
-            raise ValueError(f"string length {n} exceeds the file size (truncated or corrupt?)")
-        return self.read(n).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int, keep: bool) -> Any:
-        if vtype in _SCALAR:
-            return self.unpack(_SCALAR[vtype])
-        if vtype == _STRING:
-            return self.string()
-        if vtype == _ARRAY:
-            itype, count = self.unpack("<I"), self.unpack("<Q")
-            if count > self.size:
-                raise ValueError(f"array length {count} exceeds the file size (truncated or corrupt?)")
-            if itype in _SCALAR and not keep:  # skip fixed-size arrays in one seek
-                self.f.seek(count * struct.calcsize(_SCALAR[itype]), os.SEEK_CUR)
-                return None
-            items = [self.value(itype, keep) for _ in range(count)]
-            return items if keep else None
-        raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
-    """(metadata without large arrays, tensors as (name, shape, ggml_type, offset), data_start)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        r = _Reader(f, size)
-        if r.read(4) != _GGUF_MAGIC:
-            raise ValueError("not a GGUF file (bad magic)")
-        version = r.unpack("<I")
-        if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
-        if n_tensors > size or n_kv > size:
-            raise ValueError("tensor/metadata counts exceed the file size (truncated or corrupt?)")
-        meta: dict[str, Any] = {"GGUF.version": version}
-        for _ in range(n_kv):
-            key = r.string()
-            vtype = r.unpack("<I")
-            # keep small arrays (e.g. languages); the tokenizer vocab is skipped
-            meta[key] = r.value(vtype, keep=not key.startswith("tokenizer.ggml."))
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.unpack("<I")
-            if n_dims > 8:
-                raise ValueError(f"tensor {name!r} has {n_dims} dimensions")
-            shape = [r.unpack("<Q") for _ in range(n_dims)]
-            tensors.append((name, shape, r.unpack("<I"), r.unpack("<Q")))
-        align = int(meta.get("general.alignment") or 32)
-        pos = f.tell()
-        data_start = pos + (-pos % align)
-    return meta, tensors, data_start
-
-
 def inspect_gguf(path: Path) -> ModelInfo:
-    """Header, metadata and tensor table of a GGUF file; checks the tensor data fits in the file."""
+    """Header, metadata and tensor table of a GGUF file (bounded: :mod:`expert_registry.weights_header`);
+    checks the tensor data fits in the file."""
     try:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        meta, tensors, data_start = read_gguf_header(path)
+        header = read_gguf_header(path)
+        meta, data_start = header.metadata, header.data_start
         params, end = 0, data_start
-        for name, shape, ttype, offset in tensors:
-            numel = 1
-            for d in shape:
-                numel *= d
+        for t in header.tensors:
+            numel = t.numel
             params += numel
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-            end = max(end, data_start + offset + numel // block * type_size)
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
+            end = max(end, data_start + t.offset + numel // block * type_size)
         file_size = path.stat().st_size
         if end > file_size:
             raise ValueError(f"tensor data needs {end} bytes but the file has {file_size} (truncated?)")
-    except (OSError, ValueError, KeyError, struct.error) as err:
-        raise ModelUnreadable(f"cannot read GGUF header/metadata of {path}: {err}") from None
+    except (OSError, ValueError, KeyError, struct.error, RecursionError, MemoryError) as err:
+        raise ModelUnreadable(f"cannot read GGUF header/metadata of {path}: {err or type(err).__name__}") from None
     arch = meta.get("general.architecture")
     ctx = meta.get(f"{arch}.context_length") if arch else None
     return ModelInfo(size_bytes=file_size, architecture=arch, context_length=int(ctx) if ctx else None,

@@ -82,6 +82,8 @@ class RegistrySnapshot:
     version: int
     experts: dict[str, Expert]
     category_map: CategoryMap
+    #: stored entries that could not be read (name -> one-line reason): skipped, never fatal
+    invalid: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -175,9 +177,13 @@ class RedisRegistry:
 
     @_redis_errors
     def list(self) -> list[Expert]:
-        """All experts, sorted by name."""
-        raw = self._r.hgetall(self.k_experts)
-        return [self._decode(n, raw[n]) for n in sorted(raw)]
+        """All readable experts, sorted by name (unreadable entries are skipped: :meth:`invalid`)."""
+        return list(self._decode_all(self._r.hgetall(self.k_experts))[0].values())
+
+    @_redis_errors
+    def invalid(self) -> dict[str, str]:
+        """Stored entries that cannot be read (name -> why); ``list``/``snapshot`` skip them."""
+        return self._decode_all(self._r.hgetall(self.k_experts))[1]
 
     def exists(self, name: str) -> bool:
         return bool(self._call(self._r.hexists, self.k_experts, name))
@@ -194,8 +200,8 @@ class RedisRegistry:
         pipe.hgetall(self.k_experts)
         pipe.get(self.k_map)
         version, raw, raw_map = pipe.execute()
-        experts = {n: self._decode(n, raw[n]) for n in sorted(raw)}
-        return RegistrySnapshot(int(version or 0), experts, self._decode_map(raw_map))
+        experts, invalid = self._decode_all(raw)
+        return RegistrySnapshot(int(version or 0), experts, self._decode_map(raw_map), invalid)
 
     @_redis_errors
     def categories(self) -> PublishedCategories | None:
@@ -357,12 +363,30 @@ class RedisRegistry:
         return _redis_errors(lambda _self: fn(*args))(self)
 
     def _decode(self, name: str, raw: str) -> Expert:
+        """One stored entry, validated: its schema, and that its key and its ``name`` agree (an
+        entry stored under another key would be listed twice, and served under a name it is not)."""
         try:
-            return Expert.model_validate_json(raw)
+            expert = Expert.model_validate_json(raw)
         except ValidationError as err:
             raise RegistryError(
                 f"stored expert {name!r} in namespace {self.namespace!r} is invalid: "
                 + explain_validation_error(err, "stored")) from None
+        if expert.name != name:
+            raise RegistryError(f"stored expert {name!r} in namespace {self.namespace!r} is invalid: "
+                                f"it is stored under {name!r} but names itself {expert.name!r}")
+        return expert
+
+    def _decode_all(self, raw: Mapping[str, str]) -> tuple[dict[str, Expert], dict[str, str]]:
+        """Every entry of the hash: the readable ones (by name) and why the others are not. One
+        malformed entry (a hand edit, a newer writer) must not hide the whole registry."""
+        experts: dict[str, Expert] = {}
+        invalid: dict[str, str] = {}
+        for n in sorted(raw):
+            try:
+                experts[n] = self._decode(n, raw[n])
+            except RegistryError as err:
+                invalid[n] = str(err).splitlines()[0][:300]
+        return experts, invalid
 
     def _decode_map(self, raw: str | None) -> CategoryMap:
         if not raw:

@@ -32,8 +32,6 @@ quantised instead (slower, same features).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
+from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +93,10 @@ def model_fingerprint(path_or_name: str) -> str:
     return h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path) -> FileLock:
     """Inter-process lock so that two replicas starting together export the model once."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 class Encoder:

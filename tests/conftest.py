@@ -51,6 +51,8 @@ def pytest_configure(config: pytest.Config) -> None:
         (TEST_CACHE / sub).mkdir(parents=True, exist_ok=True)
         (home / sub).symlink_to(TEST_CACHE / sub, target_is_directory=True)
     os.environ["COE_HOME"] = str(home)
+    # the suite's Ray reads (and coe.ray_local creates) its token here, never in the user's ~/.ray
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / "ray" / "auth_token")
     _SESSION_HOME = home
 
 
@@ -293,7 +295,10 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
                             # small per-expert queues so that tests/reliability can fill one (429 + Retry-After)
                             "options": {"max_wait_ms": 50, "max_queue_per_expert": 8, "max_batch_size": 4}})
     # workers inherit this process's environment (COE_HOME, HF_HUB_OFFLINE from tests/conftest.py)
-    ray.init(num_cpus=2, include_dashboard=False, namespace=ns, log_to_driver=False)
+    from coe.ray_local import init_local_ray
+
+    # the same start as `coe serve`: every Ray port on loopback, the token file private
+    init_local_ray(num_cpus=2, include_dashboard=False, namespace=ns, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name="coe", route_prefix="/", blocking=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -155,10 +156,33 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(exc.status_code, message, etype, None, code).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         known = upstream_error(exc)
         if known is not None:
             log.warning("%s", known.message)
             return known.response()
-        log.exception("unhandled error in coe ingress")
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+        from coe.api.request_id import request_id_of
+
+        resp = internal_error(request_id_of(request), exc).response()
+        # Starlette answers this handler outside the user middlewares: add the id here
+        resp.headers["x-request-id"] = request_id_of(request)
+        return resp
+
+
+def internal_error(rid: str, exc: BaseException) -> APIError:
+    """A 500 that says only that it happened and the request id; the traceback (which can name
+    pids, node IPs, actor ids and file paths) goes to the log, under the same id."""
+    log.error("unhandled error in request %s", rid, exc_info=exc)
+    return APIError(500, f"internal error; request id {rid} (the server log has the details)", "server_error",
+                    None, "internal_error")
+
+
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s/:'\"()\[\],;]+){2,}/?")
+
+
+def hide_paths(text: str | None) -> str | None:
+    """``text`` with absolute server paths cut to their last part (``…/model.safetensors``): status
+    reasons and load errors reach every client, the layout of the server's disk should not."""
+    if not text:
+        return text
+    return _PATH.sub(lambda m: "…/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], text)

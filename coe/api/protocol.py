@@ -29,6 +29,7 @@ from coe.engines.base import ChatMessage, SamplingParams, StructuredOutput, Tool
 from coe.generate_request import GenerateRequest
 
 INT64 = 2**63
+INT32_MAX = 2**31 - 1
 
 
 def new_id(prefix: str) -> str:
@@ -62,9 +63,9 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, max_length=256)
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = Field(default=None, max_length=256)
 
     def text(self) -> str:
         """The message's text, text parts joined; non-text parts are rejected earlier."""
@@ -238,13 +239,14 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     # --- OpenAI
-    model: str = "coe"
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field("coe", min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
+    # a signed 64-bit integer, as vLLM takes; beyond it torch's generator raised deep in the pool
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: int | None = Field(default=1, ge=1, le=16)
     stream: bool | None = False
@@ -495,10 +497,10 @@ class RouteRequest(BaseModel):
     """``POST /v1/route``: the routing part of a chat request (other chat fields are ignored)."""
 
     model_config = ConfigDict(extra="allow")
-    model: str = "coe"
-    messages: list[ChatMessageIn]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field("coe", min_length=1, max_length=256)
+    messages: list[ChatMessageIn] = Field(max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
 
 
 class Usage(BaseModel):

@@ -8,16 +8,15 @@ share one conversion.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from filelock import FileLock
 
 #: transformers' loading patches process-global state (default device, init functions); two loads in
 #: two threads at once corrupt each other, so every from_pretrained in coe runs under this lock.
@@ -83,8 +82,7 @@ def ensure_converted(gguf: str | Path) -> Path:
     if (target / "config.json").is_file() and (target / ".complete").is_file():
         return target
     lock_path = target.with_suffix(".lock")
-    with LOAD_LOCK, open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with LOAD_LOCK, FileLock(lock_path):
         if (target / ".complete").is_file():
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,33 +116,21 @@ def _safetensors_elements(folder: Path) -> list[tuple[int, int]]:
 
 
 def _safetensors_elements_file(f: Path) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{f} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000 or n > f.stat().st_size - 8:
-            raise ValueError(f"{f} is not a safetensors file (bad header length)")
-        try:
-            header: dict[str, Any] = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise ValueError(f"{f} is not a safetensors file (header is not JSON)") from exc
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        numel = 1
-        for d in v["shape"]:
-            numel *= int(d)
-        out.append((numel, _ST_BYTES.get(v["dtype"], 4)))
-    return out
+    """(elements, bytes-per-element) of one safetensors file, from its header (one shared reader)."""
+    from expert_registry.weights_header import safetensors_tensors
+
+    try:
+        return [(n, _ST_BYTES.get(dtype, 4)) for n, dtype in safetensors_tensors(f)]
+    except ValueError as exc:
+        raise ValueError(f"{f}: {exc}") from None
 
 
 def _gguf_elements(path: Path) -> list[tuple[int, int]]:
-    from gguf import GGUFReader
+    """(elements, 4) per tensor of a GGUF (transformers dequantises to float32); the bounded
+    header reader of expert_registry, not ``gguf.GGUFReader`` (slow, unbounded)."""
+    from expert_registry.weights_header import read_gguf_header
 
-    reader = GGUFReader(str(path))
-    return [(int(t.n_elements), 4) for t in reader.tensors]  # dequantised to float32 by transformers
+    return [(t.numel, 4) for t in read_gguf_header(path).tensors]
 
 
 def estimate_bytes(source: ModelSource, dtype: str) -> int:

@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
-from coe.api.errors import APIError, bad_request, install_error_handlers, upstream_error
+from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
 from coe.api.request_id import RequestIdMiddleware, request_id_of
 from coe.api.assemble import ChoicesBuilder, logprobs_out
 from coe.api.protocol import (
@@ -65,8 +65,9 @@ def _keys() -> KeyRing:
     return coe.keys.service_ring()
 
 
-app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
-# added last = outermost: a request without a valid key is refused before its body is even read
+app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes,
+                   idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
+# added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
@@ -115,8 +116,8 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
 
 def _item_error(item: dict) -> APIError:
     """An error item of the pool's stream as the APIError the client gets."""
-    return APIError(item["status"], item["message"], item.get("error_type") or "server_error", item.get("param"),
-                    item.get("code"), item.get("retry_after"))
+    return APIError(item["status"], hide_paths(item["message"]) or "error", item.get("error_type") or "server_error",
+                    item.get("param"), item.get("code"), item.get("retry_after"))
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -499,7 +500,7 @@ class Ingress:
                     if item.get("type") == "error":
                         status = "error"
                         self.metrics.observe_error(item["status"])
-                        yield sse({"error": {"message": item["message"], "type": item.get("error_type"),
+                        yield sse({"error": {"message": hide_paths(item["message"]), "type": item.get("error_type"),
                                              "param": item.get("param"), "code": item.get("code")}})
                         break
                     st = builder.add(item)
@@ -522,8 +523,7 @@ class Ingress:
             except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
                 known = upstream_error(e)
                 if known is None:
-                    log.exception("stream from expert %s failed", info.expert)
-                    known = APIError(500, f"internal error: {type(e).__name__}", "server_error")
+                    known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
                 yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
@@ -577,7 +577,7 @@ class Ingress:
             e = snap.experts[name]
             status = e.status if e.status != "ready" else states.get(name, "ready")
             cards.append(ModelCard(id=name, kind="expert", tier=tiers.get(name, "unloaded"), status=status,
-                                   status_reason=e.status_reason, max_context=e.max_context,
+                                   status_reason=hide_paths(e.status_reason), max_context=e.max_context,
                                    capabilities=dict(e.capabilities),
                                    created=int(e.created_at.timestamp())))
         return JSONResponse(ModelList(data=cards).model_dump(mode="json", exclude_none=True))
@@ -602,8 +602,13 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         """200 while serving; ``status`` is "degraded" while Redis is unreachable (routing then uses
         the last registry snapshot and the watcher reconnects with backoff)."""
+        from expert_registry.embedded import embedded_health
+
         snap = self.watcher.snapshot
         reg = self.watcher.health()
+        emb = embedded_health(self.cfg.redis_url)  # restarts of the embedded Redis, if it is the one
+        if emb is not None:
+            reg = {**reg, **emb}
         return JSONResponse({"status": "ok" if reg["reachable"] else "degraded", "version": __version__,
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
@@ -629,4 +634,5 @@ class Ingress:
         from coe.metrics import load_pool_snapshots
 
         snaps = await asyncio.to_thread(load_pool_snapshots, self.redis, self.cfg.namespace)
+        self.metrics.invalid_entries.set(len(self.watcher.invalid))
         return Response(self.metrics.render(snaps), media_type=CONTENT_TYPE_LATEST)

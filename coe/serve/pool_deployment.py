@@ -139,6 +139,12 @@ class ExpertPoolDeployment:
                 spec = self._watcher.snapshot.experts.get(name)
             if spec is None:
                 return _err(404, f"expert '{name}' is not registered (removed?)", "model", "model_not_found")
+            if spec.trust_remote_code and not self.cfg.security.allow_remote_code:
+                # writing the registry must not be enough to run code in this process (issue 12)
+                reason = ("its entry sets trust_remote_code, and this service does not allow remote code "
+                          "(security.allow_remote_code)")
+                await self._mark_failed(name, reason)
+                return _err(503, f"expert '{name}' could not be loaded: {reason}", "model", "expert_load_failed")
             try:
                 await self.pool.add_expert(spec)
             except ce.ExpertTooLarge as e:

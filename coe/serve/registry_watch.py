@@ -78,6 +78,7 @@ class RegistryWatcher:
         self.last_error: str | None = None
         self.last_ok: float | None = None
         self.down_since: float | None = None
+        self.invalid: dict[str, str] = {}  # unreadable registry entries (skipped), name -> reason
 
     async def start(self) -> None:
         """Read the first snapshot and start listening; idempotent."""
@@ -109,6 +110,11 @@ class RegistryWatcher:
             if not self.reachable:
                 log.warning("registry reachable again after %.0f s", time.time() - (self.down_since or time.time()))
             self.reachable, self.last_error, self.down_since, self.last_ok = True, None, None, time.time()
+            invalid = dict(getattr(new, "invalid", {}) or {})
+            if invalid != self.invalid and invalid:
+                log.warning("registry: skipping %d unreadable entr%s: %s", len(invalid),
+                            "y" if len(invalid) == 1 else "ies", "; ".join(invalid.values()))
+            self.invalid = invalid  # read on every poll: a raw write to Redis does not bump the version
             old = self.snapshot
             if old is not None and new.version == old.version:
                 return False
@@ -137,7 +143,8 @@ class RegistryWatcher:
 
         return {"reachable": self.reachable, "error": redact(self.last_error) if self.last_error else None,
                 "down_for_s": round(time.time() - self.down_since, 1) if self.down_since else None,
-                "snapshot_version": getattr(self.snapshot, "version", None)}
+                "snapshot_version": getattr(self.snapshot, "version", None),
+                "invalid_entries": dict(self.invalid)}
 
     def _listen(self) -> None:
         """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop.

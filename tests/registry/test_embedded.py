@@ -33,7 +33,7 @@ def _servers_for(home: Path) -> list[int]:
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "redis-server" in cmd and str(home) in cmd and state != "Z":
+        if ("redis-server" in cmd or "valkey-server" in cmd) and str(home) in cmd and state != "Z":
             pids.append(int(d.name))
     return pids
 

@@ -7,6 +7,10 @@ on, every route needs a key except the probes; ``/metrics`` and the API docs inc
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -42,17 +46,18 @@ def api_prefix(serve_app, redis_url) -> Iterator[str]:
 
 @pytest.fixture
 def a_key(serve_app, http) -> Iterator[str]:
-    """Keys on (one user key in the registry's Redis, as `coe keys add` writes it) for a test."""
-    from coe.keys import RedisKeyStore
-
+    """Keys on (one user key, `coe keys add`, in the registry's Redis) for the duration of a test."""
     reg = serve_app.registry
-    store = RedisKeyStore(reg.url, reg.namespace)
-    key, rec = store.add("sec-test")
+    env = {**os.environ, "COE_REDIS_URL": reg.url, "COE_NAMESPACE": reg.namespace}
+    coe = [sys.executable, "-m", "coe.cli", "keys"]
+    out = subprocess.run([*coe, "add", "sec-test"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    key = re.search(r"coe-[A-Za-z0-9_-]{40,}", out.stdout).group(0)
     try:
         wait(lambda: http.get("/v1/models").status_code == 401, 15, what="auth to switch on")
         yield key
     finally:
-        store.remove(rec.id)
+        subprocess.run([*coe, "remove", "sec-test"], env=env, capture_output=True, text=True, timeout=60)
         wait(lambda: http.get("/v1/models").status_code == 200, 15, what="auth to switch off")
 
 

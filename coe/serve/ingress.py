@@ -241,7 +241,10 @@ class Ingress:
                 await asyncio.sleep(2.0)
 
     async def _warm_once(self, w: Any) -> None:
-        messages = [{"role": "user", "content": "Hello"}]
+        # the system line makes the warm-up a conversation of its own: conversation affinity must
+        # not tie a user's "Hello" to whichever expert warmed up last
+        messages = [{"role": "system", "content": f"coe warm-up {new_id('warmup')}"},
+                    {"role": "user", "content": "Hello"}]
         w.step = "routing one request per category"
         for cat in await self.router.categories.remote():
             try:

@@ -68,17 +68,18 @@ def serve(
         _fail(f"{config}: {' '.join(str(e).split())}")
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
-    from coe.security import KeyStore, check_bind, install_log_redaction
+    from coe.keys import KeyRing, RedisKeyStore
+    from coe.security import check_bind, install_log_redaction
 
     install_log_redaction()
-    try:
-        keys = KeyStore(path=cfg.security.api_keys_file)
-    except Exception as e:
-        _fail(str(e))
-    warning = check_bind(cfg.host, keys.configured)
+    # keys live in the registry's Redis (coe keys …); before it is up only a given URL can be read:
+    # the environment's keys plus whatever that store holds (an unreadable store shows as none here)
+    keys = KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace, socket_timeout=1.0) if cfg.redis_url else None)
+    n_keys = len(keys.records)
+    warning = check_bind(cfg.host, n_keys > 0)
     if warning:
         err_console.print(f"[bold white on red] {warning} [/]")
-    console.print(f"[dim]API keys: {'on (' + str(len(keys.records)) + ' key(s))' if keys.configured else 'off'}; "
+    console.print(f"[dim]API keys: {'on (' + str(n_keys) + ' key(s))' if n_keys else 'off'}; "
                   f"binding {cfg.host}:{cfg.port}[/]")
     stop = threading.Event()
 
@@ -173,7 +174,7 @@ def _load_router(cfg, registry, status) -> None:
     """Load (on a first start: train) the router here, once, so replicas find it cached."""
     if not registry.list():
         console.print("[yellow]![/] the registry is empty: add experts with `coe-registry add`, "
-                      "or start with --demo")
+                      "or start with --demo", soft_wrap=True)
     status.update("[bold]Loading the router (trains on first start)…")
     t = time.perf_counter()
     from coe.serve.router_deployment import load_router
@@ -277,6 +278,11 @@ def _wait_ready(cfg, stop: threading.Event, status) -> None:
                 console.print(f"[green]✓[/] experts loaded and warmed in {time.perf_counter() - t:.1f} s")
                 return
             detail = body.get("detail") or detail
+            if body.get("status") == "not_ready":  # warm-up finished, but a category has no expert
+                failed = "; ".join(f"{n}: {why}" for n, why in (body.get("failed") or {}).items())
+                console.print(f"[yellow]![/] serving, but not ready: {detail}" + (f" ({failed})" if failed else "")
+                              + f"; see {url}", soft_wrap=True)
+                return
         except (httpx.HTTPError, ValueError):
             pass
         status.update(f"[bold]Loading experts…[/] {detail}")

@@ -48,6 +48,10 @@ class RequestLimits(BaseModel):
                                  "less with the X-Coe-Timeout header (seconds)")
     max_queued_requests: int = Field(
         512, ge=-1, description="requests waiting in front of the ingress (Ray Serve); beyond: 429; -1 = no bound")
+    max_routing_waiters: int | None = Field(
+        None, ge=1, description="requests one ingress replica lets wait for the router; beyond: 429 at once, "
+                                "before any routing work (None = the router's capacity: its replicas x "
+                                "max(64, 4 x max_batch_size))")
     retry_after_min_s: int = Field(1, ge=0)
     retry_after_max_s: int = Field(30, ge=1)
 

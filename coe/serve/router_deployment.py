@@ -87,7 +87,10 @@ class RouterDeployment:
         return list(self.router.categories)
 
     async def route(self, request: dict) -> dict:
-        """Route one request: ``{prompt, model, prompt_tokens?, max_tokens?, min_version?}``.
+        """Route one request: ``{prompt, model, prompt_tokens?, max_tokens?, min_version?, allowed?}``.
+
+        ``allowed`` (expert names) is the ingress's hard constraint: experts whose engine honours
+        every feature the request needs and that the caller's key may use.
 
         ``min_version`` is the registry version the caller has seen: if this replica is behind
         (a pub/sub message still in flight), it re-reads the registry first, so an expert added a
@@ -103,7 +106,8 @@ class RouterDeployment:
         kwargs = [
             dict(prompt=r["prompt"], model=r.get("model") or "coe", experts=experts,
                  category_map=snap.category_map, residency=self.residency,
-                 prompt_tokens=r.get("prompt_tokens"), max_tokens=r.get("max_tokens"))
+                 prompt_tokens=r.get("prompt_tokens"), max_tokens=r.get("max_tokens"),
+                 allowed=set(r["allowed"]) if r.get("allowed") is not None else None)
             for r in requests
         ]
         try:

@@ -41,17 +41,18 @@ def api_prefix(serve_app, redis_url) -> Iterator[str]:
 
 
 @pytest.fixture
-def a_key(coe_home, http) -> Iterator[str]:
-    """Keys on (one user key in the service's keys file) for the duration of a test."""
-    from coe.security import add_key
+def a_key(serve_app, http) -> Iterator[str]:
+    """Keys on (one user key in the registry's Redis, as `coe keys add` writes it) for a test."""
+    from coe.keys import RedisKeyStore
 
-    path = coe_home / "api_keys.json"
-    key, _ = add_key("sec-test", "user", path)
+    reg = serve_app.registry
+    store = RedisKeyStore(reg.url, reg.namespace)
+    key, rec = store.add("sec-test")
     try:
         wait(lambda: http.get("/v1/models").status_code == 401, 15, what="auth to switch on")
         yield key
     finally:
-        path.unlink(missing_ok=True)
+        store.remove(rec.id)
         wait(lambda: http.get("/v1/models").status_code == 200, 15, what="auth to switch off")
 
 

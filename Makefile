@@ -13,7 +13,7 @@ DONE = ; echo "    done in $$(( $$(date +%s) - start )) s; .venv is now $$(du -s
 
 $(STAMP): pyproject.toml Makefile
 	@$(PY) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "coe needs Python 3.11 or newer")'
-	@echo "Setting up $(VENV): about 2.2 GB on disk; 75 s on a 2-core VM with a fast link (README, 'First run')."
+	@echo "Setting up $(VENV): about 2.2 GB on disk; ~80 s measured on a 2-core VM with a fast link (README, 'First run')."
 	$(call STEP,1/4,Python venv and a current pip) test -x $(BIN)/python || $(PY) -m venv $(VENV); \
 		$(PIP) --upgrade pip $(DONE)
 	@# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.

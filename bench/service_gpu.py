@@ -31,10 +31,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHAPE_VOCAB = {"8b": 128256, "3b": 128256, "1b": 128256, "tiny": 4096}
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -177,6 +180,101 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
         return Result(model, False, e.status_code, ttft, time.perf_counter() - t0, n, expert, str(e)[:300])
     except Exception as e:  # connection errors etc.
         return Result(model, False, None, ttft, time.perf_counter() - t0, n, expert, f"{type(e).__name__}: {e}"[:300])
+
+
+async def replay_http(base: str, trace: list[Any], names: list[str], max_tokens: int) -> tuple[list[Result], float]:
+    """The trace through the service's HTTP endpoint (openai client, streaming), arrivals as traced."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+
+    async def at(r: Any) -> Result:
+        await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
+        return await one_request(client, names[r.expert], r.prompt, max_tokens)
+
+    out = await asyncio.gather(*(at(r) for r in trace))
+    wall = time.perf_counter() - t0
+    await client.close()
+    return list(out), wall
+
+
+async def replay_pool(trace: list[Any], names: list[str], max_tokens: int) -> tuple[list[Result], float]:
+    """The same trace straight to the ExpertPool deployment through a Serve handle (no HTTP, no
+    ingress, no router): the pool-level comparator, on the very engines the service runs."""
+    from ray import serve
+
+    from coe.engines.base import ChatMessage, SamplingParams
+    from coe.generate_request import GenerateRequest
+
+    handle = serve.get_deployment_handle("ExpertPool", app_name="coe")
+    t0 = time.perf_counter()
+
+    async def at(r: Any) -> Result:
+        await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
+        name = names[r.expert]
+        req = GenerateRequest(messages=[ChatMessage(role="user", content=r.prompt)],
+                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        s = time.perf_counter()
+        ttft, n, err = None, 0, None
+        try:
+            async for item in handle.options(multiplexed_model_id=name, stream=True).generate.remote(req):
+                kind = item.get("type")
+                if kind == "error":
+                    err = str(item.get("message"))[:300]
+                elif kind == "chunk":
+                    if ttft is None and item.get("text"):
+                        ttft = time.perf_counter() - s
+                    n = item.get("completion_tokens") or n + 1
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"[:300]
+        return Result(name, err is None, None, ttft, time.perf_counter() - s, n, name, err)
+
+    out = await asyncio.gather(*(at(r) for r in trace))
+    return list(out), time.perf_counter() - t0
+
+
+def throughput(rs: list[Result], wall: float) -> dict[str, Any]:
+    d = summarize(rs)
+    d["wall_s"] = round(wall, 2)
+    d["output_tok_s"] = round(d["tokens"] / wall, 1) if wall else None
+    return d
+
+
+def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 13 item 6: the same seeded traces through HTTP and through the pool handle.
+
+    * low load (``--low-rate`` req/s, one resident expert): added latency per request = HTTP TTFT
+      minus pool TTFT (p50 against p50, p99 against p99 of the two runs);
+    * the serving workload (Zipf over all experts at ``--rate``): output tokens/s, HTTP / pool."""
+    import ray
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from serve_gpu import make_trace
+
+    ray.init(address="auto", namespace="coe", log_to_driver=False)
+    vocab = SHAPE_VOCAB[args.shape]
+    low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
+                                                              prompt_tokens=128, seed=11)]
+    res: dict[str, Any] = {}
+    pool_low, _ = asyncio.run(replay_pool(low, names, args.max_tokens))
+    http_low, _ = asyncio.run(replay_http(base, low, names, args.max_tokens))
+    pl, hl = summarize(pool_low), summarize(http_low)
+    res["low_load"] = {"rate": args.low_rate, "pool": pl, "http": hl}
+    if pl["ttft_p50_s"] is not None and hl["ttft_p50_s"] is not None:
+        res["low_load"]["added_ms_p50"] = round(1000 * (hl["ttft_p50_s"] - pl["ttft_p50_s"]), 1)
+        res["low_load"]["added_ms_p99"] = round(1000 * (hl["ttft_p99_s"] - pl["ttft_p99_s"]), 1)
+    trace = make_trace(args.serve_requests, args.rate, len(names), zipf_s=1.0, prompt_tokens=128,
+                       vocab_size=vocab, seed=0)
+    asyncio.run(replay_pool(trace[: len(names) * 2], names, 8))  # warm-up, not measured
+    p_rs, p_wall = asyncio.run(replay_pool(trace, names, args.max_tokens))
+    h_rs, h_wall = asyncio.run(replay_http(base, trace, names, args.max_tokens))
+    p, h = throughput(p_rs, p_wall), throughput(h_rs, h_wall)
+    res["serving"] = {"rate": args.rate, "requests": len(trace), "pool": p, "http": h,
+                      "http_over_pool": round(h["output_tok_s"] / p["output_tok_s"], 3)
+                      if p["output_tok_s"] and h["output_tok_s"] else None}
+    ray.shutdown()
+    return res
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -335,6 +433,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                         "hot_first": first[0].__dict__, "background": summarize(rs)}
 
             res["live_changes"] = asyncio.run(live())
+            if args.overhead:
+                res["overhead"] = overhead(svc.base, names[:-1] + ["hot"], args)
             models = httpx.get(f"{svc.base}/v1/models", timeout=10).json()
             res["models_after"] = [(m.get("id"), m.get("coe", m.get("status"))) for m in models.get("data", [])]
             metrics = httpx.get(f"{svc.base}/metrics", timeout=10).text
@@ -376,6 +476,10 @@ def main() -> None:
     e.add_argument("--workdir", default="/tmp/coe-gpu")
     e.add_argument("--config-json", default=None, help="JSON merged into the service config")
     e.add_argument("--add-json", default=None, help="JSON list of extra `coe-registry add` arguments")
+    e.add_argument("--overhead", action="store_true", help="HTTP vs pool handle on the same traces (issue 13 item 6)")
+    e.add_argument("--low-rate", type=float, default=1.0)
+    e.add_argument("--low-requests", type=int, default=20)
+    e.add_argument("--serve-requests", type=int, default=300)
     e.add_argument("--out", default="bench/results")
     args = p.parse_args()
     if args.cmd == "e2e":

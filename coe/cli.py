@@ -174,7 +174,7 @@ def _load_router(cfg, registry, status) -> None:
     """Load (on a first start: train) the router here, once, so replicas find it cached."""
     if not registry.list():
         console.print("[yellow]![/] the registry is empty: add experts with `coe-registry add`, "
-                      "or start with --demo")
+                      "or start with --demo", soft_wrap=True)
     status.update("[bold]Loading the router (trains on first start)…")
     t = time.perf_counter()
     from coe.serve.router_deployment import load_router
@@ -278,6 +278,11 @@ def _wait_ready(cfg, stop: threading.Event, status) -> None:
                 console.print(f"[green]✓[/] experts loaded and warmed in {time.perf_counter() - t:.1f} s")
                 return
             detail = body.get("detail") or detail
+            if body.get("status") == "not_ready":  # warm-up finished, but a category has no expert
+                failed = "; ".join(f"{n}: {why}" for n, why in (body.get("failed") or {}).items())
+                console.print(f"[yellow]![/] serving, but not ready: {detail}" + (f" ({failed})" if failed else "")
+                              + f"; see {url}", soft_wrap=True)
+                return
         except (httpx.HTTPError, ValueError):
             pass
         status.update(f"[bold]Loading experts…[/] {detail}")

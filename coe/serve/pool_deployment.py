@@ -52,12 +52,12 @@ class _ExpertTicket:
 @serve.deployment(name="ExpertPool")
 class ExpertPoolDeployment:
     async def __init__(self, config: dict):
-        from coe.pool import ExpertPool, PoolConfig
+        from coe.pool import ExpertPool
 
         self.cfg = ServeConfig.model_validate(config)
         pc = self.cfg.pool
         self.device = pc.resolved_device()
-        self.pool = ExpertPool(PoolConfig(device=self.device, **pc.options))
+        self.pool = ExpertPool(pc.pool_config())
         self._watcher = None
         self._started = asyncio.Lock()
         self._add_locks: dict[str, asyncio.Lock] = {}

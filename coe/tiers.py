@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 POLICIES = ("lru", "demand")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
     name: str
     engine: Engine
@@ -212,6 +212,23 @@ class TierManager:
             return v.charge[Tier.HBM] - v.mem.idle_bytes, Tier.DRAM
         return v.charge[tier], Tier.DISK
 
+    def _choose(self, victims: list[_Entry], tier: Tier, need: int) -> tuple[dict[_Entry, Tier], int]:
+        """Victims (and how far down each goes) freeing ``need`` bytes of ``tier``: one step down
+        for each in policy order first (an awake engine goes to sleep), then, if that is not
+        enough, sleeping engines are shut down too (their context leaves the device)."""
+        steps = [(v, *self._freed_by(v, tier)) for v in victims]
+        if tier is Tier.HBM:
+            steps += [(v, v.mem.idle_bytes, Tier.DISK) for v in victims if v.engine.tier is Tier.HBM]
+        chosen: dict[_Entry, Tier] = {}
+        freed = 0
+        for v, gain, to in steps:
+            if freed >= need:
+                break
+            if gain > 0:
+                chosen[v] = to
+                freed += gain
+        return chosen, freed
+
     def _victims(self, tier: Tier, exclude: _Entry) -> list[_Entry]:
         """Evictable experts holding ``tier``, best victim first (for HBM: awake experts before
         sleeping ones, whose only HBM is their context and which would need a cold start)."""
@@ -254,16 +271,9 @@ class TierManager:
             victims = self._victims(tier, e)
             if protect_demand is not None:
                 victims = [v for v in victims if self.demand.get(v.name, 0) < protect_demand]
-            chosen, freed = [], 0
-            for v in victims:
-                if freed >= need:
-                    break
-                gain, to = self._freed_by(v, tier)
-                if gain > 0:
-                    chosen.append((v, to))
-                    freed += gain
+            chosen, freed = self._choose(victims, tier, need)
             if freed >= need:
-                for v, to in chosen:
+                for v, to in chosen.items():
                     self.metrics.evictions += 1
                     self.metrics.event(v.name, f"evict {tier.value}")
                     await self._demote(v, to)

@@ -53,7 +53,7 @@ class PoolDeploymentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_device_setting(self) -> "PoolDeploymentConfig":
-        if "device" in self.options.model_fields_set:
+        if self.options.device != PoolConfig.model_fields["device"].default:  # the dump round-trips "cpu"
             raise ValueError("set the device as pool.device, not pool.options.device")
         return self
 

@@ -44,10 +44,11 @@ copy exists (``load``/``unload``), and its DRAM budget counts the copy's bytes. 
 nothing for the switch itself, and vLLM's own weight layout — fused qkv/gate_up — is only known
 inside the worker.)
 
-HBM that the tier manager does not see: an engine also holds its KV cache (``kv_cache_memory_bytes``
-or ``gpu_memory_utilization``), a CUDA context and activations while awake; a sleeping engine keeps
-its context (~0.5 GB). Size the HBM budget for weights with that headroom left over. :meth:`load`
-needs the engine's whole footprint free on the GPU while vLLM starts (it loads, then sleeps).
+HBM beyond the weights: an awake engine also holds its KV cache (``EngineSettings.kv_cache_bytes``
+or ``gpu_memory_utilization``), a CUDA context, activations and graphs; a sleeping one keeps its
+context. :meth:`VLLMEngine.memory` reports all of it (estimated before the first start, measured
+during it) and the tier manager charges it; :meth:`load` needs the whole footprint free on the GPU
+while vLLM starts (it loads, then sleeps), so the tier manager reserves that first.
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -23,10 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(router_app, name="router", help="Train, explain and evaluate the two-stage router.")
-app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys.")
-
-from coe.keys_cli import app as keys_app  # noqa: E402
-
 app.add_typer(keys_app, name="keys", help="Create, list and revoke API keys (stored hashed).")
 
 console = Console(highlight=False)
@@ -35,6 +36,7 @@ err_console = Console(stderr=True, highlight=False)
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
 RAY_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+CHAT_DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -57,6 +59,7 @@ def serve(
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    _quiet_ray()  # before anything imports ray: it reads RAY_AUTH_MODE once, at import
     from coe.config import ServeConfig
 
     try:
@@ -65,17 +68,18 @@ def serve(
         _fail(f"{config}: {' '.join(str(e).split())}")
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
-    from coe.security import KeyStore, check_bind, install_log_redaction
+    from coe.keys import KeyRing, RedisKeyStore
+    from coe.security import check_bind, install_log_redaction
 
     install_log_redaction()
-    try:
-        keys = KeyStore(path=cfg.security.api_keys_file)
-    except Exception as e:
-        _fail(str(e))
-    warning = check_bind(cfg.host, keys.configured)
+    # keys live in the registry's Redis (coe keys …); before it is up only a given URL can be read:
+    # the environment's keys plus whatever that store holds (an unreadable store shows as none here)
+    keys = KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace, socket_timeout=1.0) if cfg.redis_url else None)
+    n_keys = len(keys.records)
+    warning = check_bind(cfg.host, n_keys > 0)
     if warning:
         err_console.print(f"[bold white on red] {warning} [/]")
-    console.print(f"[dim]API keys: {'on (' + str(len(keys.records)) + ' key(s))' if keys.configured else 'off'}; "
+    console.print(f"[dim]API keys: {'on (' + str(n_keys) + ' key(s))' if n_keys else 'off'}; "
                   f"binding {cfg.host}:{cfg.port}[/]")
     stop = threading.Event()
 
@@ -111,95 +115,218 @@ def serve(
 
 def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, stop: threading.Event,
                reinstall_handlers) -> None:
+    """Each stage prints one line when done; a Ctrl-C between stages stops before the next."""
+    t_all = time.perf_counter()
+    with console.status("[bold]Starting Redis…") as status:
+        cfg, registry = _start_redis(cfg, started)
+        stages = [
+            lambda: _prepare_demo(registry, status) if cfg.demo else None,
+            lambda: _load_router(cfg, registry, status),
+            lambda: _start_ray(started, dashboard_port, num_cpus, reinstall_handlers, status),
+            lambda: _deploy(cfg, started, status),
+            lambda: _wait_ready(cfg, stop, status),
+        ]
+        for stage in stages:
+            if stop.is_set():
+                return
+            stage()
+    if not stop.is_set():
+        _print_banner(cfg, len(registry.list()), time.perf_counter() - t_all, dashboard_port)
+
+
+def _start_redis(cfg, started: dict):
+    """The registry's Redis: COE_REDIS_URL / config, else the embedded one (started if needed)."""
     from expert_registry.embedded import embedded_status, ensure_embedded, mask_url
     from expert_registry.store import RedisRegistry
 
-    t_all = time.perf_counter()
-    with console.status("[bold]Starting Redis…") as status:
-        if cfg.redis_url:
-            url = cfg.redis_url
-            where = f"Redis at {mask_url(url)} (COE_REDIS_URL / config)"
-        else:
-            was_running = embedded_status() is not None
-            url = ensure_embedded().url
-            started["redis"] = not was_running
-            where = f"embedded Redis at {url} ({'reused' if was_running else 'started'})"
-        cfg = cfg.model_copy(update={"redis_url": url})
-        registry = RedisRegistry(url, namespace=cfg.namespace)
+    if cfg.redis_url:
+        url = cfg.redis_url
+        where = f"Redis at {mask_url(url)} (COE_REDIS_URL / config)"
+    else:
+        was_running = embedded_status() is not None
+        url = ensure_embedded().url
+        started["redis"] = not was_running
+        where = f"embedded Redis at {url} ({'reused' if was_running else 'started'})"
+    cfg = cfg.model_copy(update={"redis_url": url})
+    registry = RedisRegistry(url, namespace=cfg.namespace)
+    try:
+        registry.ping()
+    except Exception as e:
+        _fail(str(e))
+    console.print(f"[green]✓[/] {where}")
+    return cfg, registry
+
+
+def _prepare_demo(registry, status) -> None:
+    from coe.demo import ensure_demo, prepare_demo_weights
+
+    status.update("[bold]Registering demo experts…")
+    added = ensure_demo(registry)
+    console.print(f"[green]✓[/] demo experts: {', '.join(added) if added else 'already registered'}",
+                  soft_wrap=True)
+    status.update("[bold]Converting the SmolLM2 GGUF (first start only, ~40 s on 2 cores)…")
+    t = time.perf_counter()
+    folder = prepare_demo_weights()
+    console.print(f"[green]✓[/] demo weights ready in {time.perf_counter() - t:.1f} s ({folder})", soft_wrap=True)
+
+
+def _load_router(cfg, registry, status) -> None:
+    """Load (on a first start: train) the router here, once, so replicas find it cached."""
+    if not registry.list():
+        console.print("[yellow]![/] the registry is empty: add experts with `coe-registry add`, "
+                      "or start with --demo", soft_wrap=True)
+    status.update("[bold]Loading the router (trains on first start)…")
+    t = time.perf_counter()
+    from coe.serve.router_deployment import load_router
+
+    router = load_router(cfg.router.path)
+    console.print(f"[green]✓[/] router ready in {time.perf_counter() - t:.1f} s "
+                  f"({len(router.categories)} categories)")
+
+
+def _quiet_ray() -> None:
+    """Environment that keeps Ray's own notices off the user's screen. Token auth is asked for
+    explicitly, so Ray does not print an invitation to turn it off (RAY_AUTH_MODE=disabled).
+    Must run before ``import ray`` (the router stage imports it)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # workers inherit it: nothing downloads at run time
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+@contextlib.contextmanager
+def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
+    """Send what Ray prints on this process's stderr (and stdout, when given) while it starts or
+    stops (its banner, the raylet's report of the controller it kills itself at shutdown) to
+    ``$COE_HOME/logs/serve.log``, without ANSI codes; the banner names the file. Replica logs stay
+    in Ray's own log folder. Start-up keeps stdout: rich's spinner draws there."""
+    from expert_registry.paths import state_dir
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in fds}
+    with tempfile.TemporaryFile() as tmp:
+        for fd in fds:
+            os.dup2(tmp.fileno(), fd)
         try:
-            registry.ping()
-        except Exception as e:
-            _fail(str(e))
-        console.print(f"[green]✓[/] {where}")
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            tmp.seek(0)
+            text = _ANSI.sub("", tmp.read().decode(errors="replace"))
+            if text.strip():
+                with (state_dir("logs") / "serve.log").open("a", encoding="utf-8") as f:
+                    f.write(text if text.endswith("\n") else text + "\n")
 
-        if cfg.demo:
-            from coe.demo import ensure_demo, prepare_demo_weights
 
-            status.update("[bold]Registering demo experts…")
-            added = ensure_demo(registry)
-            console.print(f"[green]✓[/] demo experts: {', '.join(added) if added else 'already registered'}",
-                          soft_wrap=True)
-            status.update("[bold]Converting the SmolLM2 GGUF (first start only, ~40 s on 2 cores)…")
-            t = time.perf_counter()
-            folder = prepare_demo_weights()
-            console.print(f"[green]✓[/] demo weights ready in {time.perf_counter() - t:.1f} s ({folder})", soft_wrap=True)
-        n = len(registry.list())
-        if n == 0:
-            console.print("[yellow]![/] the registry is empty: add experts with `coe-registry add`, "
-                          "or start with --demo")
-        if stop.is_set():
-            return
+def _start_ray(started: dict, dashboard_port: int, num_cpus: int | None, reinstall_handlers, status) -> None:
+    status.update("[bold]Starting Ray…")
+    import ray
 
-        status.update("[bold]Loading the router (trains on first start)…")
-        t = time.perf_counter()
-        from coe.serve.router_deployment import load_router
+    import logging
 
-        router = load_router(cfg.router.path)
-        console.print(f"[green]✓[/] router ready in {time.perf_counter() - t:.1f} s "
-                      f"({len(router.categories)} categories)")
-        del router
-        if stop.is_set():
-            return
-
-        status.update("[bold]Starting Ray…")
-        import ray
-
-        t = time.perf_counter()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # workers inherit it: nothing downloads at run time
+    t = time.perf_counter()
+    status.stop()  # Ray prints its start-up notice on stdout too: the spinner pauses while it is captured
+    with _ray_output_to_log(fds=(1, 2)):
         ray.init(include_dashboard=True, dashboard_host=DASHBOARD_HOST, dashboard_port=dashboard_port,
-                 num_cpus=num_cpus, namespace="coe", log_to_driver=False)
-        started["ray"] = True
-        reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
-        console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")
-        if stop.is_set():
-            return
+                 num_cpus=num_cpus, namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
+    status.start()
+    started["ray"] = True
+    reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
+    console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")
 
-        status.update("[bold]Deploying the coe app (ingress, router, expert pool)…")
-        import logging
 
-        from ray import serve
+def _deploy(cfg, started: dict, status) -> None:
+    status.update("[bold]Deploying the coe app (ingress, router, expert pool)…")
+    import logging
 
-        from coe.serve.app import build_app
+    from ray import serve
 
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # rich shows progress instead
+    from coe.serve.app import build_app
 
-        t = time.perf_counter()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # rich shows progress instead
+    t = time.perf_counter()
+    with _ray_output_to_log():
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, detached=False)
         started["serve"] = True
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
-        console.print(f"[green]✓[/] app deployed in {time.perf_counter() - t:.1f} s")
+    console.print(f"[green]✓[/] app deployed in {time.perf_counter() - t:.1f} s")
 
+
+READY_TIMEOUT_S = 900.0
+
+
+def _wait_ready(cfg, stop: threading.Event, status) -> None:
+    """Poll ``/readyz`` (an expert of every routable category loaded and run once), so that
+    "serving" is printed only when the first request will not be a cold one."""
+    import httpx
+
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host
+    url = f"http://{host}:{cfg.port}/readyz"
+    t = time.perf_counter()
+    detail = "waiting for the app"
+    while not stop.is_set() and time.perf_counter() - t < READY_TIMEOUT_S:
+        try:
+            r = httpx.get(url, timeout=10, headers=_auth_header())
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            if r.status_code == 200:
+                console.print(f"[green]✓[/] experts loaded and warmed in {time.perf_counter() - t:.1f} s")
+                return
+            detail = body.get("detail") or detail
+            if body.get("status") == "not_ready":  # warm-up finished, but a category has no expert
+                failed = "; ".join(f"{n}: {why}" for n, why in (body.get("failed") or {}).items())
+                console.print(f"[yellow]![/] serving, but not ready: {detail}" + (f" ({failed})" if failed else "")
+                              + f"; see {url}", soft_wrap=True)
+                return
+        except (httpx.HTTPError, ValueError):
+            pass
+        status.update(f"[bold]Loading experts…[/] {detail}")
+        stop.wait(1.0)
+    if not stop.is_set():
+        console.print(f"[yellow]![/] not ready after {READY_TIMEOUT_S:.0f} s ({detail}); see {url}")
+
+
+def _auth_header() -> dict[str, str]:
+    key = os.environ.get("COE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _coe_command() -> str:
+    """This installation's ``coe`` as a fresh shell can run it: its absolute path (a fresh shell
+    has not activated the venv, so a bare ``coe`` would be 'command not found')."""
+    exe = Path(sys.argv[0])
+    if exe.name != "coe" or not exe.exists():
+        exe = Path(sys.executable).with_name("coe")
+    return shlex.quote(str(exe.absolute()))
+
+
+def _chat_url_option(api: str) -> str:
+    """`coe chat` talks to 127.0.0.1:8000 unless told otherwise (COE_URL or --url)."""
+    host_api = api.replace("://0.0.0.0:", "://127.0.0.1:")
+    return "" if f"{host_api}/v1" == CHAT_DEFAULT_URL else f" --url {host_api}/v1"
+
+
+def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> None:
     api = f"http://{cfg.host}:{cfg.port}"
     dash = f"http://{DASHBOARD_HOST}:{dashboard_port}"
+    from expert_registry.paths import state_dir
+
     lines = [
         "",
-        f"[bold green]coe is serving[/]: {len(registry.list())} experts, started in {time.perf_counter() - t_all:.0f} s",
+        f"[bold green]coe is serving[/]: {n_experts} experts, ready in {took_s:.0f} s",
         f"  API        {api}/v1   (OpenAI-compatible; model = coe | coe/<category> | <expert>)",
-        f"  try        coe chat \"Hello!\"    curl {api}/v1/models",
-        f"  health     {api}/healthz    metrics: {api}/metrics",
+        f"  try        {_coe_command()} chat{_chat_url_option(api)} \"Hello!\"",
+        f"             curl {api}/v1/models",
+        f"  health     {api}/healthz (alive)   {api}/readyz (warm)   metrics: {api}/metrics",
         f"  dashboard  {dash}   (Ray token auth is on)",
         f"  token      {RAY_TOKEN_PATH}: paste it when the dashboard page asks for it; for its API:",
         f"             curl -H \"Authorization: Bearer $(cat {RAY_TOKEN_PATH})\" {dash}/api/serve/applications/",
+        f"  logs       {state_dir('logs') / 'serve.log'} (Ray's own notices); replicas: /tmp/ray/session_latest/logs",
     ]
     for line in lines:
         console.print(line, soft_wrap=True)
@@ -224,24 +351,34 @@ def _stop_redis() -> None:
 
 
 def _shutdown(started: dict) -> None:
-    """Stop what this process started, in reverse order; each step is best effort."""
+    """Stop what this process started, in reverse order; each step is best effort. Ray reports
+    the controller it kills itself as a failed task (asynchronously, on stdout or stderr): all of
+    Ray's output during the stop goes to the log, and the outcome is printed after it."""
     console.print("[bold]Shutting down…")
-    for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
-                             ("redis", "embedded Redis", _stop_redis)):
-        if not started.get(key):
-            continue
-        try:
-            stop()
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    results: list[tuple[str, Exception | None]] = []
+    with _ray_output_to_log(fds=(1, 2)):
+        for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
+                                 ("redis", "embedded Redis", _stop_redis)):
+            if not started.get(key):
+                continue
+            try:
+                stop()
+                results.append((label, None))
+            except Exception as e:
+                results.append((label, e))
+    for label, err in results:
+        if err is None:
             console.print(f"[green]✓[/] {label} stopped")
-        except Exception as e:
-            err_console.print(f"[yellow]![/] {label} shutdown: {e}")
+        else:
+            err_console.print(f"[yellow]![/] {label} shutdown: {err}")
 
 
 @app.command()
 def chat(
     message: Optional[str] = typer.Argument(None, help="What to ask; omit for an interactive session."),
     model: str = typer.Option("coe", "--model", "-m", help="coe | coe/<category> | <expert name>"),
-    url: str = typer.Option(os.environ.get("COE_URL", "http://127.0.0.1:8000/v1"), help="coe's OpenAI base URL."),
+    url: str = typer.Option(CHAT_DEFAULT_URL, envvar="COE_URL", help="coe's OpenAI base URL."),
     max_tokens: Optional[int] = typer.Option(None, help="Cap on generated tokens (default: the expert's)."),
     temperature: Optional[float] = typer.Option(None),
     system: Optional[str] = typer.Option(None, help="A system message to send first."),
@@ -295,6 +432,8 @@ def chat(
 def _route_line(coe: dict | None) -> str:
     if not coe:
         return "[dim](no routing info)[/]"
+    if coe.get("forced") == "expert" or not coe.get("category"):  # the router was bypassed: no category
+        return f"[dim]→ expert [bold]{coe.get('expert')}[/bold] (named in the request, router bypassed)[/]"
     probs = coe.get("category_probs") or []
     top = f" p={probs[0].get('prob', 0):.2f}" if probs else ""
     return (f"[dim]→ expert [bold]{coe.get('expert')}[/bold], category {coe.get('category')}{top}, "

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from coe.affinity import AffinityConfig
 from coe.limits import RequestLimits
 from coe.pool import PoolConfig
 
@@ -97,6 +98,7 @@ class ServeConfig(BaseModel):
     pool: PoolDeploymentConfig = Field(default_factory=PoolDeploymentConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    conversation: AffinityConfig = Field(default_factory=AffinityConfig)
 
     def with_env(self) -> "ServeConfig":
         """Fill unset fields from the environment (``COE_REDIS_URL``, ``COE_NAMESPACE``)."""

@@ -54,23 +54,24 @@ def demo_experts() -> list[Any]:
     """The demo ``Expert`` specs."""
     from expert_registry.spec import Expert, GenerationDefaults
 
-    gguf = str(smollm2_gguf())
+    path = smollm2_gguf()
+    gguf, size = str(path), path.stat().st_size  # `coe-registry list` shows what is stored
     return [
         Expert(name="smollm2-135m", model=gguf, engine="hf", dtype="float32", max_context=2048,
                system_prompt=GENERAL_PROMPT,
                generation=GenerationDefaults(max_tokens=128, temperature=0.2, top_p=0.9),
                capabilities={"general": 0.7, "writing": 0.6, "roleplay": 0.6, "extraction": 0.5, "coding": 0.5,
                              "math": 0.2, "stem": 0.3, "reasoning": 0.3, "humanities": 0.3},
-               params_b=0.135, tags=["demo", "smollm2"]),
+               params_b=0.135, size_bytes=size, tags=["demo", "smollm2"]),
         Expert(name="smollm2-tutor", model=gguf, engine="hf", dtype="float32", max_context=2048,
                system_prompt=TUTOR_PROMPT,
                generation=GenerationDefaults(max_tokens=160, temperature=0.2, top_p=0.9),
                capabilities={"math": 0.8, "stem": 0.8, "reasoning": 0.7, "humanities": 0.8, "general": 0.3},
-               params_b=0.135, tags=["demo", "smollm2", "shares-weights:smollm2-135m"]),
+               params_b=0.135, size_bytes=size, tags=["demo", "smollm2", "shares-weights:smollm2-135m"]),
     ]
 
 
-DEMO_FIELDS = ("model", "system_prompt", "generation", "capabilities", "max_context")
+DEMO_FIELDS = ("model", "system_prompt", "generation", "capabilities", "max_context", "size_bytes")
 
 
 def ensure_demo(registry: Any) -> list[str]:

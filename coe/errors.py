@@ -11,6 +11,21 @@ class CoeError(Exception):
     """Base of every error coe raises on purpose."""
 
 
+class RequestError(CoeError):
+    """What one request contains cannot be served (its messages fail the chat template or the
+    tokenizer, its text cannot be encoded). Decision 2 of DESIGN.md: a 400 for that request only;
+    it never marks the expert failed and never starts the fallback cascade, because the next
+    request to the same expert may be fine.
+
+    ``param`` names the offending request field (OpenAI ``error.param``), ``code`` the error code."""
+
+    def __init__(self, message: str, param: str | None = "messages", code: str = "invalid_prompt"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
 class ExpertTooLarge(CoeError):
     """The expert's weights do not fit a tier budget of this pool (raised when it is added)."""
 

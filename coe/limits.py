@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -47,6 +48,10 @@ class RequestLimits(BaseModel):
                                  "less with the X-Coe-Timeout header (seconds)")
     max_queued_requests: int = Field(
         512, ge=-1, description="requests waiting in front of the ingress (Ray Serve); beyond: 429; -1 = no bound")
+    max_routing_waiters: int | None = Field(
+        None, ge=1, description="requests one ingress replica lets wait for the router; beyond: 429 at once, "
+                                "before any routing work (None = the router's capacity: its replicas x "
+                                "max(64, 4 x max_batch_size))")
     retry_after_min_s: int = Field(1, ge=0)
     retry_after_max_s: int = Field(30, ge=1)
 
@@ -56,13 +61,16 @@ class RequestTimeout(Exception):
     """The per-request deadline passed; ``started`` tells whether any output had been produced."""
 
     def __init__(self, timeout_s: float, started: bool):
-        super().__init__(f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s)")
+        super().__init__(f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s "
+                         "or X-Coe-Timeout)")
         self.timeout_s = timeout_s
         self.started = started
 
 
 def openai_error(message: str, code: str, type: str = "invalid_request_error", param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    from coe.api.protocol import error_payload
+
+    return error_payload(message, type, param, code)
 
 
 # ------------------------------------------------------------------------------------- backpressure
@@ -88,12 +96,16 @@ class LatencyEWMA:
 # ------------------------------------------------------------------------------------- deadlines
 async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_timeout_s: float | None = None,
                         on_close: Callable[[], Any] | None = None,
-                        cancel: Callable[[], Any] | None = None) -> AsyncIterator[_T]:
+                        cancel: Callable[[], Any] | None = None,
+                        limit_s: float | None = None) -> AsyncIterator[_T]:
     """Yield ``stream``'s items until it ends or the deadline passes (then close it and raise
     :class:`RequestTimeout`). ``first_item_timeout_s`` bounds the wait for the first item separately.
     On any early exit (deadline, error, the consumer cancelled) ``cancel`` (default: ``stream.cancel``
-    if it has one, e.g. a Ray Serve response generator) stops the work behind the stream."""
+    if it has one, e.g. a Ray Serve response generator) stops the work behind the stream.
+    ``limit_s`` is the limit the client or operator set, for the error message, when ``timeout_s``
+    is only what was left of it (a user who set 1 s should read "1 s", not "0.771852 s")."""
     deadline = time.monotonic() + timeout_s
+    shown = limit_s if limit_s is not None else timeout_s
     started = False
     try:
         while True:
@@ -101,14 +113,14 @@ async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_
             if not started and first_item_timeout_s is not None:
                 left = min(left, first_item_timeout_s)
             if left <= 0:
-                raise RequestTimeout(timeout_s if started else (first_item_timeout_s or timeout_s), started)
+                raise RequestTimeout(shown if started else (first_item_timeout_s or shown), started)
             try:
                 item = await asyncio.wait_for(stream.__anext__(), left)
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:
-                raise RequestTimeout(timeout_s if started or first_item_timeout_s is None
-                                     else min(timeout_s, first_item_timeout_s), started) from None
+                raise RequestTimeout(shown if started or first_item_timeout_s is None
+                                     else min(shown, first_item_timeout_s), started) from None
             started = True
             yield item
     except BaseException:
@@ -140,6 +152,51 @@ def request_timeout(limits: RequestLimits, header: str | None) -> float:
     return min(asked, limits.request_timeout_s)
 
 
+# ------------------------------------------------------------------------------------- text checks
+# a JSON \u escape in the surrogate range; only bodies holding one are parsed here
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _first_unencodable(obj: Any, where: str) -> str | None:
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found = _first_unencodable(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{where}.{k}" if where else str(k)
+            found = _first_unencodable(k, sub)
+            if found is None:
+                found = _first_unencodable(v, sub)
+            if found is not None:
+                return found
+    return None
+
+
+def unencodable_text(body: bytes) -> str | None:
+    """The JSON path (``messages[0].content``; ``""`` for the top level) of the first string in
+    ``body`` that is not valid Unicode (a lone surrogate such as ``"\\udfff"``), else ``None``.
+
+    Valid UTF-8 bytes can still spell such a string through a JSON escape, and it breaks tokenizers
+    deep inside the pool; refusing it here keeps it from ever reaching an expert (issue 12, item 1).
+    Bodies without a surrogate escape are not parsed (the common case costs one regex scan); a body
+    that is not JSON is left for the app to report."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return _first_unencodable(doc, "")
+
+
 # ------------------------------------------------------------------------------------- body limit
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -156,13 +213,12 @@ class BodyLimitMiddleware:
     """Reads a request body up to ``max_bytes`` before the app sees it, then replays it.
 
     413 ``request_too_large`` for a larger body (declared or actual), 400 ``invalid_encoding`` for
-    a body that is not UTF-8. Only bodies of ``POST``/``PUT``/``PATCH`` under ``prefixes``."""
+    a body that is not UTF-8 or spells a lone surrogate. Every ``POST``/``PUT``/``PATCH`` body, on
+    every route, whatever prefix the app is mounted under (deny by default, issue 12 item 2)."""
 
-    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None,
-                 prefixes: tuple[str, ...] = ("/v1/",)):
+    def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None):
         self.app = app
         self._max_bytes = max_bytes or default_max_request_bytes()
-        self.prefixes = prefixes
 
     @property
     def max_bytes(self) -> int:
@@ -174,8 +230,7 @@ class BodyLimitMiddleware:
                             f"(limits.max_request_bytes)", "request_too_large")
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if (scope["type"] != "http" or scope.get("method") not in _BODY_METHODS
-                or not scope.get("path", "").startswith(self.prefixes)):
+        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
             return await self.app(scope, receive, send)
         limit = self.max_bytes
         declared = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
@@ -205,6 +260,11 @@ class BodyLimitMiddleware:
         except UnicodeDecodeError as e:
             return await _reply(send, 400, openai_error(
                 f"request body is not valid UTF-8 (byte {e.start}): JSON bodies must be UTF-8", "invalid_encoding"))
+        where = unencodable_text(body)
+        if where is not None:
+            return await _reply(send, 400, openai_error(
+                f"{where or 'the body'} holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair): "
+                "such text cannot be encoded as UTF-8", "invalid_encoding", param=where or None))
         replayed = False
 
         async def replay() -> dict:
@@ -215,10 +275,3 @@ class BodyLimitMiddleware:
             return await receive()  # after the body: wait for disconnect, as the server would
 
         return await self.app(scope, replay, send)
-
-
-def install_limits(app: Any, limits: RequestLimits | None = None) -> RequestLimits:
-    """Add :class:`BodyLimitMiddleware` to a FastAPI/Starlette app; returns the limits used."""
-    limits = limits or RequestLimits()
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
-    return limits

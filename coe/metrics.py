@@ -59,6 +59,10 @@ class IngressMetrics:
                                registry=self.registry)
         self.errors = Counter("coe_errors", "Requests refused or failed, by HTTP status", ["status"],
                               registry=self.registry)
+        # per API key (name): usage for budgets and chargeback; "-" = no key (auth off)
+        self.key_requests = Counter("coe_key_requests", "Requests per API key, by outcome", ["key", "status"],
+                                    registry=self.registry)
+        self.key_tokens = Counter("coe_key_tokens", "Tokens used per API key", ["key", "kind"], registry=self.registry)
         self._ray = None
         rm = _ray_metrics() if use_ray else None
         if rm is not None:
@@ -74,6 +78,9 @@ class IngressMetrics:
                     "request_s": rm.Histogram("coe_request_latency_seconds", "End-to-end latency",
                                               boundaries=LATENCY_S_BUCKETS, tag_keys=("expert",)),
                     "errors": rm.Counter("coe_errors", "Refused or failed requests", tag_keys=("status",)),
+                    "key_requests": rm.Counter("coe_key_requests", "Requests per API key",
+                                               tag_keys=("key", "status")),
+                    "key_tokens": rm.Counter("coe_key_tokens", "Tokens per API key", tag_keys=("key", "kind")),
                 }
             except Exception as e:  # outside a Ray worker the metric classes cannot register
                 log.debug("Ray metrics unavailable: %s", e)
@@ -100,6 +107,19 @@ class IngressMetrics:
             if completion_tokens:
                 self._ray["completion_tokens"].inc(completion_tokens, tags=tags)
             self._ray["request_s"].observe(seconds, tags={"expert": expert})
+
+    def observe_key(self, key: str | None, status: str, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """Usage of one API key (``key`` = its name; None when auth is off)."""
+        k = key or "-"
+        self.key_requests.labels(k, status).inc()
+        for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+            if n:
+                self.key_tokens.labels(k, kind).inc(n)
+        if self._ray:
+            self._ray["key_requests"].inc(tags={"key": k, "status": status})
+            for kind, n in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+                if n:
+                    self._ray["key_tokens"].inc(n, tags={"key": k, "kind": kind})
 
     def observe_error(self, status: int) -> None:
         self.errors.labels(str(status)).inc()

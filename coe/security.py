@@ -2,7 +2,8 @@
 
 Keys
 ----
-Two roles: ``user`` keys may call every ``/v1/*`` route; ``admin`` keys may too, and are the only
+Two roles: ``user`` keys may call every route (all need a key once one exists, except the probes in
+``OPEN_PATHS``); ``admin`` keys may too, and are the only
 ones accepted on admin routes (anything that changes the registry over HTTP; see ``ADMIN_PREFIXES``).
 Keys come from, in this order (all of them count):
 
@@ -53,8 +54,10 @@ ENV_KEYS_FILE = "COE_API_KEYS_FILE"
 KEYS_FILE = "api_keys.json"
 KEY_PREFIX = "coe-"
 FILE_FORMAT = 1
-#: routes that need a key when keys are configured
-PROTECTED_PREFIXES: tuple[str, ...] = ("/v1/",)
+#: the only routes open without a key when keys are configured (exact paths, relative to the app's
+#: route prefix): liveness and readiness probes. Everything else, ``/metrics`` and the API docs
+#: included, needs a key (deny by default; see docs/security.md).
+OPEN_PATHS: frozenset[str] = frozenset({"/healthz", "/livez", "/readyz"})
 #: routes that need an *admin* key (none exist yet: no HTTP route changes the registry)
 ADMIN_PREFIXES: tuple[str, ...] = ("/v1/admin/", "/admin/")
 RELOAD_EVERY_S = 1.0
@@ -286,9 +289,21 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------- ASGI middleware
-def _error_body(status: int, message: str, code: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": code}}).encode()
+def _error_body(message: str, code: str) -> bytes:
+    from coe.api.protocol import error_payload
+
+    return json.dumps(error_payload(message, "invalid_request_error", None, code)).encode()
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path the app routes on: ``scope["path"]`` without the ``root_path`` a mount or Ray
+    Serve's ``route_prefix`` puts in front (Ray Serve keeps the prefix in ``path``), computed the
+    way Starlette's router does, so that the auth decision and the route chosen always agree."""
+    path = scope.get("path", "") or ""
+    root = (scope.get("root_path", "") or "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 async def _send_json(send: Callable, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -299,15 +314,20 @@ async def _send_json(send: Callable, status: int, body: bytes, headers: list[tup
 
 
 class APIKeyMiddleware:
-    """Pure ASGI middleware: when keys are configured, ``/v1/*`` needs ``Authorization: Bearer <key>``
-    (401 ``invalid_api_key`` otherwise) and admin routes need an admin key (403). Streaming responses
-    pass through untouched. ``scope["coe.key"]`` holds the matched record's public fields."""
+    """Pure ASGI middleware, deny by default: when keys are configured, every route except the
+    probes in ``open_paths`` needs ``Authorization: Bearer <key>`` (401 ``invalid_api_key``
+    otherwise), whatever prefix the app is served under, unknown paths included; admin routes
+    need an admin key (403). Streaming responses pass through untouched. ``scope["coe.key"]``
+    holds the matched record's public fields.
+
+    The store is anything with ``configured`` (is auth on?) and ``verify(key) -> record | None``
+    (the one call that checks a key), so another key store (e.g. one in Redis) plugs in."""
 
     def __init__(self, app: Any, store: KeyStore | Callable[[], KeyStore] | None = None,
-                 protected: tuple[str, ...] = PROTECTED_PREFIXES, admin: tuple[str, ...] = ADMIN_PREFIXES):
+                 open_paths: frozenset[str] = OPEN_PATHS, admin: tuple[str, ...] = ADMIN_PREFIXES):
         self.app = app
         self._store = store
-        self.protected = protected
+        self.open_paths = open_paths
         self.admin = admin
 
     @property
@@ -320,19 +340,19 @@ class APIKeyMiddleware:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = route_path(scope)
         needs_admin = path.startswith(self.admin)
-        if not (needs_admin or path.startswith(self.protected)) or not self.store.configured:
+        if (path in self.open_paths and not needs_admin) or not self.store.configured:
             return await self.app(scope, receive, send)
         auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
         rec = self.store.verify(bearer_token(auth))
         if rec is None:
             msg = ("missing API key: send 'Authorization: Bearer <key>'" if not auth else
                    "invalid API key (keys are managed with `coe keys`)")
-            return await _send_json(send, 401, _error_body(401, msg, "invalid_api_key"),
+            return await _send_json(send, 401, _error_body(msg, "invalid_api_key"),
                                     [(b"www-authenticate", b'Bearer realm="coe"')])
         if needs_admin and rec.role != "admin":
-            return await _send_json(send, 403, _error_body(403, "this operation needs an admin key",
+            return await _send_json(send, 403, _error_body("this operation needs an admin key",
                                                            "insufficient_permissions"))
         scope["coe.key"] = rec.public()
         return await self.app(scope, receive, send)

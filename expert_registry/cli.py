@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 import yaml
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
@@ -98,10 +99,52 @@ def _user_errors() -> Iterator[None]:
 
 
 def _open(redis_url: str | None, namespace: str) -> RedisRegistry:
+    """The registry; without a URL, the embedded Redis, and a note on stderr when this command had
+    to start it (it keeps running for the next command and for `coe serve`)."""
+    was_running = redis_url or embedded.embedded_status() is not None
     url = embedded.resolve_redis_url(redis_url)
+    if not was_running:
+        typer.echo(f"note: started the embedded Redis ({url}); it keeps running for later commands and "
+                   "`coe serve`. Stop it with: coe-registry server stop", err=True)
     reg = RedisRegistry(url, namespace)
     reg.ping()
     return reg
+
+
+def _known_categories(reg: RedisRegistry) -> tuple[list[str], str, str | None]:
+    """The category names this namespace can route (decision 6): the set the serving router
+    published, else the default taxonomy. Returns (names, where from, a warning or None)."""
+    published = reg.categories()
+    if published is not None:
+        return published.categories, f"known to the router the service loaded ({published.source})", None
+    from routers.router import DEFAULT_CATEGORIES  # the router's own list, not a copy
+
+    return list(DEFAULT_CATEGORIES), "known to the default taxonomy", (
+        f"warning: no coe service has published its router's categories in namespace '{reg.namespace}' yet; "
+        "checked against the default taxonomy")
+
+
+def _check_categories(reg: RedisRegistry, names: Any, what: str) -> str | None:
+    """Refuse category names the router cannot route: a typo (``code`` for ``coding``) would
+    otherwise be accepted and then answer 404 on every request. Returns the warning to print
+    after the command succeeded (the default taxonomy was used), if any."""
+    names = sorted(set(names))
+    if not names:
+        return None
+    known, where, warning = _known_categories(reg)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidExpert(
+            f"{what}: unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))}; "
+            f"{where}: {', '.join(known)}. A new category needs a router trained on your own "
+            "prompts: `coe router train --data prompts.jsonl --out DIR`, then serve with router.path: DIR "
+            "(docs/router.md)")
+    return warning
+
+
+def _warn(warning: str | None) -> None:
+    if warning:
+        typer.echo(warning, err=True)
 
 
 def _load_yaml(path: Path, what: str) -> Any:
@@ -136,14 +179,14 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def _describe(info: ModelInfo) -> str:
-    bits = [info.format, _fmt_bytes(info.size_bytes)]
+def _describe(info: ModelInfo, expert: Any) -> str:
+    """What the files say, with the values the registry stores (an explicit --max-context wins)."""
+    bits = [info.format, _fmt_bytes(expert.size_bytes)]
     if info.architecture:
         bits.append(info.architecture)
     if info.params_estimate:
         bits.append(f"{info.params_estimate / 1e6:.0f}M params")
-    if info.context_length:
-        bits.append(f"ctx {info.context_length}")
+    bits.append(f"ctx {expert.max_context}")
     return ", ".join(bits)
 
 
@@ -294,9 +337,11 @@ def add(
             data, info = _with_model_info(data, explicit)
         expert = parse_expert(data, source)
         reg = _open(redis_url, namespace)
+        warning = _check_categories(reg, expert.capabilities, f"expert {expert.name}")
         version = reg.add(expert)
-    detail = _describe(info) if info else "model not checked"
+    detail = _describe(info, expert) if info else "model not checked"
     out.print(f"added expert '{expert.name}' ({detail}); registry version {version}")
+    _warn(warning)
 
 
 @app.command()
@@ -339,6 +384,7 @@ def update(
         if not data:
             raise InvalidExpert("nothing to update: give at least one option (see --help)")
         reg = _open(redis_url, namespace)
+        warning = _check_categories(reg, (data.get("capabilities") or {}), f"expert {name}")
         current = reg.get(name)
         # validate the merged result before touching files (unknown fields, ranges)
         parse_expert({**current.model_dump(), **{k: v for k, v in data.items()
@@ -353,8 +399,10 @@ def update(
             data = {**data, **{k: merged[k] for k in ("model", "size_bytes", "params_b", "max_context")
                                if k in merged}}
         version = reg.update(name, **data)
-    out.print(f"updated expert '{name}'" + (f" ({_describe(info)})" if info else "")
+        stored = reg.get(name) if info else None
+    out.print(f"updated expert '{name}'" + (f" ({_describe(info, stored)})" if info else "")
               + f"; registry version {version}")
+    _warn(warning)
 
 
 @app.command()
@@ -372,25 +420,40 @@ def remove(
 
 
 @app.command("list")
-def list_(json_out: JsonOut = False, redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
-    """List the experts of the namespace."""
+def list_(json_out: JsonOut = False,
+          long: Annotated[bool, typer.Option("--long", "-l", help="Also engine, model and tags.")] = False,
+          redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+    """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields)."""
     with _user_errors():
         snap = _open(redis_url, namespace).snapshot()
     if json_out:
         typer.echo(json.dumps([e.model_dump(mode="json") for e in snap.experts.values()], indent=2))
         return
-    table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})")
-    for col in ("name", "status", "engine", "model", "size", "ctx", "capabilities", "tags"):
-        table.add_column(col, overflow="fold", no_wrap=col in ("name", "size", "ctx", "capabilities"))
+    out.print(_experts_table(snap, namespace, long), soft_wrap=False)  # the table fits the terminal
+
+
+def _experts_table(snap: Any, namespace: str, long: bool) -> Table:
+    """One row per expert with the values as stored. Short columns never wrap; the long ones
+    (categories, model) wrap at spaces or end in an ellipsis, so 80 columns stay readable."""
+    table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})",
+                  title_justify="left", box=box.SIMPLE_HEAD if long else box.HEAVY_HEAD, show_edge=not long)
+    for col in ("name", "status", "size", "ctx"):
+        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=32 if col == "name" else None)
+    table.add_column("categories", overflow="fold", min_width=11)
+    if long:
+        table.add_column("engine", overflow="fold")
+        table.add_column("model", overflow="fold", max_width=24)
+        table.add_column("tags", overflow="fold")
     for e in snap.experts.values():
-        caps = "\n".join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
-        # the last path part keeps the table readable; `show` prints the full path
-        model = Path(e.model).name if e.model.startswith("/") else e.model
-        model += f" [{e.gguf_file}]" if e.gguf_file else ""
+        caps = ("\n" if long else " ").join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
         status = e.status if e.status == "ready" else f"[red]{e.status}[/red]"
-        table.add_row(e.name, status, e.engine, model, _fmt_bytes(e.size_bytes), str(e.max_context),
-                      caps or "-", ", ".join(e.tags) or "-")
-    out.print(table)
+        row = [e.name, status, _fmt_bytes(e.size_bytes), str(e.max_context), caps or "-"]
+        if long:
+            # the last path part keeps the table readable; `show` prints the full path
+            model = Path(e.model).name if e.model.startswith("/") else e.model
+            row += [e.engine, model + (f" [{e.gguf_file}]" if e.gguf_file else ""), ", ".join(e.tags) or "-"]
+        table.add_row(*row)
+    return table
 
 
 @app.command()
@@ -453,12 +516,14 @@ def map_set(
             raise InvalidExpert("nothing to set: give CATEGORY=EXPERTS arguments, --from-file or --replace")
         parse_category_map({c: n for c, n in changes.items()})
         reg = _open(redis_url, namespace)
+        warning = _check_categories(reg, [c for c, n in {**(base or {}), **changes}.items() if n], "category map")
         if base is None:
             version = reg.update_map(changes)
         else:
             base.update(changes)
             version = reg.set_map({c: n for c, n in base.items() if n})
     out.print(f"category map set; registry version {version}")
+    _warn(warning)
 
 
 @app.command("export")
@@ -502,9 +567,12 @@ def import_(
         else:
             raise InvalidExpert(f"{file}: expected an export mapping or a list of experts")
         reg = _open(redis_url, namespace)
+        cats = [c for e in experts if isinstance(e, dict) for c in (e.get("capabilities") or {})]
+        warning = _check_categories(reg, [*cats, *(cmap or {})], str(file))
         version = reg.import_experts(experts, cmap, overwrite=overwrite)
     out.print(f"imported {len(experts)} experts{' and the category map' if cmap else ''}; "
               f"registry version {version}")
+    _warn(warning)
 
 
 @server_app.command("status")

@@ -110,6 +110,15 @@ def _redis_errors(fn: Callable[..., _T]) -> Callable[..., _T]:
     return wrapper
 
 
+class PublishedCategories(BaseModel):
+    """What a service writes to ``coe:<ns>:categories`` when it has loaded its router."""
+
+    model_config = ConfigDict(extra="ignore")
+    categories: list[str]
+    source: str  # where the router came from (its path, or "default")
+    published_at: float
+
+
 class RedisRegistry:
     """Experts and category map of one namespace in one Redis. Thread-safe (redis-py pools)."""
 
@@ -120,6 +129,7 @@ class RedisRegistry:
         self.namespace = namespace
         prefix = f"coe:{namespace}"
         self.k_experts, self.k_map, self.k_version = f"{prefix}:experts", f"{prefix}:map", f"{prefix}:version"
+        self.k_categories = f"{prefix}:categories"  # the loaded router's category set (decision 6)
         self.channel = f"{prefix}:events"
         try:
             self._r = redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
@@ -187,6 +197,25 @@ class RedisRegistry:
         version, raw, raw_map = pipe.execute()
         experts = {n: self._decode(n, raw[n]) for n in sorted(raw)}
         return RegistrySnapshot(int(version or 0), experts, self._decode_map(raw_map))
+
+    @_redis_errors
+    def categories(self) -> PublishedCategories | None:
+        """The category set the serving router published (None until a service has started)."""
+        raw = self._r.get(self.k_categories)
+        if raw is None:
+            return None
+        try:
+            return PublishedCategories.model_validate_json(raw)
+        except ValidationError:
+            return None  # written by another version: treated as not published
+
+    @_redis_errors
+    def publish_categories(self, categories: Iterable[str], source: str) -> None:
+        """Record the loaded router's categories, so ``coe-registry`` refuses names it cannot route.
+
+        A rare state change (once per service start), not a statistic: decision 3 allows it."""
+        pub = PublishedCategories(categories=sorted(categories), source=source, published_at=time.time())
+        self._r.set(self.k_categories, pub.model_dump_json())
 
     def export(self) -> dict[str, Any]:
         """A plain dict (for YAML/JSON) that :meth:`import_experts` restores exactly."""
@@ -305,7 +334,7 @@ class RedisRegistry:
     @_redis_errors
     def purge(self) -> int:
         """Delete every key of this namespace (tests, decommissioning). Publishes nothing."""
-        return int(self._r.delete(self.k_experts, self.k_map, self.k_version))
+        return int(self._r.delete(self.k_experts, self.k_map, self.k_version, self.k_categories))
 
     # ------------------------------------------------------------------ pub/sub
 

@@ -55,20 +55,27 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def _cv_select(X: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, seed: int):
+def _cv_select(X: np.ndarray, y: np.ndarray, c_grid: Sequence[float], folds: int, seed: int,
+               groups: Sequence[str] | None = None):
     """Pick C by stratified k-fold macro-F1 (ties -> the smaller C, i.e. more regularised);
-    returns (C, out-of-fold logits for that C, per-C scores)."""
+    returns (C, out-of-fold logits for that C, per-C scores). With ``groups`` (e.g. the template a
+    generated prompt came from) a whole group is always held out together, so the out-of-fold
+    logits - and the temperature fitted on them - are those of *unseen phrasing*, not of
+    near-copies of training prompts."""
     from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     n_classes = int(y.max()) + 1
     folds = max(2, min(folds, int(np.bincount(y).min())))
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    if groups is not None:
+        splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups))
+    else:
+        splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y))
     best = None
     scores = {}
     for C in c_grid:
         oof = np.zeros((len(y), n_classes))
-        for tr, te in skf.split(X, y):
+        for tr, te in splits:
             clf = _fit_lr(X[tr], y[tr], C, seed)
             oof[np.ix_(te, clf.classes_)] = clf.decision_function(X[te])
         f1 = f1_score(y, oof.argmax(1), average="macro")
@@ -117,9 +124,11 @@ class CategoryClassifier:
         seed: int = 0,
         encoder_id: str = "",
         meta: dict[str, Any] | None = None,
+        groups: Sequence[str] | None = None,
     ) -> "CategoryClassifier":
         """Train on embeddings ``X`` with string labels ``y``. ``C=None`` picks the regularisation
-        by cross-validation; the temperature is always fitted on out-of-fold logits."""
+        by cross-validation; the temperature is always fitted on out-of-fold logits (grouped by
+        ``groups`` when given, see :func:`_cv_select`)."""
         X = np.asarray(X, dtype=np.float64)
         labels = list(labels) if labels is not None else sorted(set(y))
         index = {c: i for i, c in enumerate(labels)}
@@ -134,14 +143,15 @@ class CategoryClassifier:
         t0 = time.perf_counter()
         grid = [C] if C is not None else list(c_grid)
         # with a fixed C, 3 folds are enough for the temperature (the only thing CV then fits)
-        chosen, oof, cv_scores = _cv_select(X, yi, grid, folds if C is None else min(folds, 3), seed)
+        chosen, oof, cv_scores = _cv_select(X, yi, grid, folds if C is None else min(folds, 3), seed,
+                                            list(groups) if groups is not None else None)
         temperature = _fit_temperature(oof, yi)
         clf = _fit_lr(X, yi, chosen, seed)
         info = dict(meta or {})
         info.update(
             n_train=int(len(yi)), per_category={labels[i]: int(n) for i, n in enumerate(present)},
             C=float(chosen), cv_macro_f1_by_C={str(k): v for k, v in cv_scores.items()},
-            temperature=temperature, seed=seed, fit_seconds=round(time.perf_counter() - t0, 3),
+            temperature=temperature, seed=seed, grouped_cv=groups is not None, fit_seconds=round(time.perf_counter() - t0, 3),
             model="LogisticRegression(multinomial, class_weight=balanced) + temperature scaling",
         )
         return cls(labels, clf.coef_, clf.intercept_, temperature, encoder_id, info)

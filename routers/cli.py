@@ -167,51 +167,135 @@ def explain(
     out.print(line + f"  in {decision.route_ms:.1f} ms")
 
 
+def _stage2_eval(router, path: Path) -> dict[str, Any]:
+    """Routed vs always-the-best-single vs oracle on held-out evaluation records: each prompt is
+    routed among the experts recorded for it, and scored by the recorded score of the choice."""
+    from routers.data import read_eval_records
+
+    if router.quality is None:
+        raise RouterError("this router has no quality predictor; add records with "
+                          "'coe router quality add RECORDS.jsonl --router DIR' first")
+    recs = read_eval_records(path)
+    by_prompt: dict[str, dict[str, list[float]]] = {}
+    for r in recs:
+        by_prompt.setdefault(r.prompt, {}).setdefault(r.expert, []).append(r.score)
+    prompts = list(by_prompt)
+    X = router.encoder.encode(prompts)
+    best = router.quality.best_expert()
+    routed, single, oracle, moved = [], [], [], 0
+    for x, p in zip(X, prompts):
+        got = {e: float(np.mean(v)) for e, v in by_prompt[p].items()}
+        pick = router.quality.choose(x, list(got)) or next(iter(got))
+        routed.append(got[pick])
+        single.append(got.get(best, np.nan))
+        oracle.append(max(got.values()))
+        moved += pick != best
+    single_arr = np.array(single)
+    return {"n_prompts": len(prompts), "n_records": len(recs), "best_single_expert": best,
+            "routed": float(np.mean(routed)), "best_single": float(np.nanmean(single_arr)) if (~np.isnan(single_arr)).any() else None,
+            "oracle": float(np.mean(oracle)), "share_routed_away_from_best": moved / max(1, len(prompts)),
+            "margin": router.quality.margin, "k": router.quality.k, "tau": router.quality.tau,
+            "prior_weight": router.quality.prior_weight}
+
+
 @app.command("eval")
 def eval_(
-    data: Path = typer.Option(..., "--data", help="JSONL, one {\"prompt\", \"category\"} per line"),
+    data: Optional[Path] = typer.Option(None, "--data", help="JSONL, one {\"prompt\", \"category\"} per line (stage 1)"),
+    quality: Optional[Path] = typer.Option(None, "--quality", help="held-out JSONL eval records {prompt, expert, score} (stage 2)"),
     router_dir: Optional[Path] = typer.Option(None, "--router", help="router folder (default: the seed-trained default)"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON"),
     latency_n: int = typer.Option(0, help="time at most this many single queries (0: all)"),
 ) -> None:
-    """Accuracy, macro-F1, per-category recall, confusion matrix, latency p50/p99 and batch QPS."""
+    """Stage 1 (--data): accuracy, macro-F1, recall, calibration (ECE, confidently wrong, proposed
+    fallback threshold), latency. Stage 2 (--quality): routed vs best single expert vs oracle."""
+    from routers.calibration import calibration_report
     from routers.data import read_labeled
     from routers.router import _metrics
 
+    if data is None and quality is None:
+        _fail(RouterError("give --data (stage 1, labelled prompts) and/or --quality (stage 2, eval records)"))
+    res: dict[str, Any] = {}
     try:
         router = _load_router(router_dir)
-        records = read_labeled(data, labels=router.categories)
+        if quality is not None:
+            res["stage2"] = _stage2_eval(router, quality)
+        records = read_labeled(data, labels=router.categories) if data is not None else []
     except (RouterError, ValueError) as e:
         _fail(e)
-    prompts = [r.prompt for r in records]
-    y = [r.category for r in records]
-    router.classify(prompts[0])  # warm-up: first ORT run allocates
-    t0 = time.perf_counter()
-    P = router.classify_batch(prompts)
-    batch_s = time.perf_counter() - t0
-    pred = [router.categories[i] for i in P.argmax(1)]
-    lat = []
-    for p in prompts[: latency_n or len(prompts)]:
-        t = time.perf_counter()
-        router.classify(p)
-        lat.append((time.perf_counter() - t) * 1e3)
-    m = _metrics(y, pred, router.categories)
-    res = {
-        "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-        "per_category_recall": m["per_category_recall"], "confusion": m["confusion"],
-        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-        "batch_qps": len(prompts) / batch_s,
-        "router": str(router.path) if router.path else None, "encoder": router.encoder.id,
-        "backend": router.encoder.backend,
-    }
+    if records:
+        prompts = [r.prompt for r in records]
+        y = [r.category for r in records]
+        router.classify(prompts[0])  # warm-up: first ORT run allocates
+        t0 = time.perf_counter()
+        P = router.classify_batch(prompts)
+        batch_s = time.perf_counter() - t0
+        pred = [router.categories[i] for i in P.argmax(1)]
+        lat = []
+        for p in prompts[: latency_n or len(prompts)]:
+            t = time.perf_counter()
+            router.classify(p)
+            lat.append((time.perf_counter() - t) * 1e3)
+        m = _metrics(y, pred, router.categories)
+        cal = calibration_report(P, [router.categories.index(c) for c in y])
+        res.update({
+            "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+            "per_category_recall": m["per_category_recall"], "confusion": m["confusion"],
+            "calibration": cal, "current_threshold": router.policy.config.confidence_threshold,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "batch_qps": len(prompts) / batch_s,
+        })
+    res.update({"router": str(router.path) if router.path else None, "encoder": router.encoder.id,
+                "backend": router.encoder.backend})
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2) + "\n")
         return
-    out.print(f"{res['n']} prompts: accuracy {res['accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}; "
-              f"latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; batch {res['batch_qps']:.0f} q/s")
-    t = Table(title="recall per category")
-    t.add_column("category")
-    t.add_column("recall", justify="right")
-    for c, r in res["per_category_recall"].items():
-        t.add_row(c, f"{r:.3f}")
-    out.print(t)
+    if records:
+        cal = res["calibration"]
+        th = cal["proposed_threshold"]
+        out.print(f"{res['n']} prompts: accuracy {res['accuracy']:.3f}, macro-F1 {res['macro_f1']:.3f}; "
+                  f"latency p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms; batch {res['batch_qps']:.0f} q/s")
+        out.print(f"calibration: ECE {cal['ece']:.3f}, confidently wrong (p >= 0.9) {cal['confidently_wrong']:.1%}; "
+                  f"proposed fallback threshold {th['threshold']:.2f} (now {res['current_threshold']:.2f}): "
+                  f"{th['fallback_share']:.0%} of prompts to the fallback, accuracy above it {th['accuracy_above']:.3f}",
+                  highlight=False)
+        t = Table(title="recall per category")
+        t.add_column("category")
+        t.add_column("recall", justify="right")
+        for c, r in res["per_category_recall"].items():
+            t.add_row(c, f"{r:.3f}")
+        out.print(t)
+    if "stage2" in res:
+        s2 = res["stage2"]
+        single = "n/a" if s2["best_single"] is None else f"{s2['best_single']:.3f}"
+        out.print(f"stage 2 on {s2['n_prompts']} prompts: routed {s2['routed']:.3f}, always {s2['best_single_expert']} "
+                  f"{single}, oracle {s2['oracle']:.3f} ({s2['share_routed_away_from_best']:.0%} routed away from it)",
+                  highlight=False)
+
+
+quality_app = typer.Typer(help="Stage-2 evaluation records of a trained router.", no_args_is_help=True)
+app.add_typer(quality_app, name="quality")
+
+
+@quality_app.command("add")
+def quality_add(
+    records: Path = typer.Argument(..., help="JSONL eval records {prompt, expert, score}"),
+    router_dir: Optional[Path] = typer.Option(None, "--router", help="router folder to update (default: the default router, needs --out)"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="write the updated router here instead of in place"),
+    retune: bool = typer.Option(True, help="re-choose k, tau, prior weight and the decision margin"),
+) -> None:
+    """Append evaluation records to a router's quality predictor without retraining stage 1."""
+    from routers.data import read_eval_records
+
+    try:
+        if router_dir is None and out_dir is None:
+            raise RouterError("the default router is read-only: give --router DIR, or --out DIR for a copy")
+        router = _load_router(router_dir)
+        recs = read_eval_records(records)
+        updated = router.with_quality(recs, retune=retune)
+        path = updated.save(out_dir or router_dir)
+    except (RouterError, ValueError) as e:
+        _fail(e)
+    q = updated.quality
+    out.print(f"added {len(recs)} records -> {path}: {len(q.experts)} records over {q.n_prompts} prompts, "
+              f"{len(q.known_experts)} experts (k={q.k}, tau={q.tau:g}, prior {q.prior_weight:g}, margin {q.margin:g})",
+              highlight=False)

@@ -46,7 +46,9 @@ def _iter_json_lines(path: Path) -> Iterable[tuple[int, dict]]:
         raise DataError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at U+0085, U+2028, U+2029 and other
+    # characters that are valid, unescaped, inside JSON strings (JSON Lines ends records with \n)
+    for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -125,3 +127,32 @@ def fingerprint(records: Iterable[LabeledPrompt]) -> str:
         h.update(line.encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SynthPrompt:
+    """A template-generated training prompt (``routers.synth``) with its provenance, so that
+    benchmarks can hold out whole writers and voices."""
+
+    prompt: str
+    category: str
+    topic: str
+    family: str
+    writer: str
+    voice: str
+
+
+SYNTH_DIR = "data/synth"
+
+
+def read_synth() -> list[SynthPrompt]:
+    """The generated training set shipped in the package (empty if it is absent)."""
+    root = resources.files(SEED_PACKAGE).joinpath(SYNTH_DIR)
+    out: list[SynthPrompt] = []
+    if not root.is_dir():
+        return out
+    for p in sorted(Path(str(x)) for x in root.iterdir() if str(x).endswith(".jsonl")):
+        for _, obj in _iter_json_lines(p):
+            out.append(SynthPrompt(obj["prompt"], obj["category"], obj["topic"], obj["family"],
+                                   obj["writer"], obj["voice"]))
+    return out

@@ -30,8 +30,8 @@ from routers.quality import QualityPredictor
 log = logging.getLogger(__name__)
 
 FORMAT = "coe-router/1"
-CODE_VERSION = "2"  # bump when training or features change: invalidates cached default routers
-# 2: fused+int8 ONNX graph, 96-token head+tail budget
+CODE_VERSION = "3"  # bump when training or features change: invalidates cached default routers
+# 2: fused+int8 ONNX graph, 96-token head+tail budget; 3: seed + generated set, grouped calibration
 #: the default taxonomy (see TAXONOMY.md); the seed set has one file per category
 DEFAULT_CATEGORIES = ["coding", "math", "reasoning", "writing", "roleplay", "extraction", "stem",
                       "humanities", "general"]
@@ -96,10 +96,12 @@ class Router:
         C: float | None = DEFAULT_C,
         progress: Callable[[int], None] | None = None,
         source: str = "",
+        groups: Sequence[str] | None = None,
     ) -> "Router":
         """Embed ``data``, measure accuracy on a stratified ``holdout`` split (fixed ``seed``), then
-        fit the final classifier on all of it (``C=None``: choose C by 5-fold CV). ``quality_records`` (optional) feed the kNN quality
-        predictor."""
+        fit the final classifier on all of it (``C=None``: choose C by 5-fold CV). ``quality_records`` (optional) feed the quality
+        predictor. ``groups`` (one per prompt, e.g. the template a generated prompt came from) keep
+        related prompts on one side of every CV split, for an honest temperature."""
         from sklearn.model_selection import train_test_split
 
         encoder = encoder or get_encoder()
@@ -120,13 +122,11 @@ class Router:
             clf = CategoryClassifier.fit(X[tr], [y[i] for i in tr], labels, C=C, seed=seed, encoder_id=encoder.id)
             pred = clf.predict(X[te])
             metrics = {"holdout": {"fraction": holdout, "seed": seed, **_metrics([y[i] for i in te], pred, labels)}}
-        final = CategoryClassifier.fit(X, y, labels, C=C, seed=seed, encoder_id=encoder.id, meta=meta)
+        final = CategoryClassifier.fit(X, y, labels, C=C, seed=seed, encoder_id=encoder.id, meta=meta, groups=groups)
         final.metrics = metrics
         qp = None
         if quality_records:
-            qp = QualityPredictor(encoder.encode([r.prompt for r in quality_records]),
-                                  [r.expert for r in quality_records], [r.score for r in quality_records],
-                                  encoder_id=encoder.id)
+            qp = QualityPredictor.from_records(quality_records, encoder.encode, encoder_id=encoder.id)
         return cls(final, encoder, RoutingPolicy(policy), qp, info={"training": meta, "metrics": metrics})
 
     def save(self, directory: str | Path) -> Path:
@@ -180,14 +180,27 @@ class Router:
 
     @classmethod
     def default(cls, backend: str = "auto", rebuild: bool = False) -> "Router":
-        """The router trained on the shipped seed set (all of it), cached under state_dir("router")."""
+        """The router trained on the shipped seed + generated sets: the artifact shipped in
+        ``routers/data/default`` (see :mod:`routers.default_router`) when it was trained with this
+        encoder and data, else trained here once and cached under state_dir("router")."""
         import hashlib
 
         from expert_registry.paths import state_dir
+        from routers.default_router import shipped_dir, training_set
 
         encoder = get_encoder(DEFAULT_MODEL, backend)  # type: ignore[arg-type]
-        seed = read_seed()
-        key = hashlib.sha256(f"{fingerprint(seed)}|{encoder.id}|{CODE_VERSION}".encode()).hexdigest()[:16]
+        seed, groups = training_set()
+        data_sha = fingerprint(seed)
+        shipped = shipped_dir()
+        if not rebuild and (shipped / "router.json").exists():
+            try:
+                r = cls.load(shipped, encoder=encoder)
+                if r.classifier.encoder_id == encoder.id and r.classifier.meta.get("data_sha256") == data_sha:
+                    return r
+                log.info("router: shipped default was trained with another encoder or data; retraining")
+            except ArtifactError as e:
+                log.warning("router: shipped default at %s is unusable (%s); retraining", shipped, e)
+        key = hashlib.sha256(f"{data_sha}|{encoder.id}|{CODE_VERSION}".encode()).hexdigest()[:16]
         root = state_dir("router")
         d = root / f"default-{key}"
         with _file_lock(root / ".default.lock"):
@@ -196,10 +209,20 @@ class Router:
                     return cls.load(d, encoder=encoder)
                 except ArtifactError as e:
                     log.warning("router: cached default at %s is unusable (%s); retraining", d, e)
-            log.info("router: training the default router from %d seed prompts (once; cached in %s)", len(seed), d)
-            router = cls.train(seed, encoder, source="seed")
+            log.info("router: training the default router from %d prompts (once; cached in %s)", len(seed), d)
+            router = cls.train(seed, encoder, source="seed+synth", groups=groups)
             router.save(d)
             return router
+
+    def with_quality(self, records: Sequence[EvalRecord], retune: bool = True) -> "Router":
+        """This router with ``records`` added to its quality predictor (stage 1 untouched): each
+        distinct new prompt is embedded once; ``retune`` re-chooses k/tau/m and the margin."""
+        if self.quality is None:
+            qp = QualityPredictor.from_records(records, self.encoder.encode, encoder_id=self.encoder.id, tune=retune)
+        else:
+            qp = self.quality.add(records, self.encoder.encode)
+            qp = qp.tuned() if retune else qp
+        return Router(self.classifier, self.encoder, self.policy, qp, self.info, self.path)
 
     # -- stage 1 ------------------------------------------------------------------------------------
     def embed(self, prompts: Sequence[str]) -> np.ndarray:

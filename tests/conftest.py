@@ -301,12 +301,12 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
         deadline = time.monotonic() + 240
         while True:
             try:
-                if httpx.get(app.base + "/healthz", timeout=5).status_code == 200:
+                if httpx.get(app.base + "/readyz", timeout=5).status_code == 200:  # warm, not just alive
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail("coe app did not become healthy in 240 s")
+                pytest.fail("coe app did not become ready in 240 s")
             time.sleep(0.5)
         yield app
     finally:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coe.api.protocol import ErrorBody, ErrorResponse
+from coe.api.protocol import error_payload
 
 log = logging.getLogger("coe.api")
 
@@ -49,9 +50,9 @@ class APIError(Exception):
                    d.get("code"), d.get("retry_after"))
 
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
         headers = {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=headers)
+        return JSONResponse(error_payload(self.message, self.type, self.param, self.code), status_code=self.status,
+                            headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -99,6 +100,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
 
 
+def served_endpoints(app: Any) -> list[str]:
+    """``METHOD /path`` of every API route the app serves, read from its own OpenAPI schema (which
+    also sees the routes Ray Serve re-mounts from the ingress class), never a hand-kept copy."""
+    try:
+        paths = app.openapi().get("paths", {})
+    except Exception:  # pragma: no cover - a schema that cannot be built must not break a 404
+        return []
+    return [f"{m.upper()} {p}" for p, ops in paths.items() for m in ops]
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> APIError | None:
+    """A body that is not a JSON object because it was not sent as JSON (text/plain, a form, no
+    content type): 415 naming what to send, instead of pydantic's "Input should be a valid dictionary"."""
+    errors = exc.errors()
+    if not errors or tuple(errors[0].get("loc", ())) != ("body",):
+        return None
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return None
+    got = f"Content-Type '{ctype}'" if ctype else "no Content-Type"
+    return APIError(415, f"the request body must be a JSON object sent with Content-Type: application/json "
+                         f"(got {got})", "invalid_request_error", None, "unsupported_media_type")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every failure to the OpenAI error shape with the right status."""
 
@@ -107,7 +132,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        wrong_type = _not_json(request, exc)
+        if wrong_type is not None:
+            return wrong_type.response()
         message, param, code = _validation_message(exc)
         return APIError(400, message, "invalid_request_error", param, code).response()
 
@@ -116,10 +144,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         etype = "invalid_request_error" if exc.status_code < 500 else "server_error"
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), etype, None, code).response()
+        message = str(exc.detail)
+        if exc.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+            # e.g. /v1/completions or /v1/embeddings: say what coe does serve
+            message = (f"coe does not serve {request.method} {request.url.path}; it serves: "
+                       + ", ".join(served_endpoints(request.app)))
+        return APIError(exc.status_code, message, etype, None, code).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -7,6 +7,7 @@ that importing coe never pulls in vLLM.
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import TYPE_CHECKING, Any
 
 from coe.engines.base import Engine
@@ -18,6 +19,23 @@ ENGINES: dict[str, str] = {
     "hf": "coe.engines.hf:HFEngine",
     "vllm": "coe.engines.vllm_engine:VLLMEngine",
 }
+
+
+_TRANSFORMERS_LOCK = threading.Lock()
+
+
+def import_transformers_once() -> None:
+    """Resolve the transformers classes engines use, once, under a lock.
+
+    transformers is a lazy module whose first attribute access imports the submodule; two threads
+    doing that at once can fail with ``cannot import name 'AutoTokenizer'``. Seen on CPU and on the
+    H200 (2026-11-29) when two experts started loading together in one pool replica: the loser was
+    marked failed. Engines load in worker threads, so this runs first, in the caller's thread."""
+    with _TRANSFORMERS_LOCK:
+        import transformers
+
+        for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM", "PreTrainedTokenizerFast"):
+            getattr(transformers, name)
 
 
 def create_engine(expert: Any, device: str = "cpu", max_batch_size: int = 8,
@@ -35,6 +53,7 @@ def create_engine(expert: Any, device: str = "cpu", max_batch_size: int = 8,
             kind = auto_engine_kind()
     if kind not in ENGINES:
         raise ValueError(f"expert {expert.name!r}: unknown engine {kind!r}; known: {', '.join(ENGINES)}")
+    import_transformers_once()
     mod, _, cls = ENGINES[kind].partition(":")
     factory = getattr(importlib.import_module(mod), cls)
     if kind != "vllm":

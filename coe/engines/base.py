@@ -45,8 +45,31 @@ class Tier(str, enum.Enum):
         return {"disk": 0, "dram": 1, "hbm": 2}[self.value]
 
 
+class StructuredOutput(BaseModel):
+    """A constraint on the output's shape, after vLLM's ``StructuredOutputsParams`` (one kind set).
+
+    ``response_format`` (``json_object`` / ``json_schema``) and a forced ``tool_choice`` become one of
+    these in :meth:`coe.api.protocol.ChatCompletionRequest.to_sampling_params`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingParams(BaseModel):
-    """Per-request sampling; ``None`` fields fall back to the expert's generation defaults."""
+    """Per-request sampling, engine side; fields the client did not set fall back to the expert's
+    generation defaults (:meth:`with_defaults`).
+
+    The fields after ``ignore_eos`` mirror vLLM's ``SamplingParams`` and stay at their neutral value
+    unless the client asked otherwise. Only engines that list a field in
+    :data:`coe.engines.features.ENGINE_FEATURES` ever receive it non-neutral: the service routes a
+    request only to experts whose engine can honour it (a 400 ``unsupported_parameter`` otherwise).
+    ``tools`` and ``chat_template_kwargs`` shape the prompt rather than the sampling; they travel here
+    so that the engine protocol stays ``generate(messages, params)``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -54,8 +77,27 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=128)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="top-k logprobs per token; None = off")
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
+    structured: StructuredOutput | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def with_defaults(self, generation: Any) -> "SamplingParams":
         """Fill the fields the caller did not set from an expert's ``generation`` defaults."""
@@ -66,13 +108,50 @@ class SamplingParams(BaseModel):
         return self.model_copy(update=upd) if upd else self
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCall(BaseModel):
+    """An assistant turn's tool call (OpenAI shape), kept through multi-turn conversations."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat turn (OpenAI shape, text content only)."""
+    """One chat turn (OpenAI shape: text content, plus the tool fields of multi-turn tool use)."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool"] | str
     content: str
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The dict a chat template sees: role and content always, the tool fields when present."""
+        d: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            d["name"] = self.name
+        if self.tool_calls:
+            d["tool_calls"] = [tc.model_dump() for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        return d
+
+
+class TokenLogprob(BaseModel):
+    """One generated token's log-probability and its top alternatives (OpenAI ``logprobs.content``)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = Field(default_factory=list)
 
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -87,17 +166,18 @@ class GenerationChunk(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = Field(default_factory=list)  # ids of this delta (tests, benches)
+    index: int = 0  # which of the request's ``n`` choices this delta belongs to
+    more: bool = False  # n > 1: this choice finished but others still run (the stream goes on)
+    logprobs: list[TokenLogprob] | None = None  # for the tokens of this delta, when asked for
 
 
-def as_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, str]]:
-    """Normalise ChatMessage objects / dicts into the plain dicts chat templates take."""
-    out: list[dict[str, str]] = []
+def as_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Normalise ChatMessage objects / dicts into the plain dicts chat templates take (tool calls,
+    tool results and names kept)."""
+    out: list[dict[str, Any]] = []
     for m in messages:
-        if isinstance(m, ChatMessage):
-            out.append({"role": m.role, "content": m.content})
-        else:
-            cm = ChatMessage.model_validate(dict(m))
-            out.append({"role": cm.role, "content": cm.content})
+        cm = m if isinstance(m, ChatMessage) else ChatMessage.model_validate(dict(m))
+        out.append(cm.template_dict())
     return out
 
 
@@ -186,7 +266,8 @@ class Engine(ABC):
 
 
 async def relay(out: "asyncio.Queue[GenerationChunk | BaseException]") -> AsyncIterator[GenerationChunk]:
-    """Yield the chunks a producer puts on ``out`` until one carries a ``finish_reason``.
+    """Yield the chunks a producer puts on ``out`` until one carries a ``finish_reason`` (and is not
+    marked ``more``: with ``n`` > 1 only the last choice to finish ends the stream).
 
     An exception put on the queue is raised here, in the consumer. Shared by the engines (worker
     thread → caller) and the pool (engine task → caller), which add their own cancellation."""
@@ -195,7 +276,7 @@ async def relay(out: "asyncio.Queue[GenerationChunk | BaseException]") -> AsyncI
         if isinstance(item, BaseException):
             raise item
         yield item
-        if item.finish_reason is not None:
+        if item.finish_reason is not None and not item.more:
             return
 
 
@@ -206,12 +287,64 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-    """The prompt text every engine feeds its model: the expert's system prompt (unless the
-    conversation has one), then the expert's template override, the tokenizer's, or the fallback."""
-    msgs = as_messages(messages)
-    sys_prompt = getattr(expert, "system_prompt", None)
-    if sys_prompt and not any(m["role"] == "system" for m in msgs):
-        msgs = [{"role": "system", "content": sys_prompt}] + msgs
+PERSONA_SEPARATOR = "\n\n"
+
+
+def compose_system(persona: str | None, msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge the expert's persona with the client's leading system message(s) into ONE system message.
+
+    Order (documented in docs/api.md): the expert's ``system_prompt`` first, then the client's leading
+    system messages in their order, joined by a blank line. Neither replaces the other (templates
+    often keep only one system message); system messages later in the conversation stay in place."""
+    lead: list[str] = []
+    i = 0
+    while i < len(msgs) and msgs[i]["role"] == "system":
+        lead.append(str(msgs[i]["content"] or ""))
+        i += 1
+    parts = ([persona] if persona else []) + [p for p in lead if p]
+    if not parts:
+        return msgs[i:]
+    return [{"role": "system", "content": PERSONA_SEPARATOR.join(parts)}] + msgs[i:]
+
+
+def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                  tools: list[dict[str, Any]] | None = None,
+                  template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
+    """The prompt's token ids: :func:`render_chat`, then the tokenizer.
+
+    Everything that can fail here because of what the *request* holds (a template that raises on
+    its roles, text the tokenizer cannot encode) raises :class:`coe.errors.RequestError`, so the
+    pool answers that request with a 400 and leaves the expert's health alone (decision 2). A
+    template that does not even parse is the expert's fault and stays an ordinary exception. The
+    caller loads the tokenizer first, so a missing tokenizer file is never mistaken for bad input."""
+    from jinja2 import TemplateSyntaxError
+
+    from coe.errors import RequestError
+
+    try:
+        text = render_chat(expert, tokenizer, messages, tools, template_kwargs)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    except TemplateSyntaxError:
+        raise
+    except (RequestError, MemoryError):
+        raise
+    except Exception as exc:
+        detail = (str(exc).splitlines() or [""])[0][:200]
+        raise RequestError(f"the messages could not be turned into a prompt for expert "
+                           f"'{getattr(expert, 'name', '?')}': {type(exc).__name__}"
+                           + (f": {detail}" if detail else "")) from exc
+
+
+def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                tools: list[dict[str, Any]] | None = None,
+                template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The prompt text every engine feeds its model: the expert's system prompt composed with the
+    client's (:func:`compose_system`), then the expert's template override, the tokenizer's, or the
+    fallback. ``tools`` reach the template the way HF chat templates take them (``tools=``)."""
+    msgs = compose_system(getattr(expert, "system_prompt", None), as_messages(messages))
     template = getattr(expert, "chat_template", None) or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template)
+    extra = dict(template_kwargs or {})
+    if tools:
+        extra["tools"] = tools
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=template,
+                                         **extra)

@@ -20,6 +20,7 @@ with other cache layouts, e.g. sliding-window layers, new requests wait for the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import queue
@@ -40,11 +41,31 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
+    encode_prompt,
     render_chat,
     relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
 from coe.errors import EngineNotResident, ExpertLoadError
+
+
+def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as the model's forward takes it: ``cache`` since transformers 5.x (the older
+    ``past_key_values`` is deprecated there and goes in 5.40), ``past_key_values`` before."""
+    return {_cache_arg_name(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_arg_name(model_class: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward returned, under either name (see :func:`_cache_kwarg`)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +201,8 @@ class HFEngine(Engine):
         return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        text = self.apply_chat_template(messages)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors
+        return encode_prompt(self.expert, tok, messages)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         return len(self._encode(messages))
@@ -436,7 +457,7 @@ class HFEngine(Engine):
         self._stats.requests += len(reqs)
         assert self._model is not None
         out = self._model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], out.past_key_values, attn, pos[:, -1]
+        return out.logits[:, -1, :], _cache_of(out), attn, pos[:, -1]
 
     def _advance(self, active: list[_Request], logits: torch.Tensor, eos: set[int], max_ctx: int) -> tuple[list[int], list[int]]:
         """Sample one token per row, stream it, apply stop rules; returns (tokens, rows still running)."""
@@ -547,8 +568,8 @@ class HFEngine(Engine):
             last_pos = last_pos + 1
             self._stats.steps += 1
             out = self._model(input_ids=step_ids, attention_mask=attn, position_ids=last_pos.unsqueeze(1),
-                              past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                              use_cache=True, **_cache_kwarg(self._model, past))
+            past = _cache_of(out)
             next_tokens, keep = self._advance(active, out.logits[:, -1, :], eos, max_ctx)
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:

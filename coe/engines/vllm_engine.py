@@ -70,6 +70,7 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
+    encode_prompt,
     render_chat,
 )
 from coe.engines.memory import (
@@ -236,7 +237,8 @@ class VLLMEngine(Engine):
         return render_chat(self.expert, self.tokenizer, messages)
 
     def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        return list(self.tokenizer(self.apply_chat_template(messages), add_special_tokens=False)["input_ids"])
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors
+        return encode_prompt(self.expert, tok, messages)
 
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         return len(self._encode(messages))
@@ -544,20 +546,26 @@ class VLLMEngine(Engine):
         return self._stats
 
     def _vllm_params(self, params: SamplingParams, logprobs: int | None = None) -> Any:
+        """vLLM's ``SamplingParams`` for ``params`` (translation in :mod:`coe.engines.vllm_params`)."""
         from vllm import SamplingParams as VSP
         from vllm.sampling_params import RequestOutputKind
 
-        return VSP(
-            n=1,
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop=list(params.stop) or None,
-            seed=params.seed,
-            ignore_eos=params.ignore_eos,
-            logprobs=logprobs,
-            output_kind=RequestOutputKind.DELTA,
-        )
+        from coe.engines.vllm_params import sampling_kwargs, structured_kwargs
+
+        kw = sampling_kwargs(params)
+        if logprobs is not None:
+            kw["logprobs"] = logprobs
+        so = structured_kwargs(params)
+        if so is not None:
+            try:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                kw["structured_outputs"] = StructuredOutputsParams(**so)
+            except ImportError:  # pragma: no cover - vLLM before StructuredOutputsParams
+                from vllm.sampling_params import GuidedDecodingParams
+
+                kw["guided_decoding"] = GuidedDecodingParams(**so)
+        return VSP(**kw, output_kind=RequestOutputKind.DELTA)
 
     async def generate(
         self, messages: Sequence[ChatMessage | Mapping[str, Any]], params: SamplingParams
@@ -588,7 +596,7 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         params = params.with_defaults(getattr(self.expert, "generation", None))
-        ids = self._encode(messages)
+        ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"
         self._in_flight += 1
@@ -597,20 +605,35 @@ class VLLMEngine(Engine):
             del self._stats.batch_sizes[:5_000]
         self._stats.requests += 1
         completion = 0
+        per_choice: dict[int, int] = {}
         agen = self._llm.generate(TokensPrompt(prompt_token_ids=ids), sp, rid)
         try:
             async for out in agen:
-                o = out.outputs[0]
-                new_ids = list(o.token_ids)
-                completion += len(new_ids)
-                fr = o.finish_reason
-                finish = None if fr is None else ("cancelled" if fr == "abort" else "stop" if fr == "stop" else "length")
-                if out.finished and finish is None:
-                    finish = "stop"
-                lps = [{int(k): float(v.logprob) for k, v in d.items()} for d in (o.logprobs or []) if d is not None]
-                if o.text or new_ids or finish is not None:
-                    yield (GenerationChunk(text=o.text, finish_reason=finish, prompt_tokens=len(ids),
-                                           completion_tokens=completion, token_ids=new_ids), lps)
+                batch: list[tuple[GenerationChunk, list[dict[int, float]]]] = []
+                for o in out.outputs:  # n > 1: one output per choice that has news (o.index)
+                    new_ids = list(o.token_ids)
+                    completion += len(new_ids)
+                    per_choice[o.index] = per_choice.get(o.index, 0) + len(new_ids)
+                    fr = o.finish_reason
+                    finish = None if fr is None else ("cancelled" if fr == "abort" else "stop" if fr == "stop" else "length")
+                    if out.finished and finish is None:
+                        finish = "stop"
+                    steps = [d for d in (o.logprobs or []) if d is not None]
+                    lps = [{int(k): float(v.logprob) for k, v in d.items()} for d in steps]
+                    tok_lps = None
+                    if params.logprobs is not None and steps:
+                        from coe.engines.vllm_params import token_logprobs
+
+                        tok_lps = [token_logprobs(d, t, params.logprobs, self.tokenizer.decode)
+                                   for d, t in zip(steps, new_ids)]
+                    if o.text or new_ids or finish is not None:
+                        batch.append((GenerationChunk(text=o.text, finish_reason=finish, prompt_tokens=len(ids),
+                                                      completion_tokens=per_choice[o.index], token_ids=new_ids,
+                                                      index=o.index, logprobs=tok_lps,
+                                                      more=finish is not None), lps))
+                for i, (chunk, lps) in enumerate(batch):  # only the request's very last chunk ends the stream
+                    chunk.more = chunk.more and not (out.finished and i == len(batch) - 1)
+                    yield chunk, lps
         finally:
             self._in_flight -= 1
             try:

@@ -52,9 +52,11 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         max_ongoing_requests=max(64, 4 * cfg.router.max_batch_size),
         ray_actor_options={"num_cpus": cfg.router.num_cpus},
     ).bind(conf, pool)
-    from coe.security import KeyStore, check_bind
+    from coe.keys import KeyRing, RedisKeyStore
+    from coe.security import check_bind
 
-    check_bind(cfg.host, KeyStore(path=cfg.security.api_keys_file).configured)  # loud warning if open beyond loopback
+    # loud warning if open beyond loopback (an unreadable key store counts as keys on: fail closed)
+    check_bind(cfg.host, KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace)).configured)
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,

@@ -14,6 +14,7 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
@@ -21,8 +22,11 @@ from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
 from coe.api.errors import APIError, bad_request, install_error_handlers, upstream_error
+from coe.api.request_id import RequestIdMiddleware, request_id_of
+from coe.api.assemble import ChoicesBuilder, logprobs_out
 from coe.api.protocol import (
     ChatCompletionRequest,
+    RequestFieldError,
     ChatCompletionResponse,
     ChatMessageIn,
     ChatMessageOut,
@@ -34,9 +38,14 @@ from coe.api.protocol import (
     Usage,
     new_id,
 )
+from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
+from coe.engines.features import engine_kind, engines_supporting, unsupported
+from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
-from coe.security import APIKeyMiddleware, KeyStore, install_log_redaction
+from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
+from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
+from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
 log = logging.getLogger("coe.serve.ingress")
 
@@ -46,18 +55,20 @@ install_error_handlers(app)
 
 # Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
 # module is imported), so the middlewares read them through these getters.
-_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "keys": None}
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits()}
 
 
-def _keys() -> KeyStore:
-    if _RUNTIME["keys"] is None:
-        _RUNTIME["keys"] = KeyStore()
-    return _RUNTIME["keys"]
+def _keys() -> KeyRing:
+    """The replica's key ring (:func:`coe.keys.service_ring`; environment keys until configured)."""
+    import coe.keys
+
+    return coe.keys.service_ring()
 
 
 app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes)
 # added last = outermost: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
+app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
 # pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
@@ -66,8 +77,8 @@ FALLBACK_CODES = ("expert_load_failed", "expert_unavailable")
 
 
 # ---- request helpers (pure functions; unit-testable without Ray) ------------------------------
-def normalise_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
-    """Validate messages and turn them into the ``{"role", "content"}`` dicts engines take."""
+def normalise_messages(messages: list[ChatMessageIn]) -> list[dict[str, Any]]:
+    """Validate messages and turn them into the dicts the routing step reads (role, content)."""
     if not messages:
         raise bad_request("'messages' must contain at least one message", "messages", "empty_messages")
     out = []
@@ -75,17 +86,18 @@ def normalise_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
         if isinstance(m.content, list):
             for part in m.content:
                 if part.type != "text":
-                    raise bad_request(f"messages[{i}].content: only text parts are supported, got '{part.type}'",
-                                      f"messages[{i}].content", "unsupported_content")
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported, got '{part.type}' "
+                                        "(no coe engine takes images, audio or files)", "invalid_request_error",
+                                   f"messages[{i}].content", "unsupported_parameter")
         role = "system" if m.role == "developer" else m.role
         out.append({"role": role, "content": m.text()})
-    if not any(m["content"].strip() for m in out if m["role"] != "system"):
+    if not any(m["content"].strip() for m in out if m["role"] not in ("system", "assistant", "tool")):
         raise bad_request("the prompt is empty: give at least one non-system message with text",
                           "messages", "empty_prompt")
     return out
 
 
-def routing_text(messages: list[dict[str, str]]) -> str:
+def routing_text(messages: list[dict[str, Any]]) -> str:
     """What the router classifies: the last user message (plus the one before it for context)."""
     users = [m["content"] for m in messages if m["role"] == "user" and m["content"].strip()]
     if not users:
@@ -99,6 +111,8 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
     fallback_from = (info.model_extra or {}).get("fallback_from")
     if fallback_from:
         h["x-coe-fallback-from"] = str(fallback_from)
+    if info.conversation:
+        h["x-coe-conversation"] = info.conversation.split(":", 1)[0]
     return h
 
 
@@ -120,10 +134,64 @@ def sse(obj: Any) -> str:
     return f"data: {data}\n\n"
 
 
+def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> GenerateRequest:
+    """Check every field and convert: a field no engine honours, an unknown field or a bad
+    combination is a 400 (``unsupported_parameter`` / ``invalid_value``) naming it."""
+    try:
+        req.check_supported()
+        return req.to_generate_request(request_id)
+    except RequestFieldError as e:
+        raise bad_request(str(e), e.param, e.code) from None
+    except ValidationError as e:
+        first = e.errors()[0] if e.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ()) if p != "sampling") or None
+        raise bad_request(f"invalid value for '{param}': {first.get('msg', 'invalid value')}", param,
+                          "invalid_value") from None
+
+
+def feature_constraint(experts: dict[str, Any], device: str, model: str, features: list[str],
+                       permitted: set[str] | None) -> set[str] | None:
+    """The experts that may answer (engine honours every feature, the key permits it); None when
+    nothing constrains. A named expert that cannot, or nothing left at all, is a 4xx here."""
+    if not features and permitted is None:
+        return None
+    allowed: set[str] = set()
+    missing: dict[str, tuple[str, str]] = {}
+    for name, e in experts.items():
+        if permitted is not None and name not in permitted:
+            continue
+        kind = engine_kind(e, device)
+        miss = unsupported(kind, features)
+        if miss:
+            missing[name] = (kind, miss[0])
+        else:
+            allowed.add(name)
+    if model in experts and model not in allowed:
+        if model in missing:
+            kind, field = missing[model]
+            raise APIError(400, f"'{field}' is not supported by expert '{model}' (engine '{kind}'); engines that "
+                                f"support it: {', '.join(engines_supporting(field)) or 'none'}",
+                           "invalid_request_error", field, "unsupported_parameter")
+        raise APIError(403, f"this API key may not use expert '{model}'", "permission_error", "model",
+                       "model_not_permitted")
+    if not allowed and missing:
+        kind, field = next(iter(missing.values()))
+        raise APIError(400, f"'{field}' is not supported by any expert this request may use (their engines: "
+                            f"{', '.join(sorted({k for k, _ in missing.values()}))}; engines that support it: "
+                            f"{', '.join(engines_supporting(field)) or 'none'})", "invalid_request_error", field,
+                       "unsupported_parameter")
+    if not allowed:
+        raise APIError(403, "this API key may not use any registered expert", "permission_error", "model",
+                       "model_not_permitted")
+    return allowed
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress(app)
 class Ingress:
     async def __init__(self, config: dict, router: DeploymentHandle, pool: DeploymentHandle):
+        import redis
+
         from coe.metrics import IngressMetrics
         from coe.serve.registry_watch import RegistryWatcher
 
@@ -131,34 +199,110 @@ class Ingress:
         self.cfg = ServeConfig.model_validate(config)
         self.limits = self.cfg.limits
         _RUNTIME["limits"] = self.limits
-        _RUNTIME["keys"] = KeyStore(path=self.cfg.security.api_keys_file)
+        self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
+        set_service_ring(self.keys)
+        self.tenants = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
+                                                          socket_connect_timeout=2), self.cfg.namespace)
         self.router = router
         self.pool = pool
+        self.device = self.cfg.pool.resolved_device()  # resolves engine "auto" for the feature check
         self.metrics = IngressMetrics()
+        self.affinity = ConversationAffinity(self.cfg.conversation)
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
         self._categories: list[str] | None = None
         self.started_at = time.time()
+        rc = self.cfg.router
+        # beyond what the router deployment takes at once, requests would only queue in front of it
+        # (seconds under overload) before their 429: refuse them here instead, before any routing work
+        self.max_routing_waiters = self.limits.max_routing_waiters or rc.num_replicas * max(64, 4 * rc.max_batch_size)
+        self._routing = 0
+        from coe.serve.readiness import WarmUp
+
+        self.warm = WarmUp()
+        self._warm_task = asyncio.create_task(self._warm_up())
+
+    # ---- readiness ---------------------------------------------------------------------------
+    async def _warm_up(self) -> None:
+        """Route a one-token request to every category and run it on the chosen expert (see
+        :mod:`coe.serve.readiness`); retried until the router and pool answer."""
+        from coe.serve.readiness import WarmUp
+
+        while True:
+            w = WarmUp()
+            self.warm = w
+            try:
+                await self._warm_once(w)
+                w.done = True
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # router or pool still starting: try again shortly
+                w.step = f"waiting for the router and the expert pool ({type(e).__name__})"
+                await asyncio.sleep(2.0)
+
+    async def _warm_once(self, w: Any) -> None:
+        messages = [{"role": "user", "content": "Hello"}]
+        w.step = "routing one request per category"
+        for cat in await self.router.categories.remote():
+            try:
+                info, _ = await self._route(f"coe/{cat}", messages, 1)
+            except APIError:  # nothing can serve this category: not routable
+                continue
+            others = [c.get("expert") for c in info.candidates if c.get("expert") not in (None, info.expert)]
+            w.plan[cat] = [info.expert, *others]
+            req = ChatCompletionRequest(model=f"coe/{cat}", messages=[ChatMessageIn(role="user", content="Hello")],
+                                        max_tokens=1, temperature=0.0)
+            if info.expert in w.warmed or info.expert in w.failed:
+                continue
+            w.step = f"loading and warming expert '{info.expert}' ({len(w.warmed) + 1} so far)"
+            try:
+                gen, _first, _pending = await self._open_stream(info, req.to_generate_request())
+                async for _ in gen:
+                    pass
+                w.warmed.add(info.expert)
+            except APIError as e:  # a failed expert is marked in the registry; readiness shows it
+                w.failed[info.expert] = e.message
 
     # ---- routing -----------------------------------------------------------------------------
-    async def _route(self, model: str, messages: list[dict[str, str]], max_tokens: int | None) -> tuple[CoeInfo, Any]:
+    async def _route(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None,
+                     features: list[str] = (), permitted: set[str] | None = None,
+                     session: str | None = None) -> tuple[CoeInfo, Any]:
         snap = self.watcher.snapshot
         if max_tokens is not None and model in snap.experts and max_tokens >= snap.experts[model].max_context:
             e = snap.experts[model]
             raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
-        res = await self.router.route.remote({
-            "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
-            "prompt_tokens": None, "min_version": snap.version,
-        })
+        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted)
+        if self._routing >= self.max_routing_waiters:
+            raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
+                                "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
+        self._routing += 1
+        try:
+            res = await self.router.route.remote({
+                "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
+                "prompt_tokens": None, "min_version": snap.version,
+                "allowed": sorted(allowed) if allowed is not None else None,
+            })
+        finally:
+            self._routing -= 1
         if "error" in res:
             err = res["error"]
+            if err.get("code") == "no_eligible_expert" and permitted is not None and not features:
+                raise APIError(403, f"this API key may not use any expert of '{model}'", "permission_error",
+                               "model", "model_not_permitted")
+            if err.get("code") == "no_eligible_expert" and features:
+                raise APIError(400, f"'{features[0]}' is not supported by any expert of '{model}' "
+                                    f"({err['message']})", "invalid_request_error", features[0],
+                               "unsupported_parameter")
             raise APIError(err["status"], err["message"], err.get("type", "invalid_request_error"),
                            err.get("param"), err.get("code"))
         d = res["decision"]
         info = CoeInfo(expert=d["expert"], category=d.get("category"), forced=d.get("forced", "auto"),
                        route_ms=float(d.get("route_ms") or 0.0), category_probs=d.get("category_probs") or [],
                        candidates=d.get("candidates") or [], fallback_reason=d.get("fallback_reason"))
+        if info.forced != "expert":
+            self._stick(info, messages, session)
         if res.get("registry_version", 0) > snap.version:
             await self.watcher.refresh()
         spec = self.watcher.snapshot.experts.get(info.expert)
@@ -168,14 +312,24 @@ class Ingress:
         self.metrics.observe_route(info.category, info.route_ms)
         return info, spec
 
-    async def _open_stream(self, info: CoeInfo, messages: list[dict], req: ChatCompletionRequest):
+    def _stick(self, info: CoeInfo, messages: list[dict[str, Any]], session: str | None) -> None:
+        """Conversation affinity (coe/affinity.py): keep a conversation's expert unless the router's
+        choice beats it by the margin; the decision says which, in ``coe.conversation``."""
+        key = conversation_key(messages, session)
+        if key is None:
+            return
+        if session or is_continuation(messages):
+            st = self.affinity.decide(key, info.expert, info.candidates)
+            info.expert, info.conversation = st.expert, st.note
+        else:
+            info.conversation = "new"
+        self.affinity.remember(key, info.expert)
+
+    async def _open_stream(self, info: CoeInfo, greq: GenerateRequest):
         """Start generation on the pool replica holding the expert. The start item *and the first
         chunk* are read here, so that errors (context too long, full queue, an expert that fails to
         load) become proper HTTP errors, not an error inside a 200 stream. Returns (gen, start, pending)."""
-        max_tokens = req.requested_max_tokens()
-        payload = {"messages": messages, "max_tokens": max_tokens, "max_tokens_explicit": max_tokens is not None,
-                   "temperature": req.temperature, "top_p": req.top_p, "stop": req.stop, "seed": req.seed}
-        gen = self.pool.options(multiplexed_model_id=info.expert, stream=True).generate.remote(payload)
+        gen = self.pool.options(multiplexed_model_id=info.expert, stream=True).generate.remote(greq)
         try:
             first = await gen.__anext__()
             if first.get("type") == "error":
@@ -196,12 +350,12 @@ class Ingress:
             gen.cancel()
             raise
 
-    async def _open_with_fallback(self, info: CoeInfo, messages: list[dict], req: ChatCompletionRequest):
+    async def _open_with_fallback(self, info: CoeInfo, greq: GenerateRequest, allowed: set[str] | None = None):
         """:meth:`_open_stream`; if the chosen expert fails to load (it is then marked failed in the
         registry) and the router chose it (not named by the client), try the router's next-best
         candidates. The answer says so: ``coe.fallback_reason``/``fallback_from``, ``x-coe-fallback-from``."""
         try:
-            return (*await self._open_stream(info, messages, req), info)
+            return (*await self._open_stream(info, greq), info)
         except APIError as e:
             if e.code not in FALLBACK_CODES or info.forced == "expert":
                 raise
@@ -217,7 +371,7 @@ class Ingress:
             alt_info = CoeInfo.model_validate({**info.model_dump(), "expert": alt, "fallback_reason": reason,
                                                "fallback_from": failed[0]})
             try:
-                gen, first, pending = await self._open_stream(alt_info, messages, req)
+                gen, first, pending = await self._open_stream(alt_info, greq)
             except APIError as e2:
                 if e2.code not in FALLBACK_CODES:
                     raise
@@ -235,75 +389,113 @@ class Ingress:
             raise APIError(504, f"the request did not finish within {timeout_s:g} s (limits.request_timeout_s "
                                 "or X-Coe-Timeout)", "server_error", None, "request_timeout") from None
 
+    # ---- keys and per-key limits ---------------------------------------------------------------
+    def _identity(self, request: Request) -> StoredKey | None:
+        """The caller's key record (role, limits), from the one check the auth middleware also uses;
+        None when auth is off. (The middleware already refused requests without a valid key.)"""
+        if not self.keys.configured:
+            return None
+        try:
+            return self.keys.check(bearer_token(request.headers.get("authorization")))
+        except KeyStoreUnavailable as e:
+            raise APIError(503, f"the API key store cannot be read: {e}", "server_error", None,
+                           "key_store_unavailable", 2) from None
+
+    def _admit(self, key: StoredKey | None, req: ChatCompletionRequest, messages: list[dict[str, Any]]) -> Reservation:
+        """Reserve the request against its key's RPM/TPM/budget (429 + Retry-After when over)."""
+        if key is None:
+            return Reservation(None)
+        chars = sum(len(m["content"]) for m in messages)
+        try:
+            return self.tenants.admit(key, estimate_tokens(chars, req.requested_max_tokens(), req.n or 1))
+        except LimitExceeded as e:
+            raise APIError(429, str(e), "rate_limit_error", None, f"key_{e.limit}_limit", e.retry_after_s) from None
+
+    def _refused(self, key: StoredKey | None, ticket: Reservation, status: int, used_tokens: int = 0) -> None:
+        """A request that failed or was refused: count it, give back what it reserved."""
+        self.metrics.observe_error(status)
+        self.metrics.observe_key(key.name if key else None, str(status))
+        ticket.settle(used_tokens)
+
     # ---- endpoints ---------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
+        rid = request_id_of(request)
         timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
         deadline = time.monotonic() + timeout_s
+        session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
+        key = await asyncio.to_thread(self._identity, request)
+        ticket = Reservation(None)
         try:
-            if req.n != 1:
-                raise bad_request(f"n={req.n} is not supported; coe returns one choice (n=1)", "n", "unsupported_value")
+            greq = to_generate_request(req, rid)
             messages = normalise_messages(req.messages)
-            info, _spec = await self._within(deadline, timeout_s,
-                                             self._route(req.model, messages, req.requested_max_tokens()))
-            gen, first, pending, info = await self._within(deadline, timeout_s,
-                                                           self._open_with_fallback(info, messages, req))
+            permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
+            # refusals that need no work come first: a field no allowed expert honours, a forbidden
+            # expert (400/403, not counted against the key), then the key's limits (429)
+            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
+            ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
+            info, _spec = await self._within(deadline, timeout_s, self._route(
+                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session))
+            gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
         except APIError as e:
-            self.metrics.observe_error(e.status)
+            self._refused(key, ticket, e.status)
             raise
         except Exception as e:  # a replica died or is restarting: a clean 503, not a 500
             known = upstream_error(e)
             if known is None:
                 raise
-            self.metrics.observe_error(known.status)
+            self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
-        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel)
+        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel,
+                              limit_s=timeout_s)
+        cid = f"chatcmpl-{rid}"
+        builder = ChoicesBuilder(req.n or 1, bool(req.logprobs), req.forced_tool_choice())
+        builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(items, first, info, req.model, include_usage, t0),
+            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket),
                                      media_type="text/event-stream", headers=headers)
-        text, finish, usage = [], "stop", Usage(prompt_tokens=first.get("prompt_tokens", 0))
         try:
             async for item in items:
                 if item.get("type") == "error":
                     raise _item_error(item)
-                text.append(item["text"])
-                usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
-                usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
-                if item.get("finish_reason"):
-                    finish = item["finish_reason"]
+                builder.add(item)
         except APIError as e:
-            self.metrics.observe_error(e.status)
+            self._refused(key, ticket, e.status, builder.prompt_tokens + builder.completion_tokens)
             raise
         except Exception as e:  # deadline passed, or the pool replica died mid-generation
             known = upstream_error(e)
             if known is None:
                 raise
-            self.metrics.observe_error(known.status)
+            self._refused(key, ticket, known.status, builder.prompt_tokens + builder.completion_tokens)
             raise known from None
+        usage = Usage(prompt_tokens=builder.prompt_tokens, completion_tokens=builder.completion_tokens)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        body = ChatCompletionResponse(model=req.model, choices=[Choice(message=ChatMessageOut(content="".join(text)),
-                                      finish_reason=finish)], usage=usage, coe=info)
+        await asyncio.to_thread(ticket.settle, usage.total_tokens)
+        self.metrics.observe_key(key.name if key else None, "ok", usage.prompt_tokens, usage.completion_tokens)
+        body = ChatCompletionResponse(id=cid, model=info.expert, choices=builder.choices(), usage=usage, coe=info)
         self.metrics.observe_request(info.expert, info.category, "ok", usage.prompt_tokens, usage.completion_tokens,
                                      time.perf_counter() - t0)
-        return JSONResponse(body.model_dump(mode="json"), headers=headers)
+        return JSONResponse(body.model_dump(mode="json", exclude_none=False), headers=headers)
 
-    async def _sse(self, gen, first: dict, info: CoeInfo, model: str, include_usage: bool,
-                   t0: float) -> AsyncIterator[str]:
-        cid, created = new_id("chatcmpl"), int(time.time())
-        usage = Usage(prompt_tokens=first.get("prompt_tokens", 0))
+    async def _sse(self, gen, builder: ChoicesBuilder, info: CoeInfo, cid: str, include_usage: bool,
+                   t0: float, key: StoredKey | None = None,
+                   ticket: Reservation | None = None) -> AsyncIterator[str]:
+        created = int(time.time())
+        model = info.expert
         status = "ok"
 
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-                        **extra})
+                        "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                     "logprobs": logprobs}], **extra})
 
         try:
-            yield chunk({"role": "assistant", "content": ""}, coe=info.model_dump(mode="json"))
-            finish = "stop"
+            for i in sorted(builder.states):
+                yield chunk(i, {"role": "assistant", "content": ""}, **({"coe": info.model_dump(mode="json")}
+                                                                        if i == 0 else {}))
             try:
                 async for item in gen:
                     if item.get("type") == "error":
@@ -312,12 +504,21 @@ class Ingress:
                         yield sse({"error": {"message": item["message"], "type": item.get("error_type"),
                                              "param": item.get("param"), "code": item.get("code")}})
                         break
-                    usage.prompt_tokens = item.get("prompt_tokens") or usage.prompt_tokens
-                    usage.completion_tokens = item.get("completion_tokens", usage.completion_tokens)
-                    if item["text"]:
-                        yield chunk({"content": item["text"]})
+                    st = builder.add(item)
+                    if builder.forced_tool:  # the tool calls are sent whole when the choice ends
+                        if st.finish:
+                            msg, finish = builder.message(st)
+                            delta = ({"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
+                                                     enumerate(msg.tool_calls)]} if msg.tool_calls
+                                     else {"content": msg.content})
+                            yield chunk(st.index, delta, finish)
+                        continue
+                    lp = ({"content": [x.model_dump() for x in logprobs_out(item.get("logprobs"))]}
+                          if builder.want_logprobs and item.get("logprobs") else None)
+                    if item.get("text") or lp:
+                        yield chunk(st.index, {"content": item.get("text") or ""}, None, lp)
                     if item.get("finish_reason"):
-                        finish = item["finish_reason"]
+                        yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
@@ -330,9 +531,13 @@ class Ingress:
                 yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
                                      "code": known.code}})
             if status == "ok":
-                yield chunk({}, finish)
+                for st in builder.states.values():  # a choice the engine ended without a finish reason
+                    if st.finish is None:
+                        st.finish = "stop"
+                        yield chunk(st.index, {}, "stop")
                 if include_usage:
-                    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+                    usage = Usage(prompt_tokens=builder.prompt_tokens, completion_tokens=builder.completion_tokens,
+                                  total_tokens=builder.prompt_tokens + builder.completion_tokens)
                     yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                                "choices": [], "usage": usage.model_dump()})
             yield sse("[DONE]")
@@ -340,8 +545,12 @@ class Ingress:
             status = "cancelled"
             raise
         finally:
-            self.metrics.observe_request(info.expert, info.category, status, usage.prompt_tokens,
-                                         usage.completion_tokens, time.perf_counter() - t0)
+            self.metrics.observe_request(info.expert, info.category, status, builder.prompt_tokens,
+                                         builder.completion_tokens, time.perf_counter() - t0)
+            self.metrics.observe_key(key.name if key else None, status, builder.prompt_tokens,
+                                     builder.completion_tokens)
+            if ticket is not None:
+                await asyncio.to_thread(ticket.settle, builder.prompt_tokens + builder.completion_tokens)
 
     @app.post("/v1/route")
     async def route(self, req: RouteRequest) -> JSONResponse:
@@ -363,7 +572,7 @@ class Ingress:
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
-        for cat in sorted(set(self._categories) | set(snap.category_map)):
+        for cat in sorted(self._categories):  # a map entry the router cannot route is not requestable
             cards.append(ModelCard(id=f"coe/{cat}", kind="category", experts=list(snap.category_map.get(cat, [])),
                                    description=f"force category '{cat}'; the router picks among its experts"))
         for name in sorted(snap.experts):
@@ -410,7 +619,22 @@ class Ingress:
         return JSONResponse({"status": "ok" if reg["reachable"] else "degraded", "version": __version__,
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
+                             "keys": _keys().health(),
                              "uptime_s": round(time.time() - self.started_at, 1)})
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
+        from coe.serve.readiness import readiness
+
+        residency = None
+        if self.warm.done:
+            try:
+                residency = await asyncio.wait_for(self.pool.sync.remote(None), 5.0)
+            except Exception as e:
+                log.warning("readiness: the expert pool did not answer: %s", e)
+        ready, body = readiness(self.warm, residency)
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:

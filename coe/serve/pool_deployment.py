@@ -22,6 +22,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from coe.config import ServeConfig
+from coe.generate_request import GenerateRequest
 
 log = logging.getLogger("coe.serve.pool")
 
@@ -177,10 +178,13 @@ class ExpertPoolDeployment:
             log.warning("could not mark %s failed in the registry: %s", name, e)
 
     # ---- requests ----------------------------------------------------------------------------
-    async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Stream one chat completion from the expert named by the multiplexed model id."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[dict]:
+        """Stream one chat completion from the expert named by the multiplexed model id.
+
+        ``request`` is the typed :class:`coe.generate_request.GenerateRequest` the ingress built
+        (``ChatCompletionRequest.to_generate_request``); here only the expert's defaults and its
+        context window are applied to it."""
         from coe import errors as ce
-        from coe.engines.base import SamplingParams
 
         name = serve.get_multiplexed_model_id()
         await self._ensure_started()
@@ -189,11 +193,15 @@ class ExpertPoolDeployment:
             yield err
             return
         spec = self._watcher.snapshot.experts.get(name)
-        messages = request["messages"]
+        messages = request.messages
         gen = spec.generation if spec is not None else None
-        max_tokens = request.get("max_tokens") or (gen.max_tokens if gen else 256)
+        sampling = request.sampling
+        max_tokens = sampling.max_tokens if "max_tokens" in sampling.model_fields_set else (gen.max_tokens if gen else 256)
         try:
             prompt_tokens = await asyncio.to_thread(self.pool.count_prompt_tokens, name, messages)
+        except ce.RequestError as e:  # the request's content, not the expert: 400, registry untouched
+            yield _err(400, e.message, e.param, e.code)
+            return
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
             yield _err(503, str(e), "model", "expert_load_failed")
@@ -212,28 +220,25 @@ class ExpertPoolDeployment:
                 yield _err(400, f"the prompt is {prompt_tokens} tokens; expert '{name}' has a context of "
                                 f"{max_context} tokens", "messages", "context_length_exceeded")
                 return
-            if request.get("max_tokens_explicit") and prompt_tokens + max_tokens > max_context:
+            if request.max_tokens_explicit and prompt_tokens + max_tokens > max_context:
                 yield _err(400, f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds "
                                 f"expert '{name}''s context of {max_context} tokens; use at most "
                                 f"{max_context - prompt_tokens}", "max_tokens", "context_length_exceeded")
                 return
             max_tokens = min(max_tokens, max_context - prompt_tokens)
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=request["temperature"] if request.get("temperature") is not None
-            else (gen.temperature if gen else 0.7),
-            top_p=request["top_p"] if request.get("top_p") is not None else (gen.top_p if gen else 1.0),
-            stop=request.get("stop") if request.get("stop") is not None else (list(gen.stop) if gen else []),
-            seed=request.get("seed"),
-        )
+        params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
         yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
         t0 = time.monotonic()
         try:
             async for chunk in self.pool.generate(name, messages, params):
                 yield {"type": "chunk", "text": chunk.text, "finish_reason": chunk.finish_reason,
-                       "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
-                if chunk.finish_reason is not None:
+                       "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
+                       "index": chunk.index,
+                       "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None}
+                if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)
+        except ce.RequestError as e:
+            yield _err(400, e.message, e.param, e.code)
         except ce.QueueFull as e:
             from coe.limits import retry_after_s
 

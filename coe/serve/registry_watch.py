@@ -79,9 +79,6 @@ class RegistryWatcher:
         self.last_ok: float | None = None
         self.down_since: float | None = None
 
-    def add_callback(self, cb: OnChange) -> None:
-        self._callbacks.append(cb)
-
     async def start(self) -> None:
         """Read the first snapshot and start listening; idempotent."""
         if self._loop is not None:

@@ -63,6 +63,7 @@ class RouterDeployment:
         self.demand: Counter[str] = Counter()
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
+        await asyncio.to_thread(self._publish_categories)
         self._sync_task = asyncio.create_task(self._sync_loop()) if pool is not None else None
 
     async def _sync_loop(self) -> None:
@@ -74,16 +75,22 @@ class RouterDeployment:
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
 
-    async def refresh_registry(self) -> int:
-        """Re-read the registry now (tests and the ingress call it after a change they made)."""
-        await self.watcher.refresh()
-        return self.watcher.snapshot.version
+    def _publish_categories(self) -> None:
+        """Tell ``coe-registry`` which categories this router knows (decision 6), so a typo such as
+        ``code`` for ``coding`` is refused at the door instead of failing silently at request time."""
+        try:
+            self.watcher.registry.publish_categories(self.router.categories, self.cfg.router.path or "default")
+        except Exception as e:  # Redis down at start: the CLI then warns and checks the default taxonomy
+            log.warning("could not publish the router's categories: %s", e)
 
     def categories(self) -> list[str]:
         return list(self.router.categories)
 
     async def route(self, request: dict) -> dict:
-        """Route one request: ``{prompt, model, prompt_tokens?, max_tokens?, min_version?}``.
+        """Route one request: ``{prompt, model, prompt_tokens?, max_tokens?, min_version?, allowed?}``.
+
+        ``allowed`` (expert names) is the ingress's hard constraint: experts whose engine honours
+        every feature the request needs and that the caller's key may use.
 
         ``min_version`` is the registry version the caller has seen: if this replica is behind
         (a pub/sub message still in flight), it re-reads the registry first, so an expert added a
@@ -99,7 +106,8 @@ class RouterDeployment:
         kwargs = [
             dict(prompt=r["prompt"], model=r.get("model") or "coe", experts=experts,
                  category_map=snap.category_map, residency=self.residency,
-                 prompt_tokens=r.get("prompt_tokens"), max_tokens=r.get("max_tokens"))
+                 prompt_tokens=r.get("prompt_tokens"), max_tokens=r.get("max_tokens"),
+                 allowed=set(r["allowed"]) if r.get("allowed") is not None else None)
             for r in requests
         ]
         try:

@@ -158,3 +158,62 @@ def test_console_script_subprocess_uses_env(registry):
     res = run_py("from expert_registry.cli import main; import sys; sys.argv=['coe-registry','add','x',"
                  "'--model','/m.gguf','--skip-model-check']; main()", env=env)
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "already exists" in res.stderr
+
+
+def test_unknown_categories_are_refused_with_the_known_set(registry, smollm2_gguf):
+    """Decision 6: a category the router cannot route (a typo such as `code`) is refused at the door."""
+    g = str(smollm2_gguf)
+    before = state(registry)
+    # no service has published a set yet: the default taxonomy is used, and the error says so
+    err = one_line_error(cli(registry, "add", "x", "--model", g, "-c", "cooking=0.9"),
+                         "unknown category 'cooking'", "coding, math", "default taxonomy", "coe router train")
+    assert "general" in err
+    one_line_error(cli(registry, "map", "set", "code=x"), "unknown category 'code'")
+    assert state(registry) == before
+    res = ok(cli(registry, "add", "x", "--model", g, "-c", "coding=0.9"))
+    assert "default taxonomy" in res.stderr and res.stderr.startswith("warning:")
+    # a service whose router knows other categories has published them: they, and only they, count
+    registry.publish_categories(["cooking", "coding"], "/routers/kitchen")
+    ok(cli(registry, "update", "x", "-c", "cooking=0.8"))
+    ok(cli(registry, "map", "set", "cooking=x"))
+    one_line_error(cli(registry, "map", "set", "math=x"), "unknown category 'math'", "coding, cooking",
+                   "/routers/kitchen")
+    assert registry.get_map() == {"cooking": ["x"]}
+
+
+def test_list_fits_80_columns_and_prints_what_is_stored(registry, smollm2_gguf, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    g = str(smollm2_gguf)
+    added = ok(cli(registry, "add", "a-long-expert-name-for-maths", "--model", g, "--max-context", "2048",
+                   "-c", "math=0.9", "-c", "stem=0.7", "-c", "reasoning=0.6", "-c", "humanities=0.5",
+                   "--tag", "demo", "--tag", "quantised")).stdout
+    assert "ctx 2048" in added and "ctx 8192" not in added  # what is stored, not what the file says
+    assert registry.get("a-long-expert-name-for-maths").max_context == 2048
+    for args in (("list",), ("list", "-l")):
+        text = ok(cli(registry, *args)).stdout
+        assert max(len(line) for line in text.splitlines()) <= 80, text
+        assert "a-long-expert-name-for-maths" in text and "status" in text  # never folded mid-word
+        assert "98.4 MB" in text and "2048" in text and "math=0.9" in text
+
+
+def test_demo_experts_record_their_size(registry):
+    from coe.demo import ensure_demo, smollm2_gguf
+
+    ensure_demo(registry)
+    assert {e.size_bytes for e in registry.list()} == {smollm2_gguf().stat().st_size}
+
+
+def test_starting_the_embedded_redis_is_announced(tmp_path):
+    """With no Redis given, the first command starts one and says so, with how to stop it."""
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="coe-cli-")  # short: the unix socket lives in it
+    env = {"COE_HOME": home, "COE_REDIS_URL": ""}
+    code = "from expert_registry.cli import main; import sys; sys.argv=['coe-registry','list','--json']; main()"
+    try:
+        first, second = run_py(code, env=env), run_py(code, env=env)
+        assert first.returncode == 0 and "started the embedded Redis" in first.stderr
+        assert "coe-registry server stop" in first.stderr
+        assert second.returncode == 0 and second.stderr == ""  # reused quietly
+    finally:
+        run_py("from expert_registry.embedded import stop_embedded; stop_embedded()", env=env)

@@ -223,3 +223,39 @@ def test_expert_whose_files_break_is_marked_failed_not_a_crash(serve_app, client
         time.sleep(0.5)
     assert cards["tiny-broken"]["status"] == "failed" and cards["tiny-broken"]["status_reason"]
     serve_app.registry.remove("tiny-broken", force=True)
+
+
+def test_readyz_means_every_routable_category_is_warm(serve_app, http):
+    """Liveness and readiness apart: /readyz is 200 only once an expert of every routable category
+    is loaded and has run once; it names them. (The session fixture waits for it.)"""
+    r = http.get("/readyz")
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.text
+    cats = r.json()["categories"]
+    assert cats["math"] == "tiny-b" and cats["general"] == "tiny-a"
+    assert set(cats) == {"general", "writing", "math", "stem", "coding", "reasoning", "roleplay",
+                         "extraction", "humanities"}
+    assert http.get("/healthz").json()["status"] == "ok"
+
+
+def test_models_lists_only_what_can_be_requested(serve_app, http):
+    """A map entry for a category the router does not know is not offered as a model."""
+    serve_app.registry.update_map({"cooking": ["tiny-a"]})
+    try:
+        time.sleep(0.5)
+        ids = {m["id"] for m in http.get("/v1/models").json()["data"]}
+        assert "coe/cooking" not in ids and "coe/math" in ids
+    finally:
+        serve_app.registry.update_map({"cooking": None})
+
+
+def test_http_edge_cases_answer_with_a_hint(http):
+    body = json.dumps({"model": "tiny-a", "messages": HELLO})
+    for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
+        r = http.post("/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 415, (headers, r.text)
+        assert "Content-Type: application/json" in r.json()["error"]["message"]
+    for path in ("/v1/completions", "/v1/embeddings"):
+        r = http.post(path, json={"model": "coe", "input": "x"})
+        assert r.status_code == 404
+        msg = r.json()["error"]["message"]
+        assert path in msg and "POST /v1/chat/completions" in msg and "GET /v1/models" in msg

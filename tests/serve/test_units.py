@@ -84,6 +84,12 @@ def test_deploy_files_parse_into_the_service_config():
     assert k8s.pool.device == "cuda" and k8s.pool.num_gpus == 1
     env = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
     assert {"name": "COE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "coe-redis", "key": "url"}}} in env
+    # Kubernetes sends traffic only to a warm app: readiness is coe's /readyz on every pod
+    spec = doc["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        probe = pod["template"]["spec"]["containers"][0]["readinessProbe"]
+        assert probe["httpGet"] == {"path": "/readyz", "port": 8000}
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
@@ -105,3 +111,17 @@ def test_pool_numbers_become_labelled_series():
     assert series[("coe_expert_served", (("expert", "a"),))] == 4
     text = IngressMetrics(use_ray=False).render([{"replica": "r1", "experts": {}, "metrics": m}]).decode()
     assert 'coe_swaps_total{dst="hbm",replica="r1",src="dram"} 3.0' in text
+
+
+def test_readiness_needs_every_routable_category_in_memory():
+    from coe.serve.readiness import WarmUp, readiness
+
+    w = WarmUp(plan={"math": ["tutor", "general"], "coding": ["coder"]})
+    ready, body = readiness(w, {"tutor": 1.0, "coder": 0.5})
+    assert not ready and body["status"] == "starting"  # not warmed up yet
+    w.done = True
+    assert readiness(w, None)[0] is False  # the pool did not answer
+    ready, body = readiness(w, {"tutor": 0.0, "general": 0.5, "coder": 1.0})
+    assert ready and body["categories"] == {"coding": "coder", "math": "general"}
+    ready, body = readiness(w, {"tutor": 1.0, "coder": 0.0})  # coder evicted to disk or failed
+    assert not ready and body["status"] == "not_ready" and "coding" in body["detail"]

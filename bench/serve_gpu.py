@@ -161,7 +161,7 @@ async def start_engines(engines: list[Any], parallel: int) -> dict[str, Any]:
 
 
 async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[Any], list[Any], dict[str, Any]]:
-    from expert_registry.spec import Expert, GenerationDefaults
+    from expert_registry.spec import EngineSettings, Expert, GenerationDefaults
 
     experts, engines = [], []
     setup: dict[str, Any] = {}
@@ -178,8 +178,8 @@ async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[A
             experts.append(ex)
             engines.append(VLLMEngine(
                 ex, device="cuda", max_batch_size=args.max_batch, switch_mode="pinned",
-                gpu_memory_utilization=args.gpu_util, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
-                max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs, load_format="dummy",
+                settings=EngineSettings(gpu_memory_utilization=args.gpu_util, kv_cache_bytes=int(args.kv_gib * 2**30),
+                                        enforce_eager=not args.cuda_graphs, load_format="dummy"),
                 reload_dir=args.reload_dir, dummy_init_seed=1000 + i))
         setup.update(await start_engines(engines, args.parallel_start))
         setup["load_info"] = {e.name: e.last_load_info for e in engines}
@@ -581,7 +581,7 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     from coe.engines.base import SamplingParams
     from coe.engines.vllm_engine import VLLMEngine
     from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder, word_prompt
-    from expert_registry.spec import Expert
+    from expert_registry.spec import EngineSettings, Expert
 
     t_start = time.monotonic()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coe-switch-"))
@@ -594,8 +594,9 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
         ex = Expert(name=f"sw-{i}", model=str(folder), engine="vllm", dtype="bfloat16", max_context=1024,
                     chat_template=PLAIN_TEMPLATE)
         engs.append(VLLMEngine(ex, device="cuda", max_batch_size=16, switch_mode="pinned",
-                               gpu_memory_utilization=0.1, kv_cache_memory_bytes=int(args.kv_gib * 2**30),
-                               max_model_len=1024, enforce_eager=not args.cuda_graphs, load_format="dummy",
+                               settings=EngineSettings(gpu_memory_utilization=0.1,
+                                                       kv_cache_bytes=int(args.kv_gib * 2**30),
+                                                       enforce_eager=not args.cuda_graphs, load_format="dummy"),
                                dummy_init_seed=7 + i, copy_streams=args.copy_streams,
                                host_alloc=args.host_alloc))
     res["start"] = await start_engines(engs, args.parallel_start)

@@ -333,12 +333,22 @@ def write_random_weights(folder: Path, device: str) -> None:
     torch.cuda.empty_cache()
 
 
+def _hbm_budget(weight_bytes: int, awake: int, experts: int) -> int:
+    from coe.pool import PoolConfig
+
+    d = PoolConfig()
+    active = weight_bytes + int(d.engine_defaults.kv_cache_bytes or 0) + d.engine_overhead_bytes
+    return int((active * awake + d.sleeping_engine_bytes * (experts - awake)) * 1.05)
+
+
 def service_config(args: argparse.Namespace, weight_bytes: int, path: Path) -> Path:
     import yaml
 
     cfg: dict[str, Any] = {
         "pool": {"device": args.device, "num_cpus": 1, "options": {
-            "hbm_budget_bytes": int(weight_bytes * args.hbm_experts * 1.05),
+            # the HBM budget counts whole engine footprints (weights + KV + overhead awake, the
+            # context asleep): room for hbm_experts awake, the others asleep, at the pool's defaults
+            "hbm_budget_bytes": _hbm_budget(weight_bytes, args.hbm_experts, args.experts),
             "max_batch_size": args.max_batch_size}},
         "router": {"num_cpus": 1},
     }

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coe.affinity import AffinityConfig
 from coe.limits import RequestLimits
+from coe.pool import PoolConfig
 
 
 class IngressConfig(BaseModel):
@@ -48,7 +49,18 @@ class PoolDeploymentConfig(BaseModel):
         default=1024, ge=1,
         description="Serve's cap per replica; keep it above experts x (max_queue_per_expert + max_batch_size) so a "
                     "full expert queue answers 429 at once instead of requests waiting in front of the replica")
-    options: dict[str, Any] = Field(default_factory=dict, description="extra PoolConfig fields (budgets, policy …)")
+    options: PoolConfig = Field(default_factory=PoolConfig,
+                                description="the PoolConfig each replica builds (budgets, policy, engine defaults …)")
+
+    @model_validator(mode="after")
+    def _one_device_setting(self) -> "PoolDeploymentConfig":
+        if self.options.device != PoolConfig.model_fields["device"].default:  # the dump round-trips "cpu"
+            raise ValueError("set the device as pool.device, not pool.options.device")
+        return self
+
+    def pool_config(self) -> PoolConfig:
+        """The replica's PoolConfig on the resolved device."""
+        return self.options.model_copy(update={"device": self.resolved_device()})
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -117,4 +129,9 @@ class ServeConfig(BaseModel):
             http = (yaml.safe_load(p.read_text()) or {}).get("http_options") or {}
             data.setdefault("host", http.get("host", "127.0.0.1"))
             data.setdefault("port", http.get("port", 8000))
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:  # one line that names each wrong key, before any replica starts
+            from expert_registry.spec import explain_validation_error
+
+            raise ValueError(explain_validation_error(err, f"config file {p}")) from None

@@ -57,3 +57,17 @@ class PoolClosed(CoeError):
 
 class EngineNotResident(CoeError):
     """Generation was asked of an engine whose weights are not in the active tier (a coe bug)."""
+
+
+class ExpertTransientError(CoeError):
+    """Loading or waking the expert failed for a reason that passes (out of memory, a timeout).
+
+    Decision 2 of DESIGN.md: the pool retries with backoff by itself and the registry is not
+    touched; meanwhile requests go to the next-best expert. ``retry_after_s`` says when the pool
+    tries again."""
+
+    def __init__(self, name: str, reason: str, retry_after_s: float = 0.0):
+        super().__init__(f"expert {name!r} is temporarily unavailable: {reason}")
+        self.name = name
+        self.reason = reason
+        self.retry_after_s = float(retry_after_s)

@@ -6,16 +6,16 @@ Aggregation across replicas (documented in the README):
 - request/token/routing counters are counted where the whole request is seen, in the ingress
   replica; ``/metrics`` shows that replica's counts (one ingress replica by default; with more,
   scrape Ray's endpoint and ``sum by (expert)``).
-- pool numbers (bytes per tier, swaps, swap seconds, queue depth) live in the pool replicas; each
-  publishes its latest snapshot to Redis every few seconds (key ``coe:{ns}:poolstats:{replica}``,
-  short TTL so dead replicas drop out) and ``/metrics`` renders all replicas' snapshots, labelled
-  by ``replica`` (sum over ``replica`` for the cluster). On Ray's endpoint the same numbers
-  carry Ray's ``replica`` tag and a ``ray_`` prefix.
+- pool numbers (bytes per tier, swaps and swap seconds per expert and per src->dst, queue depth,
+  tier per expert) live in the pool replicas. They travel through Ray only (decision 3: nothing
+  periodic is written to Redis): each replica records Ray metrics (every swap observed as it
+  happens, gauges set in-process), and ``/metrics`` asks the pool for its snapshot through its
+  deployment handle and renders it labelled by ``replica``. With several pool replicas, Ray's
+  Prometheus endpoint has every replica's series (``sum by (expert)``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Iterable
@@ -144,6 +144,8 @@ def pool_snapshot(replica: str, state: dict[str, Any], metrics: dict[str, Any]) 
         experts[name] = {
             "tier": getattr(tier, "value", tier),
             "status": str(get("status")),
+            "phase": get("phase"),
+            "error": get("error"),
             "queue_depth": int(get("queue_depth", 0) or 0),
             "in_flight": int(get("in_flight", 0) or 0),
         }
@@ -172,6 +174,9 @@ POOL_METRICS: dict[str, tuple[str, str, str]] = {
     "last_swap_seconds": ("coe_last_swap_seconds", "Duration of the latest move per src->dst", "gauge"),
     "evictions": ("coe_evictions", "Experts evicted from a tier to make room", "counter"),
     "served": ("coe_expert_served", "Requests served per expert by this replica", "counter"),
+    "expert_swaps": ("coe_expert_swaps", "Tier moves per expert (src->dst)", "counter"),
+    "expert_swap_seconds": ("coe_expert_swap_seconds", "Seconds moving weights per expert (src->dst)", "counter"),
+    "charged_bytes": ("coe_expert_bytes", "Bytes counted for each expert per tier (whole footprint)", "gauge"),
 }
 TIERS = ("hbm", "dram", "disk")
 
@@ -186,6 +191,12 @@ def pool_series(metrics: dict[str, Any]) -> Iterable[tuple[str, str, str, dict[s
             yield name, doc, kind, {}, float(val)
         elif isinstance(val, dict):
             for k, v in val.items():
+                if isinstance(v, dict):  # per expert: {expert: {"dram->hbm": n}} or {expert: {"hbm": bytes}}
+                    for sub, x in v.items():
+                        if isinstance(x, (int, float)) and not isinstance(x, bool):
+                            lab = dict(zip(("src", "dst"), sub.split("->", 1))) if "->" in sub else {"tier": sub}
+                            yield name, doc, kind, {"expert": k, **lab}, float(x)
+                    continue
                 if not isinstance(v, (int, float)) or isinstance(v, bool):
                     continue
                 if "->" in k:
@@ -199,7 +210,7 @@ def pool_series(metrics: dict[str, Any]) -> Iterable[tuple[str, str, str, dict[s
 
 
 class _PoolCollector:
-    """Renders pool replicas' snapshots (read from Redis by the ingress) as Prometheus metrics."""
+    """Renders pool replicas' snapshots (asked of the pool through Ray) as Prometheus metrics."""
 
     def __init__(self, snapshots: list[dict]):
         self.snapshots = snapshots
@@ -228,16 +239,3 @@ class _PoolCollector:
         yield inflight
         yield tier
         yield from fams.values()
-
-
-def load_pool_snapshots(redis_client: Any, namespace: str) -> list[dict]:
-    """All live pool replicas' snapshots from Redis (expired keys = dead replicas, dropped)."""
-    out = []
-    try:
-        for key in redis_client.scan_iter(match=f"coe:{namespace}:poolstats:*", count=100):
-            raw = redis_client.get(key)
-            if raw:
-                out.append(json.loads(raw))
-    except Exception as e:
-        log.warning("could not read pool stats from Redis: %s", e)
-    return out

@@ -41,9 +41,11 @@ from coe.errors import (
     ExpertExistsInPool,
     ExpertLoadError,
     ExpertNotServed,
+    ExpertTransientError,
     PoolClosed,
     QueueFull,
 )
+from expert_registry.spec import EngineSettings
 from coe.scheduler import POLICIES, ExpertView, SchedulerParams, auto_min_batch, auto_quantum
 from coe.tiers import TierManager
 
@@ -55,7 +57,7 @@ def _default_hbm(device: str) -> int:
         import torch
 
         free, total = torch.cuda.mem_get_info(torch.device(device))
-        return int(total * 0.6)  # weights; the rest is KV cache/activations headroom
+        return int(total * 0.9)  # every engine's whole footprint is counted; 10% for other processes
     return 4 << 30
 
 
@@ -66,13 +68,20 @@ def _default_dram() -> int:
         return 8 << 30
 
 
+def _vllm_defaults() -> EngineSettings:
+    """Engine defaults a pool applies where an expert leaves a setting unset: a bounded KV cache
+    (so an engine's footprint is known before it starts) and eager mode (starts in seconds)."""
+    return EngineSettings(kv_cache_bytes=4 << 30, gpu_memory_utilization=0.1, enforce_eager=True)
+
+
 class PoolConfig(BaseModel):
-    """Knobs of one pool (one per GPU, or one on CPU). Budgets count model weights only."""
+    """Knobs of one pool (one per node; on CPU one per replica). The HBM budget counts every
+    engine's whole device footprint (see :mod:`coe.engines.memory`), not only its weights."""
 
     model_config = ConfigDict(extra="forbid")
 
     device: str = "cpu"
-    hbm_budget_bytes: int | None = Field(None, ge=0, description="active-tier budget; None: 60% of GPU / 4 GiB on CPU")
+    hbm_budget_bytes: int | None = Field(None, ge=0, description="device budget, every engine's whole footprint; None: 90% of the GPU / 4 GiB on CPU")
     dram_budget_bytes: int | None = Field(None, ge=0, description="host-tier budget; None: half the RAM")
     policy: Literal["lru", "demand"] = "lru"
     max_wait_ms: float = Field(2000.0, gt=0, description="starvation threshold: past it an expert preempts one session")
@@ -81,14 +90,25 @@ class PoolConfig(BaseModel):
     scheduler: Literal["batch", "fifo"] = Field("batch", description="batch by expert (default) or the former FIFO rule")
     quantum_ms: float | None = Field(None, gt=0, description="time slice when others wait; None: 9x the measured switch, within [max_wait/10, max_wait]")
     min_batch: int | None = Field(None, ge=1, description="queued requests an expert needs to preempt a session past its quantum; None: max_batch_size/4 in [1, 8]")
+    engine_defaults: EngineSettings = Field(default_factory=_vllm_defaults,
+                                            description="engine settings for experts that leave them unset")
+    engine_overhead_bytes: int = Field(2 << 30, ge=0, description="estimated device bytes of an awake vLLM engine beyond weights + KV cache (context, activations, graphs) until measured")
+    sleeping_engine_bytes: int = Field(768 << 20, ge=0, description="estimated device bytes a sleeping vLLM engine keeps (its CUDA context) until measured")
+    load_timeout_s: float | None = Field(900.0, gt=0, description="an engine start (DISK->DRAM) taking longer is a transient failure")
+    wake_timeout_s: float | None = Field(120.0, gt=0, description="a wake (DRAM->HBM) taking longer is a transient failure")
+    retry_backoff_s: float = Field(2.0, gt=0, description="first wait after a transient failure; doubles per failure")
+    retry_backoff_max_s: float = Field(120.0, gt=0, description="longest wait between retries")
+    start_on_add: bool = Field(True, description="start an added expert's engine in the background (to DRAM)")
 
 
 class ExpertState(BaseModel):
     tier: str
-    status: Literal["ready", "loading", "failed", "removing"]
+    status: Literal["ready", "loading", "unavailable", "failed", "removing"]
+    phase: str | None = None  # while loading: "starting engine", "waiting for memory", ...
     queue_depth: int
     in_flight: int
     error: str | None = None
+    retry_in_s: float | None = None  # unavailable: when the pool tries again
 
 
 @dataclass
@@ -114,7 +134,6 @@ class _Slot:
     loading: bool = False
     served: int = 0
     running: set = field(default_factory=set)  # asyncio.Tasks of admitted requests
-    size: int = 0  # weight bytes (HBM footprint) as registered with the tier manager
     closing: bool = False  # the policy closed this session: no admission, release when drained
     active_since: float = 0.0
     last_admit: float = 0.0
@@ -154,15 +173,15 @@ RATE_TAU_S = 10.0  # horizon of the arrival-rate estimate the policy weighs sess
 class ExpertPool:
     """Plain-Python pool of experts sharing one accelerator (Ray Serve wraps it in coe/serve)."""
 
-    def __init__(self, config: PoolConfig | None = None, **engine_kwargs: Any):
-        self.config = config or PoolConfig()
-        dev = self.config.device
+    def __init__(self, config: PoolConfig | None = None):
+        self.config = c = config or PoolConfig()
         self.tiers = TierManager(
-            self.config.hbm_budget_bytes if self.config.hbm_budget_bytes is not None else _default_hbm(dev),
-            self.config.dram_budget_bytes if self.config.dram_budget_bytes is not None else _default_dram(),
-            self.config.policy,
+            c.hbm_budget_bytes if c.hbm_budget_bytes is not None else _default_hbm(c.device),
+            c.dram_budget_bytes if c.dram_budget_bytes is not None else _default_dram(),
+            c.policy, load_timeout_s=c.load_timeout_s, wake_timeout_s=c.wake_timeout_s,
+            retry_backoff_s=c.retry_backoff_s, retry_backoff_max_s=c.retry_backoff_max_s,
         )
-        self._engine_kwargs = {"max_batch_size": self.config.max_batch_size, **engine_kwargs}
+        self._background: set[asyncio.Task] = set()
         self._slots: dict[str, _Slot] = {}
         self._router_demand: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -181,14 +200,40 @@ class ExpertPool:
             raise PoolClosed("the expert pool is closed")
         if expert.name in self._slots:
             raise ExpertExistsInPool(f"expert {expert.name!r} is already in this pool")
-        engine = create_engine(expert, device=self.config.device, **self._engine_kwargs)
+        c = self.config
+        engine = create_engine(expert, device=c.device, max_batch_size=c.max_batch_size, defaults=c.engine_defaults,
+                               overhead_bytes=c.engine_overhead_bytes, asleep_bytes=c.sleeping_engine_bytes)
         try:
-            size = await asyncio.to_thread(engine.footprint_bytes)
+            await asyncio.to_thread(engine.footprint_bytes)
         except Exception as exc:  # missing / unreadable files: refuse now, with the reason
             raise ExpertLoadError(expert.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
-        self.tiers.register(expert.name, engine, size)
-        self._slots[expert.name] = _Slot(expert.name, engine, size=int(size))
+        self.tiers.register(expert.name, engine)
+        self._slots[expert.name] = _Slot(expert.name, engine)
         self._ensure_loop()
+        if c.start_on_add:
+            self._spawn(self._warm(expert.name), f"coe-start-{expert.name}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm(self, name: str) -> None:
+        """Start ``name``'s engine in the background (to DRAM); after a transient failure, try
+        again when its backoff has passed, until it starts, fails for good or leaves the pool."""
+        while not self._closed and name in self._slots and not self._slots[name].removing:
+            try:
+                await self.tiers.warm(name)
+                return
+            except ExpertTransientError as exc:
+                await asyncio.sleep(max(exc.retry_after_s, 0.05))
+            except ExpertLoadError as exc:
+                log.warning("%s", exc)
+                return
+            except ExpertNotServed:
+                return
+            finally:
+                self._kick()
 
     async def remove_expert(self, name: str) -> None:
         """Stop accepting requests for ``name``; accepted ones finish; then its memory is freed."""
@@ -226,7 +271,7 @@ class ExpertPool:
         slot = self._slot(name)
         if slot.removing:
             raise ExpertNotServed(f"expert {name!r} is being removed from this pool")
-        err = self.tiers.error_of(name)
+        err = self.tiers.error_of(name) or self.tiers.backoff_of(name)
         if err is not None:
             raise err
         if len(slot.queue) >= self.config.max_queue_per_expert:
@@ -281,11 +326,16 @@ class ExpertPool:
         max_wait = c.max_wait_ms / 1000.0
         switch = self._switch_s()
         return SchedulerParams(
-            capacity=c.max_batch_size, budget_bytes=self.tiers.budget[Tier.HBM], max_wait_s=max_wait,
+            capacity=c.max_batch_size, budget_bytes=self._session_budget(), max_wait_s=max_wait,
             quantum_s=c.quantum_ms / 1000.0 if c.quantum_ms is not None else auto_quantum(switch, max_wait),
             min_batch=c.min_batch if c.min_batch is not None else auto_min_batch(c.max_batch_size),
             switch_s=switch,
         )
+
+    def _session_budget(self) -> int:
+        """HBM the policy may fill with awake experts: the budget less what sleeping engines keep."""
+        idle = sum(self.tiers.charged(n)[Tier.HBM] for n, s in self._slots.items() if s.engine.tier is not Tier.HBM)
+        return max(0, self.tiers.budget[Tier.HBM] - idle)
 
     def _view(self, s: _Slot, now: float) -> ExpertView:
         if s.session is None:
@@ -299,13 +349,13 @@ class ExpertPool:
         n = len(s.queue)
         drain = max(0.0, s.service_s - (now - s.last_admit)) if s.in_flight else 0.0
         return ExpertView(
-            name=s.name, size_bytes=s.size, queued=n,
+            name=s.name, size_bytes=self.tiers.memory_of(s.name).active_bytes, queued=n,
             oldest_wait_s=now - s.queue[0].arrival if n else 0.0,
             wait_sum_s=max(0.0, n * now - s.arrival_sum) if n else 0.0,
             in_flight=s.in_flight, resident=s.engine.tier is Tier.HBM, phase=phase,
             session_age_s=now - s.active_since if phase == "active" else 0.0, drain_s=drain,
             rate=s.rate(now), hint=self._router_demand.get(s.name, 0),
-            failed=self.tiers.error_of(s.name) is not None,
+            failed=self.tiers.error_of(s.name) is not None or self.tiers.backoff_of(s.name) is not None,
         )
 
     def _tick(self) -> None:
@@ -350,12 +400,14 @@ class ExpertPool:
                 self._tick()
                 await s.session_end.wait()
                 s.acquired = None
-        except ExpertLoadError as exc:
+        except (ExpertLoadError, ExpertTransientError) as exc:
             log.warning("%s", exc)
             while s.queue:
                 p = s.pop()
                 p.finished = True
                 p.out.put_nowait(exc)
+            if isinstance(exc, ExpertTransientError) and exc.retry_after_s:
+                self._spawn(self._warm(s.name), f"coe-retry-{s.name}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # pragma: no cover - unexpected: fail queued requests, keep serving
@@ -434,7 +486,7 @@ class ExpertPool:
         divided by (1 + queued/max_batch_size) so a long queue makes an expert less attractive."""
         out: dict[str, float] = {}
         for n, s in self._slots.items():
-            if s.removing or self.tiers.error_of(n) is not None:
+            if s.removing or self.tiers.error_of(n) is not None or self.tiers.backoff_of(n) is not None:
                 out[n] = 0.0
                 continue
             base = {Tier.HBM: 1.0, Tier.DRAM: 0.5, Tier.DISK: 0.0}[s.engine.tier]
@@ -445,10 +497,13 @@ class ExpertPool:
     def state(self) -> dict[str, ExpertState]:
         out: dict[str, ExpertState] = {}
         for n, s in self._slots.items():
-            err = self.tiers.error_of(n)
-            status = "failed" if err else "removing" if s.removing else "loading" if s.loading else "ready"
-            out[n] = ExpertState(tier=s.engine.tier.value, status=status, queue_depth=len(s.queue),
-                                 in_flight=s.in_flight, error=err.reason if err else None)
+            err, off, phase = self.tiers.error_of(n), self.tiers.backoff_of(n), self.tiers.phase_of(n)
+            status = ("failed" if err else "removing" if s.removing else "unavailable" if off
+                      else "loading" if phase or s.loading else "ready")
+            out[n] = ExpertState(tier=s.engine.tier.value, status=status, phase=phase or None,
+                                 queue_depth=len(s.queue), in_flight=s.in_flight,
+                                 error=(err or off).reason if (err or off) else None,
+                                 retry_in_s=round(off.retry_after_s, 3) if off else None)
         return out
 
     def metrics(self) -> dict[str, Any]:
@@ -471,7 +526,7 @@ class ExpertPool:
             s.queue.clear()
             s.arrival_sum = 0.0
             s.session_end.set()
-        running = [t for s in self._slots.values() for t in s.running]
+        running = [t for s in self._slots.values() for t in s.running] + list(self._background)
         for t in [*running, self._loop_task, self._prefetch_task, *(s.session for s in self._slots.values())]:
             if t is not None and not t.done():
                 t.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,6 +197,7 @@ def _options_dict(**opts: Any) -> dict[str, Any]:
     gen = {k: opts.pop(k) for k in ("max_tokens", "temperature", "top_p", "stop")}
     caps = opts.pop("capability")
     tags = opts.pop("tag")
+    settings = opts.pop("engine_settings", None)
     template_file = opts.pop("chat_template_file")
     for key, value in opts.items():
         if value is not None:
@@ -212,7 +214,31 @@ def _options_dict(**opts: Any) -> dict[str, Any]:
         data["capabilities"] = _parse_capabilities(caps)
     if tags:
         data["tags"] = list(tags)
+    if settings:
+        data["engine_settings"] = settings
     return data
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str, what: str = "--kv-cache") -> int:
+    """``"4GiB"`` / ``"512 MiB"`` / ``"1e9"`` -> bytes, or a one-line :class:`InvalidExpert`."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise InvalidExpert(f"{what}: {text!r} is not a size; use bytes or a unit, e.g. 4GiB, 512MiB, 8GB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _engine_settings(kv_cache: str | None, gpu_memory_utilization: float | None, eager: bool | None,
+                     quantization: str | None, max_num_seqs: int | None, load_format: str | None) -> dict[str, Any]:
+    """The engine options the user gave, as ``engine_settings`` fields (validated with the spec)."""
+    raw = {"kv_cache_bytes": parse_bytes(kv_cache) if kv_cache is not None else None,
+           "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": eager,
+           "quantization": quantization, "max_num_seqs": max_num_seqs, "load_format": load_format}
+    return {k: v for k, v in raw.items() if v is not None}
 
 
 def _with_model_info(data: dict[str, Any], explicit: set[str]) -> tuple[dict[str, Any], ModelInfo]:
@@ -249,6 +275,15 @@ _CostOpt = Annotated[Optional[float], typer.Option("--cost-per-1k-tokens", help=
 _ParamsOpt = Annotated[Optional[float], typer.Option(help="Parameters in billions (default: from the weights).")]
 _TrustOpt = Annotated[Optional[bool], typer.Option(
     "--trust-remote-code/--no-trust-remote-code", help="Allow the model's own Python code (off by default).")]
+_KvOpt = Annotated[Optional[str], typer.Option(
+    "--kv-cache", help="KV cache per engine, bytes or with a unit: 4GiB, 512MiB (vLLM).")]
+_GpuUtilOpt = Annotated[Optional[float], typer.Option(
+    help="vLLM gpu_memory_utilization, used only without --kv-cache (0-1].")]
+_EagerOpt = Annotated[Optional[bool], typer.Option(
+    "--eager/--no-eager", help="vLLM without CUDA graphs (faster start, less HBM).")]
+_QuantOpt = Annotated[Optional[str], typer.Option(help="awq | gptq | fp8 | bitsandbytes | compressed-tensors")]
+_SeqsOpt = Annotated[Optional[int], typer.Option(help="Requests the engine batches at once.")]
+_LoadFmtOpt = Annotated[Optional[str], typer.Option(help="auto | safetensors | dummy (random weights, real shapes)")]
 _TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="Free-form tag (repeatable).")]
 _FileOpt = Annotated[Optional[Path], typer.Option("--from-file", "-f", help="YAML spec; options override it.")]
 _NoCheckOpt = Annotated[bool, typer.Option(
@@ -264,6 +299,8 @@ def add(
     max_tokens: _MaxTokOpt = None, temperature: _TempOpt = None, top_p: _TopPOpt = None,
     stop: _StopOpt = None, capability: _CapOpt = None, cost_per_1k_tokens: _CostOpt = None,
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
+    kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
+    quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
     redis_url: RedisUrl = None, namespace: Namespace = "default",
 ) -> None:
@@ -280,8 +317,10 @@ def add(
             max_context=max_context, chat_template=chat_template, chat_template_file=chat_template_file,
             system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
-            params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [])
-        for key in ("generation", "capabilities"):  # options refine the file's dicts
+            params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
+            engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
+                                             load_format))
+        for key in ("generation", "capabilities", "engine_settings"):  # options refine the file's dicts
             if key in opts and isinstance(data.get(key), dict):
                 opts[key] = {**data[key], **opts[key]}
         if "tags" in opts and isinstance(data.get("tags"), list):
@@ -316,6 +355,8 @@ def update(
     max_tokens: _MaxTokOpt = None, temperature: _TempOpt = None, top_p: _TopPOpt = None,
     stop: _StopOpt = None, capability: _CapOpt = None, cost_per_1k_tokens: _CostOpt = None,
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
+    kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
+    quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
     status: Annotated[Optional[str], typer.Option(help="ready | failed")] = None,
     status_reason: Annotated[Optional[str], typer.Option(help="Why it failed.")] = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
@@ -339,6 +380,8 @@ def update(
             system_prompt=system_prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
+            engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
+                                             load_format),
             status=status, status_reason=status_reason))
         if not data:
             raise InvalidExpert("nothing to update: give at least one option (see --help)")
@@ -347,7 +390,8 @@ def update(
         current = reg.get(name)
         # validate the merged result before touching files (unknown fields, ranges)
         parse_expert({**current.model_dump(), **{k: v for k, v in data.items()
-                                                 if k not in ("generation", "capabilities")}},
+                                                 if k not in ("generation", "capabilities", "engine_settings")},
+                      "engine_settings": {**current.engine_settings.model_dump(), **data.get("engine_settings", {})}},
                      f"expert {name}")
         info = None
         if not skip_model_check and {"model", "gguf_file", "revision"} & data.keys():

@@ -44,11 +44,45 @@ class GenerationDefaults(BaseModel):
     stop: list[str] = Field(default_factory=list)
 
 
+#: Version of the stored entry's shape. A reader refuses (by name) an entry written by a newer coe
+#: instead of failing on its unknown fields or dropping it; entries without one are version 1.
+SCHEMA_VERSION = 2
+
+QUANTIZATIONS = ("awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors")
+
+
+class EngineSettings(BaseModel):
+    """How the pool starts this expert's engine; ``None`` = the pool's default (``pool.engine_defaults``
+    of the service config).
+
+    Closed on purpose: nothing here reaches remote code, worker extensions or other
+    security-relevant engine arguments, and a misspelled key is an error, not a silent no-op.
+    ``dtype`` and the context length are the expert's own ``dtype`` and ``max_context`` fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="KV cache per engine (vLLM kv_cache_memory_bytes)")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0.0, le=1.0, description="used only when kv_cache_bytes is unset: vLLM sizes the KV cache from it")
+    enforce_eager: bool | None = Field(None, description="no CUDA graphs: faster start, less HBM, slower decode")
+    quantization: Literal["awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors"] | None = None
+    max_num_seqs: int | None = Field(None, ge=1, le=4096, description="requests the engine batches at once")
+    load_format: Literal["auto", "safetensors", "dummy"] | None = Field(
+        None, description="'dummy': random weights of the real shapes (tests, GPU dry runs)")
+
+    def merged_over(self, defaults: "EngineSettings") -> "EngineSettings":
+        """These settings with every unset field taken from ``defaults``."""
+        base = defaults.model_dump()
+        base.update(self.model_dump(exclude_none=True))
+        return EngineSettings.model_validate(base)
+
+
 class Expert(BaseModel):
     """One registered expert: where its weights are, how to serve it, what it is good at."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, description="shape of the stored entry; set by the registry")
     name: str = Field(pattern=NAME_PATTERN, description="slug: 1-64 chars of a-z 0-9 . _ -")
     model: str = Field(min_length=1, description="local folder, .gguf file, or hub id")
     gguf_file: str | None = Field(None, description="GGUF file inside `model` (folder or hub repo)")
@@ -56,6 +90,7 @@ class Expert(BaseModel):
     engine: Literal["auto", "hf", "vllm"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_context: int = Field(2048, ge=1)
+    engine_settings: EngineSettings = Field(default_factory=EngineSettings)
     chat_template: str | None = None
     system_prompt: str | None = None
     generation: GenerationDefaults = Field(default_factory=GenerationDefaults)
@@ -69,6 +104,13 @@ class Expert(BaseModel):
     status_reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: int) -> int:
+        if v > SCHEMA_VERSION:
+            raise ValueError(f"written by a newer coe (schema {v}; this one reads up to {SCHEMA_VERSION}): upgrade coe")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -43,6 +43,7 @@ from expert_registry.errors import (
     RegistryError,
 )
 from expert_registry.spec import (
+    SCHEMA_VERSION,
     CategoryMap,
     Expert,
     explain_validation_error,
@@ -366,6 +367,14 @@ class RedisRegistry:
         """One stored entry, validated: its schema, and that its key and its ``name`` agree (an
         entry stored under another key would be listed twice, and served under a name it is not)."""
         try:
+            version = json.loads(raw).get("schema_version", 1)
+        except (ValueError, AttributeError):
+            version = 1
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise RegistryError(
+                f"stored expert {name!r} in namespace {self.namespace!r} was written by a newer coe (entry schema "
+                f"{version}, this coe reads up to {SCHEMA_VERSION}): upgrade coe to read or change it")
+        try:
             expert = Expert.model_validate_json(raw)
         except ValidationError as err:
             raise RegistryError(
@@ -400,16 +409,17 @@ class RedisRegistry:
         cur = view.expert(name)
         data = cur.model_dump()
         for key, value in fields.items():
-            if key in ("generation", "capabilities") and isinstance(value, Mapping) and isinstance(data.get(key), dict):
+            if key in ("generation", "capabilities", "engine_settings") and isinstance(value, Mapping) and isinstance(data.get(key), dict):
                 merged = {**data[key], **value}
                 data[key] = {k: v for k, v in merged.items() if v is not None} if key == "capabilities" else merged
             else:
                 data[key] = value
         new = parse_expert(data, f"expert {name}")
-        changed = [k for k in Expert.model_fields if k != "updated_at" and getattr(new, k) != getattr(cur, k)]
+        changed = [k for k in Expert.model_fields
+                   if k not in ("updated_at", "schema_version") and getattr(new, k) != getattr(cur, k)]
         if not changed:
             return _Plan()
-        new = new.model_copy(update={"updated_at": utcnow()})
+        new = new.model_copy(update={"updated_at": utcnow(), "schema_version": SCHEMA_VERSION})
         return _Plan(put={name: new}, events=[(op, name, ["status", "status_reason"] if op == "status" else changed)])
 
     def _plan_map(self, view: _View, new: CategoryMap, known: set[str] | None = None) -> _Plan:

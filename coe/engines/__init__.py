@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coe.engines.base import Engine
+
+if TYPE_CHECKING:
+    from expert_registry.spec import EngineSettings
 
 ENGINES: dict[str, str] = {
     "hf": "coe.engines.hf:HFEngine",
@@ -35,9 +38,12 @@ def import_transformers_once() -> None:
             getattr(transformers, name)
 
 
-def create_engine(expert: Any, device: str = "cpu", **kwargs: Any) -> Engine:
+def create_engine(expert: Any, device: str = "cpu", max_batch_size: int = 8,
+                  defaults: "EngineSettings | None" = None, overhead_bytes: int | None = None,
+                  asleep_bytes: int | None = None) -> Engine:
     """Build (not load) the engine for ``expert``. ``auto``: vLLM on a CUDA device where vLLM is
-    installed, else ``hf`` (the check does not import vLLM)."""
+    installed, else ``hf`` (the check does not import vLLM). vLLM gets the expert's
+    ``engine_settings`` merged over the pool's ``defaults`` and the pool's memory estimates."""
     kind = getattr(expert, "engine", "auto") or "auto"
     if kind == "auto":
         kind = "hf"
@@ -49,4 +55,12 @@ def create_engine(expert: Any, device: str = "cpu", **kwargs: Any) -> Engine:
         raise ValueError(f"expert {expert.name!r}: unknown engine {kind!r}; known: {', '.join(ENGINES)}")
     import_transformers_once()
     mod, _, cls = ENGINES[kind].partition(":")
-    return getattr(importlib.import_module(mod), cls)(expert, device=device, **kwargs)
+    factory = getattr(importlib.import_module(mod), cls)
+    if kind != "vllm":
+        return factory(expert, device=device, max_batch_size=max_batch_size)
+    from expert_registry.spec import EngineSettings
+
+    own = getattr(expert, "engine_settings", None) or EngineSettings()
+    settings = own.merged_over(defaults) if defaults is not None else own
+    extra = {k: v for k, v in (("overhead_bytes", overhead_bytes), ("asleep_bytes", asleep_bytes)) if v is not None}
+    return factory(expert, device=device, max_batch_size=max_batch_size, settings=settings, **extra)

@@ -25,9 +25,12 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 import asyncio
-from typing import Any, AsyncIterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from coe.engines.memory import EngineMemory
 
 
 class Tier(str, enum.Enum):
@@ -213,6 +216,13 @@ class Engine(ABC):
     @abstractmethod
     def footprint_bytes(self) -> int:
         """Bytes the weights take in DRAM and in HBM (an estimate before :meth:`load`, exact after)."""
+
+    def memory(self) -> "EngineMemory":
+        """What this engine holds per state (see :mod:`coe.engines.memory`); the tier manager
+        charges it against the budgets. Default: the weights, on the device only while awake."""
+        from coe.engines.memory import EngineMemory
+
+        return EngineMemory.weights_only(self.footprint_bytes(), measured=self.tier is not Tier.DISK)
 
     @abstractmethod
     async def load(self) -> SwapRecord:

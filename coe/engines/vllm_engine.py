@@ -44,10 +44,11 @@ copy exists (``load``/``unload``), and its DRAM budget counts the copy's bytes. 
 nothing for the switch itself, and vLLM's own weight layout — fused qkv/gate_up — is only known
 inside the worker.)
 
-HBM that the tier manager does not see: an engine also holds its KV cache (``kv_cache_memory_bytes``
-or ``gpu_memory_utilization``), a CUDA context and activations while awake; a sleeping engine keeps
-its context (~0.5 GB). Size the HBM budget for weights with that headroom left over. :meth:`load`
-needs the engine's whole footprint free on the GPU while vLLM starts (it loads, then sleeps).
+HBM beyond the weights: an awake engine also holds its KV cache (``EngineSettings.kv_cache_bytes``
+or ``gpu_memory_utilization``), a CUDA context, activations and graphs; a sleeping one keeps its
+context. :meth:`VLLMEngine.memory` reports all of it (estimated before the first start, measured
+during it) and the tier manager charges it; :meth:`load` needs the whole footprint free on the GPU
+while vLLM starts (it loads, then sleeps), so the tier manager reserves that first.
 """
 
 from __future__ import annotations
@@ -72,11 +73,21 @@ from coe.engines.base import (
     encode_prompt,
     render_chat,
 )
-from coe.errors import CoeError, EngineNotResident, ExpertLoadError
+from coe.engines.memory import (
+    EngineMemory,
+    device_total_bytes,
+    device_used_bytes,
+    is_out_of_memory,
+    process_device_bytes,
+)
+from coe.errors import CoeError, EngineNotResident, ExpertLoadError, ExpertTransientError
+from expert_registry.spec import EngineSettings
 
 log = logging.getLogger(__name__)
 
 SWITCH_MODES = ("pinned", "sleep", "reload")
+DEFAULT_OVERHEAD_BYTES = 2 << 30  # CUDA context + activations/workspace (+ graphs) of an awake engine, until measured
+DEFAULT_ASLEEP_BYTES = 768 << 20  # what a sleeping engine keeps on the GPU (its CUDA context), until measured
 WORKER_EXTENSION = "coe.engines.vllm_worker.CoeWorkerExtension"
 _ids = itertools.count()
 
@@ -123,21 +134,21 @@ class VLLMEngine(Engine):
         expert: Any,
         device: str = "cuda",
         max_batch_size: int = 256,
+        settings: EngineSettings | None = None,
+        *,
         switch_mode: str = "pinned",
-        gpu_memory_utilization: float = 0.4,
-        kv_cache_memory_bytes: int | None = None,
-        max_model_len: int | None = None,
-        enforce_eager: bool = False,
-        load_format: str = "auto",
         reload_dir: str | None = None,
         build_in_thread: bool = True,
         dummy_init_seed: int | None = None,
         fast_wake: bool = True,
         copy_streams: int = 2,
         host_alloc: str = "register",
-        engine_args: Mapping[str, Any] | None = None,
-        **_ignored: Any,
+        overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
+        asleep_bytes: int = DEFAULT_ASLEEP_BYTES,
     ):
+        """``settings``: the expert's engine settings already merged over the pool's defaults
+        (:meth:`EngineSettings.merged_over`); unset fields take vLLM's defaults. ``overhead_bytes``
+        and ``asleep_bytes`` are the estimates of :meth:`memory` until the engine has started."""
         if switch_mode not in SWITCH_MODES:
             raise ValueError(f"unknown switch_mode {switch_mode!r}; choose one of {', '.join(SWITCH_MODES)}")
         if not str(device).startswith("cuda"):
@@ -147,18 +158,18 @@ class VLLMEngine(Engine):
         self.device = str(device)
         self.switch_mode = switch_mode
         self.max_batch_size = int(max_batch_size)
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.kv_cache_memory_bytes = kv_cache_memory_bytes
-        self.max_model_len = max_model_len or int(getattr(expert, "max_context", 0) or 0) or None
-        self.enforce_eager = enforce_eager
-        self.load_format = load_format
+        self.settings = settings if settings is not None else EngineSettings()
+        self.max_model_len = int(getattr(expert, "max_context", 0) or 0) or None
+        self.load_format = self.settings.load_format or "auto"
+        self.overhead_bytes = int(overhead_bytes)
+        self.asleep_estimate = int(asleep_bytes)
+        self._measured: EngineMemory | None = None
         self.reload_dir = reload_dir
         self.build_in_thread = build_in_thread
         self.dummy_init_seed = dummy_init_seed
         self.fast_wake = fast_wake
         self.copy_streams = max(1, int(copy_streams))
         self.host_alloc = host_alloc
-        self.engine_args = dict(engine_args or {})
         self._llm: Any = None
         self._state = "none"  # none | awake | asleep1 | asleep2
         self._has_copy = False
@@ -234,6 +245,9 @@ class VLLMEngine(Engine):
 
     # ---------------------------------------------------------------- building the vLLM engine
     def _engine_kwargs(self) -> dict[str, Any]:
+        """vLLM's engine arguments, built only from typed fields: the expert's spec, its closed
+        :class:`EngineSettings` and coe's own switching needs (sleep mode, the worker extension)."""
+        st = self.settings
         dtype = getattr(self.expert, "dtype", "auto") or "auto"
         kw: dict[str, Any] = dict(
             model=self._model_folder(),
@@ -241,21 +255,23 @@ class VLLMEngine(Engine):
             dtype=dtype,
             load_format=self.load_format,
             enable_sleep_mode=True,
-            enforce_eager=self.enforce_eager,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_seqs=self.max_batch_size,
+            enforce_eager=bool(st.enforce_eager),
+            max_num_seqs=int(st.max_num_seqs or self.max_batch_size),
             worker_extension_cls=WORKER_EXTENSION,
             disable_log_stats=True,
             trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
             seed=0,
         )
+        if st.gpu_memory_utilization is not None:
+            kw["gpu_memory_utilization"] = float(st.gpu_memory_utilization)
         if getattr(self.expert, "revision", None):
             kw["revision"] = self.expert.revision
-        if self.kv_cache_memory_bytes:
-            kw["kv_cache_memory_bytes"] = int(self.kv_cache_memory_bytes)
+        if st.kv_cache_bytes:
+            kw["kv_cache_memory_bytes"] = int(st.kv_cache_bytes)
+        if st.quantization:
+            kw["quantization"] = st.quantization
         if self.max_model_len:
             kw["max_model_len"] = int(self.max_model_len)
-        kw.update(self.engine_args)
         return kw
 
     def _build(self) -> Any:
@@ -276,16 +292,19 @@ class VLLMEngine(Engine):
 
     # ---------------------------------------------------------------- tier moves
     async def load(self) -> SwapRecord:
-        """DISK→DRAM: start vLLM (weights land in HBM), keep the copy the mode needs, then sleep."""
+        """DISK→DRAM: start vLLM (weights land in HBM), keep the copy the mode needs, then sleep.
+        Measures the engine's device memory awake and asleep on the way (see :meth:`memory`)."""
         if self._state != "none":
             return SwapRecord(self.tier, self.tier, 0, 0.0)
         t0 = time.perf_counter()
         try:
             _ = self.tokenizer
+            used0 = device_used_bytes(self.device)
             self._llm = await asyncio.to_thread(self._build) if self.build_in_thread else self._build()
             self._state = "awake"
             t1 = time.perf_counter()
             self._nbytes = int(await self._rpc("coe_weight_bytes"))
+            awake = await self._device_bytes(used0)
             info: dict[str, Any] = {"engine_start_s": t1 - t0}
             if self.dummy_init_seed is not None and self.load_format == "dummy":
                 await self._rpc("coe_randomize", int(self.dummy_init_seed))
@@ -298,14 +317,57 @@ class VLLMEngine(Engine):
             t2 = time.perf_counter()
             await self._sleep(2 if self.switch_mode != "sleep" else 1)
             info["first_sleep_s"] = time.perf_counter() - t2
+            asleep = await self._device_bytes(used0)
+            self._record_measured(awake, asleep)
+            info["memory"] = vars(self.memory())
         except VLLMUnavailable:
             raise
         except Exception as exc:
             await self._shutdown()
-            raise ExpertLoadError(self.name, f"{type(exc).__name__}: {exc}".splitlines()[0][:400]) from exc
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
+            if is_out_of_memory(exc):  # another engine may free memory: retried, not a broken expert
+                raise ExpertTransientError(self.name, reason) from exc
+            raise ExpertLoadError(self.name, reason) from exc
         info["total_s"] = time.perf_counter() - t0
         self.last_load_info = info
         return SwapRecord(Tier.DISK, Tier.DRAM, self._nbytes, info["total_s"])
+
+    async def _device_bytes(self, used_before: int | None) -> int | None:
+        """The engine process's device memory now: NVML by the worker's pid, else the growth of
+        the device's used memory since ``used_before`` (exact while no other engine moves)."""
+        try:
+            pid = int(await self._rpc("coe_pid"))
+        except Exception:  # noqa: BLE001 - an older worker: fall back to the device-wide delta
+            pid = -1
+        own = process_device_bytes(self.device, pid) if pid > 0 else None
+        if own is not None:
+            return own
+        now = device_used_bytes(self.device)
+        return None if now is None or used_before is None else max(0, now - used_before)
+
+    def _record_measured(self, awake: int | None, asleep: int | None) -> None:
+        est = self.memory()
+        if awake is None or awake < self._nbytes:  # nothing measurable (or nonsense): keep the estimate
+            log.info("expert %s: device memory not measurable; keeping the estimate %.2f GB", self.name,
+                     est.active_bytes / 1e9)
+            return
+        idle = asleep if asleep is not None and asleep < awake else est.idle_bytes
+        self._measured = EngineMemory(host_bytes=self._nbytes, active_bytes=int(awake), idle_bytes=int(idle),
+                                      load_bytes=int(awake), measured=True)
+
+    def memory(self) -> EngineMemory:
+        """Measured after the first :meth:`load`; before it, weights + configured KV cache + a
+        fixed overhead awake, the sleeping estimate asleep (the tier manager corrects its charges)."""
+        if self._measured is not None:
+            return self._measured
+        weights = self.footprint_bytes()
+        kv = int(self.settings.kv_cache_bytes or 0)
+        if not kv and self.settings.gpu_memory_utilization:
+            total = device_total_bytes(self.device)
+            kv = max(0, int(total * self.settings.gpu_memory_utilization) - weights) if total else 0
+        active = weights + kv + self.overhead_bytes
+        return EngineMemory(host_bytes=weights, active_bytes=active, idle_bytes=self.asleep_estimate,
+                            load_bytes=active, measured=False)
 
     async def _sleep(self, level: int) -> None:
         await self._llm.sleep(level=level)
@@ -362,7 +424,12 @@ class VLLMEngine(Engine):
 
     async def to_hbm(self) -> SwapRecord:
         await self.settle()
-        return await self._atomic(self._to_hbm())
+        try:
+            return await self._atomic(self._to_hbm())
+        except Exception as exc:
+            if is_out_of_memory(exc):  # the device is fuller than the budget thought: retried later
+                raise ExpertTransientError(self.name, f"{type(exc).__name__}: {exc}".splitlines()[0][:400]) from exc
+            raise
 
     async def to_dram(self) -> SwapRecord:
         await self.settle()

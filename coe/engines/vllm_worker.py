@@ -426,6 +426,10 @@ class CoeWorkerExtension:
         with torch.no_grad():
             return [float(p.detach().double().sum().item()) for _, p in sorted(model.named_parameters())]
 
+    def coe_pid(self) -> int:
+        """This worker's process id: the pool reads its device memory from NVML by it."""
+        return os.getpid()
+
     def coe_weight_bytes(self) -> int:
         return sum(s for _, s in _weight_chunks())
 

@@ -38,13 +38,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     pc = cfg.pool
     device = pc.resolved_device()
     num_gpus = pc.num_gpus if pc.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
-    env = {"COE_MAX_EXPERTS_PER_REPLICA": str(pc.max_experts_per_replica)}
     quiet = {"enable_access_log": False}  # internal calls (sync every second) would flood the log
     pool = ExpertPoolDeployment.options(
         logging_config=quiet,
         num_replicas=pc.num_replicas,
         max_ongoing_requests=pc.max_ongoing_requests,
-        ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}},
+        ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": num_gpus},
     ).bind(conf)
     router = RouterDeployment.options(
         logging_config=quiet,

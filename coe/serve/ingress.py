@@ -72,6 +72,9 @@ app.add_middleware(APIKeyMiddleware, store=_keys)
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
+# pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
+# failure (the expert is marked failed) or a transient one (retried inside the pool, decision 2)
+FALLBACK_CODES = ("expert_load_failed", "expert_unavailable")
 
 
 # ---- request helpers (pure functions; unit-testable without Ray) ------------------------------
@@ -206,7 +209,6 @@ class Ingress:
         self.device = self.cfg.pool.resolved_device()  # resolves engine "auto" for the feature check
         self.metrics = IngressMetrics()
         self.affinity = ConversationAffinity(self.cfg.conversation)
-        self.redis = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
         self._categories: list[str] | None = None
@@ -359,7 +361,7 @@ class Ingress:
         try:
             return (*await self._open_stream(info, greq), info)
         except APIError as e:
-            if e.code != "expert_load_failed" or info.forced == "expert":
+            if e.code not in FALLBACK_CODES or info.forced == "expert":
                 raise
             err, failed = e, [info.expert]
         snap = self.watcher.snapshot
@@ -368,14 +370,14 @@ class Ingress:
             spec = snap.experts.get(alt) if alt else None
             if not alt or alt in failed or (spec is not None and spec.status != "ready"):
                 continue
-            reason = (f"expert '{failed[0]}' failed to load ({err.message}); answered by the next-best "
-                      f"candidate '{alt}'")
+            what = "is temporarily unavailable" if err.code == "expert_unavailable" else "failed to load"
+            reason = f"expert '{failed[0]}' {what} ({err.message}); answered by the next-best candidate '{alt}'"
             alt_info = CoeInfo.model_validate({**info.model_dump(), "expert": alt, "fallback_reason": reason,
                                                "fallback_from": failed[0]})
             try:
                 gen, first, pending = await self._open_stream(alt_info, greq)
             except APIError as e2:
-                if e2.code != "expert_load_failed":
+                if e2.code not in FALLBACK_CODES:
                     raise
                 failed.append(alt)
                 continue
@@ -569,7 +571,7 @@ class Ingress:
         snap = self.watcher.snapshot
         if self._categories is None:
             self._categories = await self.router.categories.remote()
-        tiers, states = await asyncio.to_thread(self._pool_view)  # Redis I/O off the event loop
+        tiers, states, phases = await self._pool_view()
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
@@ -580,18 +582,27 @@ class Ingress:
             e = snap.experts[name]
             status = e.status if e.status != "ready" else states.get(name, "ready")
             cards.append(ModelCard(id=name, kind="expert", tier=tiers.get(name, "unloaded"), status=status,
-                                   status_reason=hide_paths(e.status_reason), max_context=e.max_context,
+                                   status_reason=hide_paths(e.status_reason) or phases.get(name),
+                                   max_context=e.max_context,
                                    capabilities=dict(e.capabilities),
                                    created=int(e.created_at.timestamp())))
         return JSONResponse(ModelList(data=cards).model_dump(mode="json", exclude_none=True))
 
-    def _pool_view(self) -> tuple[dict[str, str], dict[str, str]]:
-        """Best tier and a status per expert across live pool replicas (from their Redis snapshots)."""
-        from coe.metrics import load_pool_snapshots
+    async def _pool_snapshots(self) -> list[dict]:
+        """The pool's snapshot, asked of it through Ray (decision 3: no live statistics in Redis).
+        One replica answers; on several nodes, Ray's metrics endpoint has every replica's series."""
+        try:
+            return [await asyncio.wait_for(self.pool.stats.remote(), 5.0)]
+        except Exception as e:  # noqa: BLE001 - a pool restarting: models and metrics still answer
+            log.debug("pool stats unavailable: %s", e)
+            return []
 
+    async def _pool_view(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        """Best tier, a status and a loading phase per expert, from the pool's snapshot."""
         tiers: dict[str, str] = {}
         states: dict[str, str] = {}
-        for snap in load_pool_snapshots(self.redis, self.cfg.namespace):
+        phases: dict[str, str] = {}
+        for snap in await self._pool_snapshots():
             for name, e in (snap.get("experts") or {}).items():
                 t = str(e.get("tier"))
                 if TIER_ORDER.get(t, 0) >= TIER_ORDER.get(tiers.get(name, ""), 0):
@@ -599,7 +610,9 @@ class Ingress:
                 st = str(e.get("status") or "")
                 if st and st.split(".")[-1].lower() not in ("ready", "none", ""):
                     states[name] = st.split(".")[-1].lower()
-        return tiers, states
+                if e.get("phase") or e.get("error"):
+                    phases[name] = str(e.get("phase") or e.get("error"))
+        return tiers, states, phases
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -634,8 +647,5 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
-        from coe.metrics import load_pool_snapshots
-
-        snaps = await asyncio.to_thread(load_pool_snapshots, self.redis, self.cfg.namespace)
         self.metrics.invalid_entries.set(len(self.watcher.invalid))
-        return Response(self.metrics.render(snaps), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.render(await self._pool_snapshots()), media_type=CONTENT_TYPE_LATEST)

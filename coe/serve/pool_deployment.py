@@ -4,7 +4,7 @@ One replica per GPU (or CPU replicas). Requests arrive with ``multiplexed_model_
 Ray Serve's multiplexed routing sends them to a replica that already holds that expert (any tier),
 so the pool's tier manager, not a home-made dispatcher, decides what sits in HBM. The multiplexed
 "model" object is only a ticket for the expert in this replica's pool; when Serve evicts it (more
-than ``COE_MAX_EXPERTS_PER_REPLICA`` experts asked of this replica) the expert leaves the pool.
+than ``pool.max_experts_per_replica`` experts asked of this replica) the expert leaves the pool.
 
 Responses are plain dicts (cheap to pickle, no FastAPI below the ingress): a stream starts with
 ``{"type": "start", "prompt_tokens": n}`` or a single ``{"type": "error", ...}`` and continues
@@ -14,7 +14,6 @@ with ``{"type": "chunk", ...}``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -27,9 +26,7 @@ from coe.generate_request import GenerateRequest
 
 log = logging.getLogger("coe.serve.pool")
 
-MAX_EXPERTS_PER_REPLICA = int(os.environ.get("COE_MAX_EXPERTS_PER_REPLICA", "16"))
-STATS_EVERY_S = 2.0
-STATS_TTL_S = 15
+GAUGES_EVERY_S = 2.0  # tier / queue gauges are set in-process this often (nothing is written to Redis)
 
 
 def _err(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -37,6 +34,11 @@ def _err(status: int, message: str, param: str | None = None, code: str | None =
     return {"type": "error", "status": status, "message": message, "param": param, "code": code,
             "error_type": etype or ("invalid_request_error" if status < 500 else "server_error"),
             "retry_after": retry_after}
+
+
+def _transient(e: Any) -> dict:
+    """A transient expert error (decision 2): the ingress sends the request to the next-best expert."""
+    return _err(503, str(e), "model", "expert_unavailable", retry_after=max(1, int(e.retry_after_s + 0.999)))
 
 
 class _ExpertTicket:
@@ -53,20 +55,26 @@ class _ExpertTicket:
 @serve.deployment(name="ExpertPool")
 class ExpertPoolDeployment:
     async def __init__(self, config: dict):
-        from coe.pool import ExpertPool, PoolConfig
+        from coe.pool import ExpertPool
 
         self.cfg = ServeConfig.model_validate(config)
         pc = self.cfg.pool
         self.device = pc.resolved_device()
-        self.pool = ExpertPool(PoolConfig(device=self.device, **pc.options))
+        self.pool = ExpertPool(pc.pool_config())
         self._watcher = None
         self._started = asyncio.Lock()
         self._add_locks: dict[str, asyncio.Lock] = {}
         self._replica = _replica_tag()
-        self._redis = None
         self._ray_gauges = _pool_gauges()
-        self._stats_task: asyncio.Task | None = None
-        self._swaps_seen: dict[str, tuple[int, float]] = {}
+        self._gauge_task: asyncio.Task | None = None
+        if self._ray_gauges:  # each move observed where it happens, per expert and per src->dst
+            self.pool.tiers.metrics.observers.append(lambda name, rec: _observe_swap(self._ray_gauges, name, rec))
+
+        async def load_ticket(name: str) -> _ExpertTicket:  # a plain function: Serve caches its wrapper on it
+            return _ExpertTicket(self, name)
+
+        # Serve's multiplexer, sized from the typed config (not an environment variable)
+        self._ticket = serve.multiplexed(max_num_models_per_replica=pc.max_experts_per_replica)(load_ticket)
         from coe.limits import LatencyEWMA
 
         self._latency = LatencyEWMA()  # typical request time, for Retry-After on a full queue
@@ -79,16 +87,13 @@ class ExpertPoolDeployment:
         async with self._started:
             if self._watcher is not None:
                 return
-            import redis
-
             from coe.serve.registry_watch import RegistryWatcher
 
             w = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s,
                                 on_change=self._on_registry_change)
             await w.start()
-            self._redis = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2, socket_connect_timeout=2)
             self._watcher = w
-            self._stats_task = asyncio.create_task(self._publish_stats())
+            self._gauge_task = asyncio.create_task(self._set_gauges())
 
     async def _on_registry_change(self, old: Any, new: Any) -> None:
         """Removed experts leave the pool (in-flight requests finish first, inside remove_expert);
@@ -96,6 +101,10 @@ class ExpertPoolDeployment:
         from coe.serve.registry_watch import diff_snapshots
 
         d = diff_snapshots(old, new)
+        for name in d.added:  # start the engine now, so the first request does not pay for it
+            spec = new.experts.get(name)
+            if spec is not None and spec.status == "ready" and self.pool.config.start_on_add:
+                asyncio.create_task(self._start_added(name))
         # an expert marked ready again after a failure (files fixed): drop the failed engine, so the
         # next request builds a fresh one instead of repeating the old error
         revived = [n for n, e in new.experts.items() if old is not None and n in old.experts
@@ -105,6 +114,17 @@ class ExpertPoolDeployment:
                 why = "removed" if name in d.removed else "updated" if name in d.updated else "marked ready again"
                 log.info("registry %s %s: leaving pool", why, name)
                 asyncio.create_task(self._drop(name))
+
+    async def _start_added(self, name: str) -> None:
+        """Put a newly registered expert into this replica's pool; the pool starts its engine in
+        the background (``loading`` with its phase in ``/v1/models``, then ``ready``)."""
+        try:
+            await self._ticket(name)
+            err = await self._ensure_expert(name)
+            if err:
+                log.info("starting %s: %s", name, err.get("message"))
+        except Exception as e:  # noqa: BLE001 - the first request retries and reports
+            log.warning("starting %s in the background failed: %s", name, e)
 
     async def _drop(self, name: str) -> None:
         try:
@@ -117,10 +137,6 @@ class ExpertPoolDeployment:
         return None
 
     # ---- multiplexing ------------------------------------------------------------------------
-    @serve.multiplexed(max_num_models_per_replica=MAX_EXPERTS_PER_REPLICA)
-    async def _ticket(self, name: str) -> _ExpertTicket:
-        return _ExpertTicket(self, name)
-
     async def _ensure_expert(self, name: str) -> dict | None:
         """Add the expert to this replica's pool from its registry spec; an error dict if it can't be."""
         from coe import errors as ce
@@ -154,6 +170,8 @@ class ExpertPoolDeployment:
             except ce.ExpertLoadError as e:
                 await self._mark_failed(name, e.reason)
                 return _err(503, str(e), "model", "expert_load_failed")
+            except ce.ExpertTransientError as e:
+                return _transient(e)
             except Exception as e:  # a broken spec must not take the replica down
                 await self._mark_failed(name, f"{type(e).__name__}: {e}")
                 return _err(503, f"expert '{name}' could not be loaded: {e}", "model", "expert_load_failed")
@@ -239,6 +257,8 @@ class ExpertPoolDeployment:
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
             yield _err(503, str(e), "model", "expert_load_failed")
+        except ce.ExpertTransientError as e:  # retried inside the pool; the registry is not touched
+            yield _transient(e)
 
     async def sync(self, demand: dict[str, int] | None = None) -> dict[str, float]:
         """Router -> pool: recent demand per expert (prefetch hint); pool -> router: residency."""
@@ -251,28 +271,25 @@ class ExpertPoolDeployment:
         return dict(self.pool.residency_hint())
 
     async def stats(self) -> dict:
-        """This replica's snapshot (the same dict it publishes to Redis for ``/metrics``)."""
+        """This replica's snapshot (the ingress renders it at ``/metrics``)."""
         from coe.metrics import pool_snapshot
 
         await self._ensure_started()
         return pool_snapshot(self._replica, self.pool.state(), self.pool.metrics())
 
-    async def _publish_stats(self) -> None:
-        from coe.metrics import pool_snapshot
-
-        key = f"coe:{self.cfg.namespace}:poolstats:{self._replica}"
+    async def _set_gauges(self) -> None:
+        """Tier and queue gauges from the pool's state, set in this process for Ray's metrics
+        pipeline (swaps are observed as they happen, see ``_observe_swap``)."""
         while True:
             try:
-                snap = pool_snapshot(self._replica, self.pool.state(), self.pool.metrics())
-                await asyncio.to_thread(self._redis.set, key, json.dumps(snap), ex=STATS_TTL_S)
-                _set_pool_gauges(self._ray_gauges, snap, self._swaps_seen)
-            except Exception as e:
-                log.debug("publishing pool stats failed: %s", e)
-            await asyncio.sleep(STATS_EVERY_S)
+                _set_pool_gauges(self._ray_gauges, self.pool.state(), self.pool.metrics())
+            except Exception as e:  # noqa: BLE001 - metrics must not take serving down
+                log.debug("setting pool gauges failed: %s", e)
+            await asyncio.sleep(GAUGES_EVERY_S)
 
     def __del__(self):
-        if self._stats_task:
-            self._stats_task.cancel()
+        if self._gauge_task:
+            self._gauge_task.cancel()
 
 
 def _replica_tag() -> str:
@@ -284,49 +301,49 @@ def _replica_tag() -> str:
 
 
 def _pool_gauges() -> dict | None:
+    """The pool's Ray metrics (names in docs/serving.md); None outside a Ray worker."""
     try:
         from ray.serve import metrics as rm
 
         return {
             "queue": rm.Gauge("coe_queue_depth", "Requests waiting per expert", tag_keys=("expert",)),
-            "tier": rm.Gauge("coe_expert_resident", "1 when the expert is in this tier", tag_keys=("expert", "tier")),
-            "tier_bytes": rm.Gauge("coe_tier_bytes", "Bytes of expert weights held per tier", tag_keys=("tier",)),
+            "in_flight": rm.Gauge("coe_expert_in_flight", "Requests generating per expert", tag_keys=("expert",)),
+            "tier": rm.Gauge("coe_expert_tier", "1 for the tier each expert is in", tag_keys=("expert", "tier")),
+            "expert_hbm": rm.Gauge("coe_expert_hbm_bytes", "Device bytes counted for the expert (awake or asleep)",
+                                   tag_keys=("expert",)),
+            "tier_bytes": rm.Gauge("coe_tier_bytes", "Bytes counted per tier", tag_keys=("tier",)),
             "tier_budget": rm.Gauge("coe_tier_budget_bytes", "Tier budget, bytes", tag_keys=("tier",)),
-            "swaps": rm.Gauge("coe_swaps", "Tier moves so far (src->dst)", tag_keys=("src", "dst")),
-            "swap_seconds": rm.Gauge("coe_swap_seconds", "Seconds spent moving weights so far", tag_keys=("src", "dst")),
+            "tier_peak": rm.Gauge("coe_tier_peak_bytes", "Peak bytes counted per tier", tag_keys=("tier",)),
+            "swaps": rm.Counter("coe_swaps", "Tier moves, per expert and src->dst", tag_keys=("expert", "src", "dst")),
+            "swap_seconds": rm.Counter("coe_swap_seconds", "Seconds spent moving weights, per expert and src->dst",
+                                       tag_keys=("expert", "src", "dst")),
             "swap_latency": rm.Histogram("coe_swap_latency_seconds", "Duration of each tier move",
-                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
-                                         tag_keys=("src", "dst")),
+                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120],
+                                         tag_keys=("expert", "src", "dst")),
         }
     except Exception:
         return None
 
 
-def _set_pool_gauges(g: dict | None, snap: dict, seen: dict) -> None:
-    """Ray metrics from one pool snapshot. Swap latency: the moves of each src->dst since the
-    last snapshot are observed at their mean duration (Δ swap seconds / Δ swaps), so the
-    histogram's sum and count are exact; a single move per period (the usual case) is exact."""
+def _observe_swap(g: dict, name: str, rec: Any) -> None:
+    """One tier move, observed where it happens (its own duration, not a window's mean)."""
+    tags = {"expert": name, "src": rec.src.value, "dst": rec.dst.value}
+    g["swaps"].inc(1, tags=tags)
+    if rec.seconds > 0:
+        g["swap_seconds"].inc(rec.seconds, tags=tags)
+    g["swap_latency"].observe(rec.seconds, tags=tags)
+
+
+def _set_pool_gauges(g: dict | None, state: dict, m: dict) -> None:
     if not g:
         return
-    m = snap["metrics"]
-    for name, e in snap["experts"].items():
-        g["queue"].set(e["queue_depth"], tags={"expert": name})
+    charged = m.get("charged_bytes") or {}
+    for name, st in state.items():
+        g["queue"].set(st.queue_depth, tags={"expert": name})
+        g["in_flight"].set(st.in_flight, tags={"expert": name})
         for tier in ("hbm", "dram", "disk"):
-            g["tier"].set(1 if e["tier"] == tier else 0, tags={"expert": name, "tier": tier})
-    for t, v in (m.get("bytes") or {}).items():
-        g["tier_bytes"].set(v, tags={"tier": t})
-    for t, v in (m.get("budget_bytes") or {}).items():
-        g["tier_budget"].set(v, tags={"tier": t})
-    for k, n in (m.get("swaps") or {}).items():
-        src, _, dst = k.partition("->")
-        tags = {"src": src, "dst": dst}
-        secs = float((m.get("swap_seconds") or {}).get(k, 0.0))
-        g["swaps"].set(n, tags=tags)
-        g["swap_seconds"].set(secs, tags=tags)
-        n0, s0 = seen.get(k, (0, 0.0))
-        if n > n0:
-            mean = max(secs - s0, 0.0) / (n - n0)
-            for _ in range(min(n - n0, 100)):
-                g["swap_latency"].observe(mean, tags=tags)
-        seen[k] = (n, secs)
-
+            g["tier"].set(1 if st.tier == tier else 0, tags={"expert": name, "tier": tier})
+        g["expert_hbm"].set((charged.get(name) or {}).get("hbm", 0), tags={"expert": name})
+    for key, gauge in (("bytes", "tier_bytes"), ("budget_bytes", "tier_budget"), ("peak_bytes", "tier_peak")):
+        for t, v in (m.get(key) or {}).items():
+            g[gauge].set(v, tags={"tier": t})

@@ -31,7 +31,7 @@ from coe.engines.vllm_engine import (
 )
 from coe.engines.vllm_models import SHAPES, build_dummy_folder, llama_param_count, word_prompt
 from coe.engines.vllm_worker import PinnedCopy
-from expert_registry.spec import Expert
+from expert_registry.spec import EngineSettings, Expert
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
@@ -57,7 +57,8 @@ def test_missing_vllm_is_one_clear_error(tmp_path):
     with pytest.raises(VLLMUnavailable, match=r"pip install 'coe\[gpu\]'"):
         require_vllm()
     folder = build_dummy_folder(tmp_path / "m", "tiny")
-    eng = VLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cuda", load_format="dummy")
+    eng = VLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cuda",
+                     settings=EngineSettings(load_format="dummy"))
     import asyncio
 
     with pytest.raises(VLLMUnavailable) as err:
@@ -85,7 +86,7 @@ def test_importing_coe_does_not_import_vllm():
 def test_footprint_of_a_dummy_folder_counts_llama_weights(tmp_path):
     folder = build_dummy_folder(tmp_path / "m", "8b")
     eng = VLLMEngine(Expert(name="v", model=str(folder), engine="vllm", dtype="bfloat16"), device="cuda",
-                     load_format="dummy")
+                     settings=EngineSettings(load_format="dummy"))
     assert eng.footprint_bytes() == llama_param_count(SHAPES["8b"]) * 2
     assert 16.0e9 < eng.footprint_bytes() < 16.1e9  # Llama-3.1-8B is 16.06 GB in bf16
 

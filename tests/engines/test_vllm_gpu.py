@@ -31,14 +31,15 @@ def loop():
 def engine(tmp_path_factory, loop):
     from coe.engines.vllm_engine import VLLMEngine
     from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder
-    from expert_registry.spec import Expert
+    from expert_registry.spec import EngineSettings, Expert
 
     folder = build_dummy_folder(tmp_path_factory.mktemp("m") / "llama-1b", "1b")
     ex = Expert(name="gpu-1b", model=str(folder), engine="vllm", dtype="bfloat16", max_context=1024,
                 chat_template=PLAIN_TEMPLATE)
-    eng = VLLMEngine(ex, device="cuda", max_batch_size=16, gpu_memory_utilization=0.1,
-                     kv_cache_memory_bytes=1 << 30, max_model_len=1024, enforce_eager=True,
-                     load_format="dummy", dummy_init_seed=11, build_in_thread=False)
+    eng = VLLMEngine(ex, device="cuda", max_batch_size=16,
+                     settings=EngineSettings(gpu_memory_utilization=0.1, kv_cache_bytes=1 << 30, enforce_eager=True,
+                                             load_format="dummy"),
+                     dummy_init_seed=11, build_in_thread=False)
     loop.run_until_complete(eng.load())
     yield eng
     loop.run_until_complete(eng.close())

@@ -228,8 +228,10 @@ def test_per_request_timeout(serve_app, http):
 
 # ----------------------------------------------------------------------------------------- faults
 def test_failed_expert_is_marked_and_its_requests_fall_back(serve_app, http, tmp_path):
-    """An expert whose files are corrupt: the first request routed to it is answered by the next-best
-    candidate and says so; the registry marks it failed with the reason; the rest keep serving."""
+    """An expert whose files are corrupt: the pool starts it in the background when it is added
+    (item 4 of issue 13), finds the files broken and the registry marks it failed with the reason
+    before a request needs it (or, if a request gets there first, that request is answered by the
+    next-best candidate and says so); routed requests go elsewhere; the rest keep serving."""
     reg = serve_app.registry
     bad = tmp_path / "broken-model"
     bad.mkdir()
@@ -239,15 +241,12 @@ def test_failed_expert_is_marked_and_its_requests_fall_back(serve_app, http, tmp
     reg.add(serve_app.tiny_expert("broken", coding=1.0, general=0.1).model_copy(update={"model": str(bad)}))
     reg.set_map({**old_map, "coding": ["broken", "tiny-a"]})
     try:
-        # the router prefers it (changes reach the router within a moment, through pub/sub)
-        _wait(lambda: http.post("/v1/route", json={"model": "coe/coding", "messages": HELLO}).json()["coe"]["expert"]
-              == "broken", 15, what="the router to pick the new expert")
         r = http.post("/v1/chat/completions", json={"model": "coe/coding", "messages": HELLO, "max_tokens": 2})
         assert r.status_code == 200, r.text
         coe = r.json()["coe"]
         assert coe["expert"] == "tiny-a" and r.headers["x-coe-expert"] == "tiny-a"
-        assert r.headers.get("x-coe-fallback-from") == "broken"
-        assert "broken" in (coe["fallback_reason"] or "")
+        if r.headers.get("x-coe-fallback-from"):  # the request reached it before the background start
+            assert r.headers["x-coe-fallback-from"] == "broken" and "broken" in (coe["fallback_reason"] or "")
         spec = _wait(lambda: (e := reg.get("broken")).status == "failed" and e, 10, what="status=failed")
         assert "model.safetensors" in spec.status_reason or "safetensors" in spec.status_reason
         card = _wait(lambda: (c := {m["id"]: m for m in http.get("/v1/models").json()["data"]}["broken"])["status"]

@@ -28,7 +28,9 @@ async def sizes_of(experts) -> dict[str, int]:
     big = ExpertPool(PoolConfig(hbm_budget_bytes=10**12, dram_budget_bytes=10**12))
     for e in experts:
         await big.add_expert(e)
-    s = {n: big.engine(n).footprint_bytes() for n in big.experts()}
+        async with big.tiers.acquire(e.name):  # loaded: the measured footprint the budgets will count
+            pass
+    s = {n: big.tiers.memory_of(n).active_bytes for n in big.experts()}
     await big.close()
     return s
 
@@ -77,7 +79,8 @@ async def test_demand_policy_prefetches_while_current_expert_generates(byte_mode
     exps = [make_expert("b", byte_model_dir, max_context=8192), make_expert("s", smollm_dir)]
     sizes = await sizes_of(exps)
     for policy in ("lru", "demand"):
-        pool = ExpertPool(PoolConfig(hbm_budget_bytes=sizes["s"] + 1, dram_budget_bytes=10**12, policy=policy))
+        pool = ExpertPool(PoolConfig(hbm_budget_bytes=sizes["s"] + 1, dram_budget_bytes=10**12, policy=policy,
+                                     start_on_add=False))  # only the hint may start s
         for e in exps:
             await pool.add_expert(e)
         b_engine = pool.engine("b")

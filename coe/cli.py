@@ -150,7 +150,7 @@ def _start_redis(cfg, started: dict):
         # restarted at the same URL if it dies; /healthz shows the restart count
         started["redis_supervisor"] = EmbeddedSupervisor(on_restart=lambda i: err_console.print(
             f"[yellow]![/] the embedded Redis had died; restarted (pid {i.pid}, restart #{i.restarts})")).start()
-        where = f"embedded Redis at {url} ({'reused' if was_running else 'started'})"
+        where = f"embedded Redis at {mask_url(url)} ({'reused' if was_running else 'started'})"
     cfg = cfg.model_copy(update={"redis_url": url})
     registry = RedisRegistry(url, namespace=cfg.namespace)
     try:

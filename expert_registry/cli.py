@@ -105,7 +105,7 @@ def _open(redis_url: str | None, namespace: str) -> RedisRegistry:
     was_running = redis_url or embedded.embedded_status() is not None
     url = embedded.resolve_redis_url(redis_url)
     if not was_running:
-        typer.echo(f"note: started the embedded Redis ({url}); it keeps running for later commands and "
+        typer.echo(f"note: started the embedded Redis ({embedded.mask_url(url)}); it keeps running for later commands and "
                    "`coe serve`. Stop it with: coe-registry server stop", err=True)
     reg = RedisRegistry(url, namespace)
     reg.ping()
@@ -243,7 +243,9 @@ def _engine_settings(kv_cache: str | None, gpu_memory_utilization: float | None,
 
 def _with_model_info(data: dict[str, Any], explicit: set[str]) -> tuple[dict[str, Any], ModelInfo]:
     """Check the model is there and readable; record size (and params/context unless given)."""
-    info = inspect_model(data["model"], data.get("gguf_file"), data.get("revision"))
+    settings = data.get("engine_settings") or {}
+    dummy = (settings.get("load_format") if isinstance(settings, dict) else getattr(settings, "load_format", None)) == "dummy"
+    info = inspect_model(data["model"], data.get("gguf_file"), data.get("revision"), weights_required=not dummy)
     local = Path(str(data["model"])).expanduser()
     if local.exists():  # store an absolute path: the service runs from another directory
         data["model"] = str(local.resolve())

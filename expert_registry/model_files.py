@@ -22,7 +22,7 @@ from typing import Any, Literal
 from expert_registry.errors import ModelNotFound, ModelUnreadable
 from expert_registry.weights_header import read_gguf_header, safetensors_tensors
 
-Format = Literal["safetensors", "bin", "gguf"]
+Format = Literal["safetensors", "bin", "gguf", "config-only"]
 
 # Keys of a transformers config that hold the context length, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
@@ -87,8 +87,11 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
 
 
 def inspect_model(model: str | os.PathLike[str], gguf_file: str | None = None,
-                  revision: str | None = None) -> ModelInfo:
+                  revision: str | None = None, weights_required: bool = True) -> ModelInfo:
     """Read size, architecture, context length and parameter count of a model without loading it.
+
+    ``weights_required=False`` accepts a folder with a config and no weight files: an expert whose
+    engine makes random weights of the real shapes (vLLM ``load_format: dummy``) reads none.
 
     Raises :class:`ModelNotFound` (nothing there) or :class:`ModelUnreadable` (found, but the
     config / GGUF header cannot be read or no weights are present)."""
@@ -102,14 +105,14 @@ def inspect_model(model: str | os.PathLike[str], gguf_file: str | None = None,
         if not target.is_file():
             raise ModelNotFound(f"GGUF file does not exist: {target}")
         return inspect_gguf(target)
-    return inspect_folder(root)
+    return inspect_folder(root, weights_required)
 
 
 # --------------------------------------------------------------------------------------------
 # transformers folders
 
 
-def inspect_folder(folder: Path) -> ModelInfo:
+def inspect_folder(folder: Path, weights_required: bool = True) -> ModelInfo:
     """A transformers model folder: config.json + safetensors (preferred) or .bin weights."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -125,13 +128,15 @@ def inspect_folder(folder: Path) -> ModelInfo:
     text_cfg = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
     st = sorted(folder.glob("*.safetensors"))
     bins = sorted(p for p in folder.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
-    if not st and not bins:
+    if not st and not bins and weights_required:
         raise ModelUnreadable(f"no *.safetensors or pytorch_model*.bin weights in model folder {folder}")
     files = tuple(st or bins)
     size = sum(p.stat().st_size for p in files)
     if st:
         params: int | None = sum(_safetensors_numel(p) for p in st)
         fmt: Format = "safetensors"
+    elif not bins:
+        params, fmt = None, "config-only"
     else:
         dt = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32").replace("torch.", "")
         params = size // _DTYPE_BYTES.get(dt, 4)

@@ -217,3 +217,15 @@ def test_starting_the_embedded_redis_is_announced(tmp_path):
         assert second.returncode == 0 and second.stderr == ""  # reused quietly
     finally:
         run_py("from expert_registry.embedded import stop_embedded; stop_embedded()", env=env)
+
+
+def test_dummy_weights_expert_needs_only_a_config(registry, tmp_path):
+    """A vLLM expert with ``load_format: dummy`` reads no weights (GPU dry runs with real shapes),
+    so a folder holding only config + tokenizer is accepted; without dummy it is refused."""
+    from coe.engines.vllm_models import build_dummy_folder
+
+    folder = build_dummy_folder(tmp_path / "llama-tiny", "tiny")
+    one_line_error(cli(registry, "add", "real", "--model", str(folder), "--engine", "vllm"), "no *.safetensors")
+    out = ok(cli(registry, "add", "shapes", "--model", str(folder), "--engine", "vllm", "--load-format", "dummy"))
+    assert "config-only" in out.stdout
+    assert registry.get("shapes").engine_settings.load_format == "dummy"

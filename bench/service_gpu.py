@@ -360,6 +360,8 @@ def service_config(args: argparse.Namespace, weight_bytes: int, path: Path) -> P
 def add_args(name: str, folder: Path, args: argparse.Namespace, category: str) -> list[str]:
     a = ["add", name, "--model", str(folder), "--engine", args.engine, "--dtype", args.dtype,
          "--max-context", str(args.max_context), "-c", f"{category}=0.9", "--chat-template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"]
+    if args.weights == "dummy":
+        a += ["--load-format", "dummy"]  # random weights of the real shapes, made by vLLM
     a += json.loads(args.add_json or "[]")
     return a
 
@@ -404,6 +406,15 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     res["config"] = cfg.read_text()
     svc = Service(home=work / "home", port=args.port, log=out / "serve.log")
     steps = res["steps"]
+    path = out / f"service_gpu_{args.shape}_{args.experts}x.json"
+
+    def save() -> None:  # after every phase, so a run cut short still leaves what it saw
+        path.write_text(json.dumps(res, indent=1, default=str))
+
+    def on_term(signum: int, _frame: Any) -> None:
+        raise TimeoutError(f"stopped by signal {signum} (time limit)")
+
+    signal.signal(signal.SIGTERM, on_term)
     with MemorySampler() as mem:
         res["memory_baseline_bytes"] = mem.baseline
         try:
@@ -420,11 +431,13 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             warm = asyncio.run(traffic(svc.base, names, len(names), 0, 8, shape["vocab_size"], 1))
             steps["first_requests_s"] = round(time.perf_counter() - t, 1)
             res["first_requests"] = [r.__dict__ for r in warm]
+            save()
             t = time.perf_counter()
             mixed = asyncio.run(traffic(svc.base, names, args.requests, args.rate, args.max_tokens,
                                         shape["vocab_size"], 2))
             steps["mixed_s"] = round(time.perf_counter() - t, 1)
             res["mixed"] = summarize(mixed)
+            save()
             routed = asyncio.run(traffic(svc.base, ["coe"], 8, 2.0, 16, shape["vocab_size"], 3))
             res["routed"] = summarize(routed)
 
@@ -443,10 +456,11 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                         "hot_first": first[0].__dict__, "background": summarize(rs)}
 
             res["live_changes"] = asyncio.run(live())
+            save()
             if args.overhead:
                 res["overhead"] = overhead(svc.base, names[:-1] + ["hot"], args)
             models = httpx.get(f"{svc.base}/v1/models", timeout=10).json()
-            res["models_after"] = [(m.get("id"), m.get("coe", m.get("status"))) for m in models.get("data", [])]
+            res["models_after"] = [m for m in models.get("data", []) if m.get("kind") == "expert"]
             metrics = httpx.get(f"{svc.base}/metrics", timeout=10).text
             (out / "metrics.txt").write_text(metrics)
             res["metric_names"] = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
@@ -458,8 +472,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             res["memory_peak_above_baseline_bytes"] = mem.peak - mem.baseline
             res["memory_samples"] = mem.samples[-400:]
             res["serve_exit"] = svc.stop()
-    path = out / f"service_gpu_{args.shape}_{args.experts}x.json"
-    path.write_text(json.dumps(res, indent=1, default=str))
+    save()
     print(json.dumps({k: v for k, v in res.items() if k not in ("memory_samples", "first_requests")},
                      indent=1, default=str)[:6000])
     return res

@@ -252,7 +252,13 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     sys.path.insert(0, str(REPO / "bench"))
     from serve_gpu import make_trace
 
-    ray.init(address="auto", namespace="coe", log_to_driver=False)
+    from coe.ray_local import LOOPBACK, single_machine_mode
+
+    # coe serve's Ray listens on loopback only (single-machine mode): join it there, not at the
+    # node address Ray records in its current-cluster file
+    single_machine_mode()
+    port = Path("/tmp/ray/ray_current_cluster").read_text().strip().rsplit(":", 1)[1]
+    ray.init(address=f"{LOOPBACK}:{port}", namespace="coe", log_to_driver=False)
     vocab = SHAPE_VOCAB[args.shape]
     low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
                                                               prompt_tokens=128, seed=11)]

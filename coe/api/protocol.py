@@ -216,6 +216,7 @@ REFUSED: dict[str, str] = {
     "cache_salt": "prefix-cache salts are not supported",
     "kv_transfer_params": "KV transfer is not supported",
     "vllm_xargs": "vLLM extension arguments are refused",
+    "truncate_prompt_tokens": "prompt truncation is not supported (vLLM 0.24's SamplingParams has no such field)",
     "functions": "the deprecated 'functions' field is not supported; send 'tools'",
     "function_call": "the deprecated 'function_call' field is not supported; send 'tool_choice'",
     "audio": "audio output is not supported",

@@ -28,7 +28,7 @@ VLLM_FEATURES: frozenset[str] = frozenset({
     "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens",
     "logit_bias", "logprobs", "top_logprobs", "stop_token_ids", "include_stop_str_in_output",
     "skip_special_tokens", "spaces_between_special_tokens", "bad_words", "allowed_token_ids",
-    "truncate_prompt_tokens", "response_format", "structured_outputs", "guided_json", "guided_regex",
+    "response_format", "structured_outputs", "guided_json", "guided_regex",
     "guided_choice", "guided_grammar", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
     "reasoning_effort",
 })

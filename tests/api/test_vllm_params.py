@@ -22,11 +22,11 @@ def test_every_sampling_field_reaches_vllm_under_its_name():
                             frequency_penalty=0.2, repetition_penalty=1.2, top_k=5, min_p=0.05, min_tokens=2,
                             logit_bias={"11": -100}, logprobs=True, top_logprobs=4, stop_token_ids=[2],
                             include_stop_str_in_output=True, skip_special_tokens=False, bad_words=["x"],
-                            allowed_token_ids=[1, 2], truncate_prompt_tokens=100, ignore_eos=True))
+                            allowed_token_ids=[1, 2], ignore_eos=True))
     assert kw == {"n": 2, "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "seed": 3, "ignore_eos": True,
                   "presence_penalty": 0.1, "frequency_penalty": 0.2, "repetition_penalty": 1.2, "min_p": 0.05,
                   "min_tokens": 2, "include_stop_str_in_output": True, "skip_special_tokens": False,
-                  "spaces_between_special_tokens": True, "truncate_prompt_tokens": 100, "stop": ["s"], "top_k": 5,
+                  "spaces_between_special_tokens": True, "stop": ["s"], "top_k": 5,
                   "logit_bias": {11: -100.0}, "stop_token_ids": [2], "bad_words": ["x"], "allowed_token_ids": [1, 2],
                   "logprobs": 4}
 

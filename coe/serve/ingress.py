@@ -297,9 +297,10 @@ class Ingress:
                                "model", "model_not_permitted")
             if err.get("code") == "no_eligible_expert" and features:
                 raise APIError(400, f"'{features[0]}' is not supported by any expert of '{model}' "
-                                    f"({err['message']})", "invalid_request_error", features[0],
+                                    f"({hide_paths(err['message'])})", "invalid_request_error", features[0],
                                "unsupported_parameter")
-            raise APIError(err["status"], err["message"], err.get("type", "invalid_request_error"),
+            # the router's reasons quote the experts' failures, which may name server paths
+            raise APIError(err["status"], hide_paths(err["message"]) or "error", err.get("type", "invalid_request_error"),
                            err.get("param"), err.get("code"))
         d = res["decision"]
         info = CoeInfo(expert=d["expert"], category=d.get("category"), forced=d.get("forced", "auto"),

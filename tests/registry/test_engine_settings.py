@@ -41,7 +41,12 @@ def test_an_entry_from_a_newer_coe_is_reported_by_name(registry, tmp_path):
     raw = json.loads(registry._r.hget(registry.k_experts, "old"))
     raw.update(schema_version=SCHEMA_VERSION + 1, new_field_of_the_future=1)
     registry._r.hset(registry.k_experts, "old", json.dumps(raw))
-    one_line_error(cli(registry, "list"), "'old'", "newer coe", f"schema {SCHEMA_VERSION + 1}")
+    # the rest of the registry stays readable (issue 12 item 5); the entry is named, not hidden
+    out = ok(cli(registry, "list"))
+    text = " ".join((out.stdout + out.stderr).split())
+    for needle in ("'old'", "newer coe", f"schema {SCHEMA_VERSION + 1}"):
+        assert needle in text, text
+    assert "old" in registry.snapshot().invalid
 
 
 def test_an_entry_without_a_schema_version_still_reads(registry, tmp_path):

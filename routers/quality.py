@@ -154,17 +154,22 @@ class QualityPredictor:
         row = self.predict_many(np.asarray(query).reshape(1, -1), experts)[0]
         return {n: (None if np.isnan(v) else float(v)) for n, v in zip(experts, row)}
 
-    def loo_matrix(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """``(experts, predictions, targets)`` per distinct prompt, each prompt predicted without its
-        own records (leave-one-prompt-out); targets are the mean recorded scores (NaN: none)."""
-        experts = self.known_experts
-        sims = self.embeddings @ self.embeddings.T
+    def _target_matrix(self, experts: list[str]) -> np.ndarray:
+        """Per distinct prompt and expert, the mean recorded score (NaN where there is none)."""
         tgt = np.full((self.n_prompts, len(experts)), np.nan)
         for j, name in enumerate(experts):
             recs = self._index[name]
             sums = np.bincount(self.prompt_index[recs], weights=self.scores[recs], minlength=self.n_prompts)
             cnt = np.bincount(self.prompt_index[recs], minlength=self.n_prompts)
             tgt[cnt > 0, j] = sums[cnt > 0] / cnt[cnt > 0]
+        return tgt
+
+    def loo_matrix(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """``(experts, predictions, targets)`` per distinct prompt, each prompt predicted without its
+        own records (leave-one-prompt-out); targets are the mean recorded scores (NaN: none)."""
+        experts = self.known_experts
+        sims = self.embeddings @ self.embeddings.T
+        tgt = self._target_matrix(experts)
         pred = self._predict_matrix(sims, experts, self.k + 1, self.tau, self.prior_weight, exclude_self=True)
         return experts, pred, tgt
 
@@ -216,13 +221,7 @@ class QualityPredictor:
             return self
         sims = self.embeddings @ self.embeddings.T
         experts = self.known_experts
-        # target matrix: per prompt and expert the mean recorded score (NaN where none)
-        tgt = np.full((self.n_prompts, len(experts)), np.nan)
-        for j, name in enumerate(experts):
-            recs = self._index[name]
-            sums = np.bincount(self.prompt_index[recs], weights=self.scores[recs], minlength=self.n_prompts)
-            cnt = np.bincount(self.prompt_index[recs], minlength=self.n_prompts)
-            tgt[cnt > 0, j] = sums[cnt > 0] / cnt[cnt > 0]
+        tgt = self._target_matrix(experts)
         have = ~np.isnan(tgt)
         best: tuple[float, int, float, float] | None = None
         table = []

@@ -8,7 +8,6 @@ socket to the real service and stalls mid-body."""
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import struct
 import subprocess
@@ -50,11 +49,18 @@ def wide(path: Path, items: int) -> Path:
 
 def _add(serve_app, redis_url, model: Path) -> tuple[subprocess.CompletedProcess, float, int]:
     env = {**os.environ, "COE_REDIS_URL": redis_url, "COE_NAMESPACE": serve_app.registry.namespace}
+    # the CLI's own peak RSS, written at exit (RUSAGE_CHILDREN would be the largest of every child
+    # this test process ever waited for, e.g. a whole `coe serve` of another test)
+    rss_file = model.with_suffix(".rss")
+    wrapper = ("import atexit, resource, runpy, sys\n"
+               f"atexit.register(lambda: open({str(rss_file)!r}, 'w').write("
+               "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+               "sys.argv = ['coe-registry'] + sys.argv[1:]\n"
+               "runpy.run_module('expert_registry', run_name='__main__')\n")
     t0 = time.monotonic()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run([sys.executable, "-m", "expert_registry", "add", "hostile", "--model", str(model),
+    out = subprocess.run([sys.executable, "-c", wrapper, "add", "hostile", "--model", str(model),
                           "-c", "general=0.1"], env=env, capture_output=True, text=True, timeout=120)
-    rss_kb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before)
+    rss_kb = int(rss_file.read_text())
     return out, time.monotonic() - t0, rss_kb
 
 

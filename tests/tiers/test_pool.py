@@ -114,7 +114,9 @@ async def test_failed_expert_fails_its_requests_while_others_serve(tmp_path, tin
     gone, bad = tmp_path / "gone", tmp_path / "bad"
     shutil.copytree(byte_model_dir, gone)
     shutil.copytree(byte_model_dir, bad)
-    pool = ExpertPool(PoolConfig(hbm_budget_bytes=10**9, dram_budget_bytes=10**9))
+    # start_on_add off: the files must vanish between the add and the first load, which a background
+    # start begun at add time could otherwise win
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=10**9, dram_budget_bytes=10**9, start_on_add=False))
     for e in [make_expert("a", tiny_model_dir), make_expert("gone", gone), make_expert("bad", bad)]:
         await pool.add_expert(e)
     shutil.rmtree(gone)  # files vanish after the expert was added

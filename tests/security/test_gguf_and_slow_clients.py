@@ -49,19 +49,24 @@ def wide(path: Path, items: int) -> Path:
 
 def _add(serve_app, redis_url, model: Path) -> tuple[subprocess.CompletedProcess, float, int]:
     env = {**os.environ, "COE_REDIS_URL": redis_url, "COE_NAMESPACE": serve_app.registry.namespace}
-    # the CLI's own peak RSS, written at exit (RUSAGE_CHILDREN would be the largest of every child
-    # this test process ever waited for, e.g. a whole `coe serve` of another test)
-    rss_file = model.with_suffix(".rss")
-    wrapper = ("import atexit, resource, runpy, sys\n"
-               f"atexit.register(lambda: open({str(rss_file)!r}, 'w').write("
-               "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
-               "sys.argv = ['coe-registry'] + sys.argv[1:]\n"
-               "runpy.run_module('expert_registry', run_name='__main__')\n")
+    # the CLI's own peak RSS, sampled every 10 ms (getrusage is no use here: RUSAGE_CHILDREN keeps
+    # the largest child this test process ever waited for, and a child's own ru_maxrss starts from
+    # the forking parent's high-water mark, which Linux keeps across exec)
+    import psutil
+
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", wrapper, "add", "hostile", "--model", str(model),
-                          "-c", "general=0.1"], env=env, capture_output=True, text=True, timeout=120)
-    rss_kb = int(rss_file.read_text())
-    return out, time.monotonic() - t0, rss_kb
+    proc = subprocess.Popen([sys.executable, "-m", "expert_registry", "add", "hostile", "--model", str(model),
+                             "-c", "general=0.1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None and time.monotonic() - t0 < 120:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate(timeout=120)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return out, time.monotonic() - t0, peak // 1024
 
 
 @pytest.mark.parametrize("make", [lambda p: nested(p, 100_000), lambda p: wide(p, 6_000_000),

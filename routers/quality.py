@@ -220,33 +220,37 @@ class QualityPredictor:
         lab = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(self.embeddings)
         return (np.random.default_rng(seed).permutation(n_clusters) % folds)[lab]
 
-    def choose_z(self, grid: Sequence[float] = Z_GRID, folds: int = 5, seed: int = 0) -> float:
+    def choose_z(self, grid: Sequence[float] = Z_GRID, folds: int = 5, repeats: int = 3) -> float:
         """The confidence ``z`` of the routing rule (module docstring), by k-fold cross-validation
-        over :meth:`cluster_folds`: each fold's prompts are predicted from the other folds' records
-        and routed; the ``z`` with the best mean recorded score wins (the smallest among ties).
-        Only prompts scored for every expert count; with fewer than 50 of them: ``DEFAULT_Z``."""
+        over :meth:`cluster_folds`, repeated with ``repeats`` different clusterings (one split's
+        luck is the main noise here): each fold's prompts are predicted from the other folds'
+        records and routed; the ``z`` with the best mean recorded score wins (the smallest among
+        ties). Only prompts scored for every expert count; with fewer than 50: ``DEFAULT_Z``."""
         experts = self.known_experts
         tgt = self._target_matrix(experts)
         full = np.flatnonzero(~np.isnan(tgt).any(1))
         if len(full) < 50 or len(experts) < 2:
             return DEFAULT_Z
-        fold = self.cluster_folds(folds, seed)
-        rec_fold = fold[self.prompt_index]
-        P, V = np.full_like(tgt, np.nan), np.full_like(tgt, np.nan)
-        for f in range(folds):
-            keep = rec_fold != f
-            sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
-                                   self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep])
-            rows = np.flatnonzero(fold == f)
-            if len(rows):
-                P[rows], V[rows] = sub.predict_many(self.embeddings[rows], experts, with_se=True)
-        P, V, T = P[full], V[full], tgt[full]
+        T = tgt[full]
         best = int(np.argmax(T.mean(0)))
-        scores = {z: float(T[np.arange(len(T)), self.route_rows(P, V, best, z)].mean()) for z in grid}
-        self.fit_info["z_cv"] = {str(k): round(v, 4) for k, v in scores.items()}
+        totals = dict.fromkeys(grid, 0.0)
+        for seed in range(repeats):
+            fold = self.cluster_folds(folds, seed)
+            rec_fold = fold[self.prompt_index]
+            P, V = np.full_like(tgt, np.nan), np.full_like(tgt, np.nan)
+            for f in range(folds):
+                keep = rec_fold != f
+                sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
+                                       self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep])
+                rows = np.flatnonzero(fold == f)
+                if len(rows):
+                    P[rows], V[rows] = sub.predict_many(self.embeddings[rows], experts, with_se=True)
+            for z in grid:
+                totals[z] += float(T[np.arange(len(T)), self.route_rows(P[full], V[full], best, z)].mean()) / repeats
+        self.fit_info["z_cv"] = {str(k): round(v, 4) for k, v in totals.items()}
         self.fit_info["z_cv_best_single"] = round(float(T[:, best].mean()), 4)
-        top = max(scores.values())
-        return float(min(z for z, v in scores.items() if v >= top - 1e-12))
+        top = max(totals.values())
+        return float(min(z for z, v in totals.items() if v >= top - 1e-12))
 
     # -- calibration ------------------------------------------------------------------------------------
     def tuned(self, k_grid: Sequence[int] = K_GRID, tau_grid: Sequence[float] = TAU_GRID,

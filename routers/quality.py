@@ -46,6 +46,7 @@ K_GRID = (5, 10, 20, 40)
 TAU_GRID = (0.02, 0.05, 0.1, 0.2)
 PRIOR_GRID = (0.5, 2.0, 8.0)
 Z_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 1e9)  # 1e9: never leave the best-on-average expert
+RADIUS_NEIGHBOUR = 10  # the radius is set by how far the records' 10th neighbours are (see radius)
 DEFAULT_Z = 1.0  # before tuning, or with too few complete prompts to cross-validate
 
 
@@ -121,6 +122,15 @@ class QualityPredictor:
 
     # -- prediction ---------------------------------------------------------------------------------
     @property
+    def radius(self) -> float:
+        """Cosine below which a recorded prompt is no neighbour at all (``-1``: none set). Set by
+        :meth:`tuned` to the 1st percentile, over the records' prompts, of the cosine to their 10th
+        nearest other prompt: a query farther from every record than that is in a
+        domain the records do not cover, and gets each expert's mean (so the best single expert).
+        Without it, a kernel tuned on dense records lends far neighbours real weight."""
+        return float(self.fit_info.get("radius", -1.0))
+
+    @property
     def known_experts(self) -> list[str]:
         return list(self._index)
 
@@ -151,6 +161,7 @@ class QualityPredictor:
             w = np.exp((st - 1.0) / tau)
             if exclude_self:
                 w[st > 1.0 - 1e-6] = 0.0  # leave-one-prompt-out: a prompt never predicts itself
+            w[st < self.radius] = 0.0  # farther than the records' own neighbours: no evidence
             prior = float(sc.mean())
             sw = w.sum(1)
             out[:, j] = ((w * sc[top]).sum(1) + m * prior) / (sw + m)
@@ -241,7 +252,8 @@ class QualityPredictor:
             for f in range(folds):
                 keep = rec_fold != f
                 sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
-                                       self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep])
+                                       self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep],
+                                       fit_info={"radius": self.radius})
                 rows = np.flatnonzero(fold == f)
                 if len(rows):
                     P[rows], V[rows] = sub.predict_many(self.embeddings[rows], experts, with_se=True)
@@ -263,6 +275,11 @@ class QualityPredictor:
         experts = self.known_experts
         tgt = self._target_matrix(experts)
         have = ~np.isnan(tgt)
+        other = np.where(sims > 1.0 - 1e-6, -1.0, sims)  # exact duplicates are no neighbours
+        nth = min(RADIUS_NEIGHBOUR, self.n_prompts - 1)
+        radius = float(np.quantile(np.partition(other, -nth, axis=1)[:, -nth], 0.01))
+        self = QualityPredictor(self.embeddings, self.experts, self.scores, self.k, self.tau, self.prior_weight,
+                                self.encoder_id, self.prompt_index, {"radius": radius})
         best: tuple[float, int, float, float] | None = None
         table = []
         prior_brier = None
@@ -276,6 +293,7 @@ class QualityPredictor:
         prior_brier = float(np.mean((np.broadcast_to(means, tgt.shape)[have] - tgt[have]) ** 2))
         _, k, tau, m = best  # type: ignore[misc]
         info = {"method": "leave-one-prompt-out Brier", "brier": round(best[0], 5),  # type: ignore[index]
+                "radius": radius,
                 "brier_expert_mean_only": round(prior_brier, 5), "n_prompts": self.n_prompts,
                 "n_records": len(self.experts), "grid": table}
         out = QualityPredictor(self.embeddings, self.experts, self.scores, k, tau, m, self.encoder_id,

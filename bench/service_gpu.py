@@ -257,8 +257,12 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     # coe serve's Ray listens on loopback only (single-machine mode): join it there, not at the
     # node address Ray records in its current-cluster file
     single_machine_mode()
-    port = Path("/tmp/ray/ray_current_cluster").read_text().strip().rsplit(":", 1)[1]
-    ray.init(address=f"{LOOPBACK}:{port}", namespace="coe", log_to_driver=False)
+    current = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`, not always by ray.init
+    if current.exists():
+        address = f"{LOOPBACK}:{current.read_text().strip().rsplit(':', 1)[1]}"
+    else:
+        address = "auto"  # Ray finds the running GCS by its process (bound to loopback here)
+    ray.init(address=address, namespace="coe", log_to_driver=False)
     vocab = SHAPE_VOCAB[args.shape]
     low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
                                                               prompt_tokens=128, seed=11)]

@@ -154,6 +154,17 @@ class Result:
     tokens: int
     expert: str | None
     error: str | None = None
+    #: what the HTTP path added to this request, from the service's ``x-coe-timing`` stamps:
+    #: (pool enqueue - ingress receipt) + (client receives first token - pool's first token)
+    added_s: float | None = None
+
+
+def added_by_http(stamps: dict[str, Any] | None, client_first_at: float) -> float | None:
+    """Seconds the HTTP path added to one request, from the service's wall-clock stamps (same
+    machine): ingress receipt -> pool enqueue, plus pool first token -> client."""
+    if not stamps or None in (stamps.get("received"), stamps.get("enqueued"), stamps.get("first_token")):
+        return None
+    return (stamps["enqueued"] - stamps["received"]) + (client_first_at - stamps["first_token"])
 
 
 async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> Result:
@@ -161,21 +172,24 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
 
     t0 = time.perf_counter()
     ttft = None
+    added = None
     n = 0
     expert = None
     try:
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True})
+            temperature=0.0, stream=True, stream_options={"include_usage": True},
+            extra_headers={"x-coe-timing": "1"})
         expert = raw.headers.get("x-coe-expert")
         stream = raw.parse()
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
+                    added = added_by_http((chunk.model_extra or {}).get("coe_timing"), time.time())
             if chunk.usage is not None:
                 n = chunk.usage.completion_tokens
-        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert)
+        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert, None, added)
     except openai.APIStatusError as e:
         return Result(model, False, e.status_code, ttft, time.perf_counter() - t0, n, expert, str(e)[:300])
     except Exception as e:  # connection errors etc.
@@ -271,6 +285,11 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     http_low, _ = asyncio.run(replay_http(base, low, names, args.max_tokens))
     pl, hl = summarize(pool_low), summarize(http_low)
     res["low_load"] = {"rate": args.low_rate, "pool": pl, "http": hl}
+    added = [r.added_s for r in http_low if r.added_s is not None]
+    if added:  # the issue's measure: per-request stamps, ingress receipt -> enqueue + first token -> client
+        res["low_load"]["per_request_added_ms"] = {"n": len(added), "p50": round(1000 * pct(added, 50), 2),
+                                                   "p99": round(1000 * pct(added, 99), 2),
+                                                   "max": round(1000 * max(added), 2)}
     if pl["ttft_p50_s"] is not None and hl["ttft_p50_s"] is not None:
         res["low_load"]["added_ms_p50"] = round(1000 * (hl["ttft_p50_s"] - pl["ttft_p50_s"]), 1)
         res["low_load"]["added_ms_p99"] = round(1000 * (hl["ttft_p99_s"] - pl["ttft_p99_s"]), 1)
@@ -303,7 +322,13 @@ def summarize(rs: list[Result]) -> dict[str, Any]:
         "latency_p50_s": pct([r.total_s for r in ok], 50),
         "tokens": sum(r.tokens for r in ok),
         "experts_answering": sorted({r.expert for r in ok if r.expert}),
+        "http_added_ms_p50": _ms(pct([r.added_s for r in ok], 50)),
+        "http_added_ms_p99": _ms(pct([r.added_s for r in ok], 99)),
     }
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(1000 * s, 2)
 
 
 # ------------------------------------------------------------------------------------------- e2e

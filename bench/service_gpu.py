@@ -266,17 +266,7 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     sys.path.insert(0, str(REPO / "bench"))
     from serve_gpu import make_trace
 
-    from coe.ray_local import LOOPBACK, single_machine_mode
-
-    # coe serve's Ray listens on loopback only (single-machine mode): join it there, not at the
-    # node address Ray records in its current-cluster file
-    single_machine_mode()
-    current = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`, not always by ray.init
-    if current.exists():
-        address = f"{LOOPBACK}:{current.read_text().strip().rsplit(':', 1)[1]}"
-    else:
-        address = "auto"  # Ray finds the running GCS by its process (bound to loopback here)
-    ray.init(address=address, namespace="coe", log_to_driver=False)
+    join_service_ray()
     vocab = SHAPE_VOCAB[args.shape]
     low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
                                                               prompt_tokens=128, seed=11)]
@@ -304,6 +294,51 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
                       if p["output_tok_s"] and h["output_tok_s"] else None}
     ray.shutdown()
     return res
+
+
+def join_service_ray() -> None:
+    """Connect this process to the Ray that ``coe serve`` started (loopback only, single machine)."""
+    import ray
+
+    from coe.ray_local import LOOPBACK, single_machine_mode
+
+    single_machine_mode()
+    current = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`, not always by ray.init
+    address = f"{LOOPBACK}:{current.read_text().strip().rsplit(':', 1)[1]}" if current.exists() else "auto"
+    ray.init(address=address, namespace="coe", log_to_driver=False)
+
+
+def dashboard_view() -> dict[str, Any]:
+    """What the Ray dashboard shows of the service: the Serve application's status (dashboard API,
+    with Ray's token) and the ``ray_coe_*`` series on Ray's Prometheus export (the dashboard's
+    Metrics view reads those)."""
+    import httpx
+    import ray
+
+    from coe.ray_local import token_path
+
+    out: dict[str, Any] = {}
+    headers = {"Authorization": f"Bearer {token_path().read_text().strip()}"} if token_path().exists() else {}
+    try:
+        apps = httpx.get("http://127.0.0.1:8265/api/serve/applications/", headers=headers, timeout=10).json()
+        out["serve_applications"] = {name: {"status": a.get("status"),
+                                            "deployments": {d: v.get("status") for d, v in
+                                                            (a.get("deployments") or {}).items()}}
+                                     for name, a in (apps.get("applications") or {}).items()}
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        out["serve_applications_error"] = f"{type(e).__name__}: {e}"[:300]
+    try:
+        join_service_ray()
+        ports = {n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")}
+        names: set[str] = set()
+        for port in ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            names |= {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln.startswith("ray_coe")}
+        out["ray_metric_names"] = sorted(names)
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001
+        out["ray_metrics_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -500,6 +535,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             (out / "metrics.txt").write_text(metrics)
             res["metric_names"] = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
                                           if ln.startswith("coe")})
+            res["dashboard"] = dashboard_view()
+            save()
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
         finally:

@@ -213,7 +213,7 @@ def test_unseen_domain_falls_back_to_the_best_single_expert(encoder):
     assert picks == [best] * len(cooking), (best, picks)
 
 
-def test_added_records_change_routing_of_the_returned_predictor(encoder):
+def test_added_records_change_routing_of_the_returned_predictor(encoder, tmp_path):
     """The public ``add`` (what ``coe router quality add`` and the service's feedback use) returns
     a predictor that uses the new records at once, without retuning: after records saying ``poet``
     fails on poems, poems go elsewhere; the original object is unchanged."""
@@ -227,3 +227,8 @@ def test_added_records_change_routing_of_the_returned_predictor(encoder):
     newer = qp.add(bad, encoder.encode)
     assert newer.choose_many(q, ["coder", "poet"]) == ["coder"]
     assert qp.choose_many(q, ["coder", "poet"]) == ["poet"] and (newer.k, newer.z) == (qp.k, qp.z)
+    # the tuned rule (z, radius) survives save/load: JSON + npz, no pickle
+    newer.save(tmp_path)
+    back = QualityPredictor.load(tmp_path)
+    assert (back.z, back.radius, back.k) == (newer.z, newer.radius, newer.k) and back.radius > 0
+    assert back.choose_many(q, ["coder", "poet"]) == ["coder"]

@@ -266,9 +266,10 @@ class ExpertPoolDeployment:
         confident). The expert joins this replica's pool if needed and starts moving up as a
         prefetch (``ExpertPool.prefetch_hint``); never an error: the request reports problems."""
         try:
-            await self._ensure_started()
-            if await self._ensure_expert(name):
-                return False
+            if name not in self.pool.experts():  # (in the pool already: no await before the hint counts)
+                await self._ensure_started()
+                if await self._ensure_expert(name):
+                    return False
             return self.pool.prefetch_hint(name, request_id)
         except Exception as e:  # noqa: BLE001 - a hint must never take anything down
             log.debug("prefetch hint for %s failed: %s", name, e)

@@ -116,3 +116,34 @@ def test_pool_hears_the_likely_expert_before_the_request(serve_app, http):
     mine = {what.split(" ")[0]: t for t, name, what in events if name == expert and what.endswith(rid)}
     assert set(mine) == {"hint", "request"}, events[-20:]
     assert mine["hint"] < mine["request"]
+
+
+def test_only_a_permitted_key_scores_and_only_its_own_requests(serve_app, http):
+    from coe.keys import KeyLimits, RedisKeyStore
+
+    reg = serve_app.registry
+    store = RedisKeyStore(reg.url, reg.namespace)
+    alice, _ = store.add("fb-alice")
+    carol, _ = store.add("fb-carol")
+    bob, _ = store.add("fb-bob", limits=KeyLimits(feedback=False))  # coe keys add fb-bob --no-feedback
+    try:
+        _wait(lambda: http.get("/v1/models").status_code == 401, 15, "auth to switch on")
+
+        def post(key: str, path: str, body: dict) -> httpx.Response:
+            return http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
+
+        r = post(alice, "/v1/chat/completions", {"model": f"coe/{CAT}", "max_tokens": 1,
+                                                  "messages": [{"role": "user", "content": "Pretend you are a fox."}]})
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-request-id"]
+        assert http.post("/v1/feedback", json={"request_id": rid, "thumbs": "up"}).status_code == 401
+        r = post(bob, "/v1/feedback", {"request_id": rid, "thumbs": "up"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "feedback_not_permitted"
+        r = post(carol, "/v1/feedback", {"request_id": rid, "thumbs": "down"})  # not carol's request
+        assert r.status_code == 404 and r.json()["error"]["code"] == "request_not_found"
+        r = post(alice, "/v1/feedback", {"request_id": rid, "thumbs": "up"})
+        assert r.status_code == 200 and r.json()["score"] == 1.0
+    finally:
+        for name in ("fb-alice", "fb-bob", "fb-carol"):
+            store.remove(name)
+        _wait(lambda: http.get("/v1/models").status_code == 200, 15, "auth to switch off")

@@ -87,6 +87,10 @@ Namespace = Annotated[str, typer.Option(
     "--namespace", "-n", envvar="COE_NAMESPACE", show_envvar=True,
     help="Registry namespace, so several deployments can share one Redis.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ServiceUrl = Annotated[Optional[str], typer.Option(
+    "--service", envvar="COE_URL", show_envvar=True,
+    help="The coe service to ask for each expert's live status (loading and its phase, ready, failed). "
+         "Default: http://127.0.0.1:8000.")]
 
 
 @contextlib.contextmanager
@@ -435,25 +439,39 @@ def _warn_remote_code(name: str, asked: bool) -> None:
 @app.command("list")
 def list_(json_out: JsonOut = False,
           long: Annotated[bool, typer.Option("--long", "-l", help="Also engine, model and tags.")] = False,
-          redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+          redis_url: RedisUrl = None, namespace: Namespace = "default", service: ServiceUrl = None) -> None:
     """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields);
-    stored entries that cannot be read are skipped, with a warning each."""
+    stored entries that cannot be read are skipped, with a warning each. The status column is the
+    running service's (`loading: <phase>` while an added expert's engine starts, then `ready`),
+    asked over HTTP; without a service it is the stored one, and the table says so."""
+    from expert_registry.live import live_view
+
     with _user_errors():
         snap = _open(redis_url, namespace).snapshot()
+    live = live_view(service)
     for bad, why in snap.invalid.items():  # skipped, never fatal; shown so that someone fixes them
         err.print(f"[bold yellow]warning:[/] skipped unreadable entry '{bad}': {why}")
     if json_out:
-        typer.echo(json.dumps([e.model_dump(mode="json") for e in snap.experts.values()], indent=2))
+        typer.echo(json.dumps([dict(e.model_dump(mode="json"), service_status=live.status(e.name),
+                                    service_phase=(live.experts.get(e.name) or {}).get("phase"))
+                               for e in snap.experts.values()], indent=2))
         return
-    out.print(_experts_table(snap, namespace, long), soft_wrap=False)  # the table fits the terminal
+    out.print(_experts_table(snap, namespace, long, live), soft_wrap=False)  # the table fits the terminal
 
 
-def _experts_table(snap: Any, namespace: str, long: bool) -> Table:
-    """One row per expert with the values as stored. Short columns never wrap; the long ones
-    (categories, model) wrap at spaces or end in an ellipsis, so 80 columns stay readable."""
+def _experts_table(snap: Any, namespace: str, long: bool, live: Any = None) -> Table:
+    """One row per expert with the values as stored (the status as the service sees it, when one
+    answered). Short columns never wrap; the long ones (categories, model) wrap at spaces or end in
+    an ellipsis, so 80 columns stay readable."""
+    where = (f"status from the service at {live.url}" if live is not None and live.error is None
+             else f"{live.error}: status as stored" if live is not None else "status as stored")
     table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})",
+                  caption=where, caption_justify="left",
                   title_justify="left", box=box.SIMPLE_HEAD if long else box.HEAVY_HEAD, show_edge=not long)
     for col in ("name", "status", "size", "ctx"):
+        if col == "status":  # "loading: reading weights (12 s)" folds inside its cell
+            table.add_column(col, overflow="fold", max_width=18)
+            continue
         table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=32 if col == "name" else None)
     table.add_column("categories", overflow="fold", min_width=11)
     if long:
@@ -462,7 +480,9 @@ def _experts_table(snap: Any, namespace: str, long: bool) -> Table:
         table.add_column("tags", overflow="fold")
     for e in snap.experts.values():
         caps = ("\n" if long else " ").join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
-        status = e.status if e.status == "ready" else f"[red]{e.status}[/red]"
+        shown = (live.status(e.name) if live is not None and e.status == "ready" else None) or e.status
+        status = (shown if shown == "ready" else f"[yellow]{shown}[/yellow]" if shown.startswith("loading")
+                  else f"[red]{shown}[/red]")
         row = [e.name, status, _fmt_bytes(e.size_bytes), str(e.max_context), caps or "-"]
         if long:
             # the last path part keeps the table readable; `show` prints the full path

@@ -577,6 +577,8 @@ class ModelCard(BaseModel):
     tier: str | None = None  # expert: hbm | dram | disk | unloaded
     status: str | None = None  # expert: ready | failed | removing …
     status_reason: str | None = None
+    phase: str | None = None  # expert loading: what its engine start is doing ("reading weights", ...)
+    loading_s: float | None = None  # expert loading after its add: seconds so far
     max_context: int | None = None
     capabilities: dict[str, float] | None = None
 

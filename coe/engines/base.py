@@ -207,6 +207,9 @@ class Engine(ABC):
     """An expert's model behind the tier protocol and a streaming generate."""
 
     name: str
+    #: the step an engine start (:meth:`load`) is at, for ``/v1/models`` and ``coe-registry list``
+    #: ("reading weights", "copying weights to host", ...); "" when no start is running
+    load_phase: str = ""
 
     @property
     @abstractmethod

@@ -298,8 +298,10 @@ class VLLMEngine(Engine):
             return SwapRecord(self.tier, self.tier, 0, 0.0)
         t0 = time.perf_counter()
         try:
+            self.load_phase = "reading tokenizer"
             _ = self.tokenizer
             used0 = device_used_bytes(self.device)
+            self.load_phase = "starting engine (weights to the device, KV cache)"
             self._llm = await asyncio.to_thread(self._build) if self.build_in_thread else self._build()
             self._state = "awake"
             t1 = time.perf_counter()
@@ -308,6 +310,7 @@ class VLLMEngine(Engine):
             info: dict[str, Any] = {"engine_start_s": t1 - t0}
             if self.dummy_init_seed is not None and self.load_format == "dummy":
                 await self._rpc("coe_randomize", int(self.dummy_init_seed))
+            self.load_phase = "copying weights to host"
             if self.switch_mode == "pinned":
                 info["capture"] = await self._rpc("coe_capture", self.host_alloc)
                 self._has_copy = True
@@ -315,6 +318,7 @@ class VLLMEngine(Engine):
                 info["save"] = await self._rpc("coe_save_file", self._reload_path())
                 self._file = self._reload_path()
             t2 = time.perf_counter()
+            self.load_phase = "going to sleep"
             await self._sleep(2 if self.switch_mode != "sleep" else 1)
             info["first_sleep_s"] = time.perf_counter() - t2
             asleep = await self._device_bytes(used0)
@@ -328,6 +332,8 @@ class VLLMEngine(Engine):
             if is_out_of_memory(exc):  # another engine may free memory: retried, not a broken expert
                 raise ExpertTransientError(self.name, reason) from exc
             raise ExpertLoadError(self.name, reason) from exc
+        finally:
+            self.load_phase = ""
         info["total_s"] = time.perf_counter() - t0
         self.last_load_info = info
         return SwapRecord(Tier.DISK, Tier.DRAM, self._nbytes, info["total_s"])

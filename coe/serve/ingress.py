@@ -42,7 +42,8 @@ from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
 from coe.engines.features import engine_kind, engines_supporting, unsupported
 from coe.generate_request import GenerateRequest
-from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
+from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
+                        with_deadline)
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
@@ -73,8 +74,10 @@ app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request get
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
 # pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
-# failure (the expert is marked failed) or a transient one (retried inside the pool, decision 2)
-FALLBACK_CODES = ("expert_load_failed", "expert_unavailable")
+# failure (the expert is marked failed), a transient one (retried inside the pool, decision 2), or an
+# engine still starting after `coe-registry add` (routed requests do not wait for it)
+FALLBACK_CODES = ("expert_load_failed", "expert_unavailable", "expert_loading")
+FALLBACK_WHY = {"expert_unavailable": "is temporarily unavailable", "expert_loading": "is still loading"}
 
 
 # ---- request helpers (pure functions; unit-testable without Ray) ------------------------------
@@ -357,12 +360,17 @@ class Ingress:
 
     async def _open_with_fallback(self, info: CoeInfo, greq: GenerateRequest, allowed: set[str] | None = None):
         """:meth:`_open_stream`; if the chosen expert fails to load (it is then marked failed in the
-        registry) and the router chose it (not named by the client), try the router's next-best
-        candidates. The answer says so: ``coe.fallback_reason``/``fallback_from``, ``x-coe-fallback-from``."""
+        registry), is unavailable for a while, or is still starting after its add, and the router
+        chose it (not named by the client), try the router's next-best candidates, none of which is
+        waited for. The answer says so: ``coe.fallback_reason``/``fallback_from``,
+        ``x-coe-fallback-from``. When every candidate is still starting, the request waits for the
+        chosen one as a request that names it would (``greq.loading_wait_s``)."""
+        routed = info.forced != "expert"
+        no_wait = greq.model_copy(update={"loading_wait_s": 0.0}) if routed else greq
         try:
-            return (*await self._open_stream(info, greq), info)
+            return (*await self._open_stream(info, no_wait), info)
         except APIError as e:
-            if e.code not in FALLBACK_CODES or info.forced == "expert":
+            if e.code not in FALLBACK_CODES or not routed:
                 raise
             err, failed = e, [info.expert]
         snap = self.watcher.snapshot
@@ -371,12 +379,12 @@ class Ingress:
             spec = snap.experts.get(alt) if alt else None
             if not alt or alt in failed or (spec is not None and spec.status != "ready"):
                 continue
-            what = "is temporarily unavailable" if err.code == "expert_unavailable" else "failed to load"
+            what = FALLBACK_WHY.get(err.code, "failed to load")
             reason = f"expert '{failed[0]}' {what} ({err.message}); answered by the next-best candidate '{alt}'"
             alt_info = CoeInfo.model_validate({**info.model_dump(), "expert": alt, "fallback_reason": reason,
                                                "fallback_from": failed[0]})
             try:
-                gen, first, pending = await self._open_stream(alt_info, greq)
+                gen, first, pending = await self._open_stream(alt_info, no_wait)
             except APIError as e2:
                 if e2.code not in FALLBACK_CODES:
                     raise
@@ -384,6 +392,8 @@ class Ingress:
                 continue
             log.warning("%s", reason)
             return gen, first, pending, alt_info
+        if err.code == "expert_loading":  # nothing else can answer now: wait for the chosen one
+            return (*await self._open_stream(info, greq), info)
         raise err
 
     async def _within(self, deadline: float, timeout_s: float, coro):
@@ -429,11 +439,14 @@ class Ingress:
         rid = request_id_of(request)
         timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
         deadline = time.monotonic() + timeout_s
+        # a starting expert is waited for until 1 s before the deadline at most: a 503 with
+        # Retry-After says more than the deadline's 504
+        wait_s = min(loading_wait(self.limits, request.headers.get("x-coe-wait-timeout")), max(0.0, timeout_s - 1.0))
         session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
         key = await asyncio.to_thread(self._identity, request)
         ticket = Reservation(None)
         try:
-            greq = to_generate_request(req, rid)
+            greq = to_generate_request(req, rid).model_copy(update={"loading_wait_s": wait_s})
             messages = normalise_messages(req.messages)
             permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
             # refusals that need no work come first: a field no allowed expert honours, a forbidden
@@ -572,7 +585,7 @@ class Ingress:
         snap = self.watcher.snapshot
         if self._categories is None:
             self._categories = await self.router.categories.remote()
-        tiers, states, phases = await self._pool_view()
+        tiers, states, phases, since = await self._pool_view()
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
@@ -582,8 +595,11 @@ class Ingress:
         for name in sorted(snap.experts):
             e = snap.experts[name]
             status = e.status if e.status != "ready" else states.get(name, "ready")
+            loading = status == "loading"
             cards.append(ModelCard(id=name, kind="expert", tier=tiers.get(name, "unloaded"), status=status,
                                    status_reason=hide_paths(e.status_reason) or phases.get(name),
+                                   phase=phases.get(name) if loading else None,
+                                   loading_s=since.get(name) if loading else None,
                                    max_context=e.max_context,
                                    capabilities=dict(e.capabilities),
                                    created=int(e.created_at.timestamp())))
@@ -598,11 +614,13 @@ class Ingress:
             log.debug("pool stats unavailable: %s", e)
             return []
 
-    async def _pool_view(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-        """Best tier, a status and a loading phase per expert, from the pool's snapshot."""
+    async def _pool_view(self) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, float]]:
+        """Best tier, a status, a loading phase (or error) and seconds since its add while its
+        engine starts, per expert, from the pool's snapshot."""
         tiers: dict[str, str] = {}
         states: dict[str, str] = {}
         phases: dict[str, str] = {}
+        since: dict[str, float] = {}
         for snap in await self._pool_snapshots():
             for name, e in (snap.get("experts") or {}).items():
                 t = str(e.get("tier"))
@@ -613,7 +631,9 @@ class Ingress:
                     states[name] = st.split(".")[-1].lower()
                 if e.get("phase") or e.get("error"):
                     phases[name] = str(e.get("phase") or e.get("error"))
-        return tiers, states, phases
+                if e.get("loading_s") is not None:
+                    since[name] = float(e["loading_s"])
+        return tiers, states, phases, since
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -229,6 +229,21 @@ def smollm_dir(smollm2_gguf: Path, coe_home: Path) -> Path:
     return ensure_converted(smollm2_gguf)
 
 
+def record(name: str, data: dict) -> None:
+    """Write a figure a test measured to ``$COE_BENCH_OUT/<name>.json`` (with machine and date), so
+    that a number quoted in the docs has its raw record; nothing is written when the variable is unset."""
+    out = os.environ.get("COE_BENCH_OUT")
+    if not out:
+        return
+    import json
+    import platform
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+    (Path(out) / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=1) + "\n")
+
+
 def make_expert(name: str, model: str | Path, **kw):
     from expert_registry.spec import Expert
 

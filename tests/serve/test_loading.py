@@ -15,7 +15,7 @@ import sys
 import time
 
 import httpx
-from conftest import SLOW_STARTS
+from conftest import SLOW_STARTS, record
 
 HELLO = [{"role": "user", "content": "Extract the year from: founded in 1999."}]
 
@@ -55,6 +55,7 @@ def test_added_expert_is_loading_then_ready_and_never_a_surprise(serve_app, http
         c = wait_for(lambda: (lambda c: c if c.get("status") == "loading" and c.get("phase") else None)(
             card(http, "tiny-slow")), SLOW_STARTS["tiny-slow"] - 1, "tiny-slow loading in /v1/models")
         assert c["phase"] == "reading weights" and c["loading_s"] >= 0 and c["tier"] == "disk"
+        c0_phase = [c["status"], c["phase"], c["loading_s"]]
         # coe-registry list asks the running service
         listed = registry_cli(serve_app, "list")
         assert listed.returncode == 0, listed.stderr
@@ -93,6 +94,11 @@ def test_added_expert_is_loading_then_ready_and_never_a_surprise(serve_app, http
         assert first_token is not None
         print(f"\nadd -> first token through the service (CPU, tiny hf, start held {SLOW_STARTS['tiny-slow']} s): "
               f"{first_token - t_add:.2f} s")
+        record("add_to_first_token_service_cpu", {
+            "what": "coe-registry add (CLI subprocess) -> first streamed token of a request naming the expert, "
+                    "through the real service (Ray Serve, hf engine, tiny model)",
+            "start_held_s": SLOW_STARTS["tiny-slow"], "add_to_first_token_s": round(first_token - t_add, 2),
+            "phases_seen": c0_phase})
         c = wait_for(lambda: (lambda c: c if c.get("status") == "ready" else None)(card(http, "tiny-slow")), 10,
                      "tiny-slow ready")
         assert c["tier"] in ("dram", "hbm") and "phase" not in c

@@ -10,7 +10,7 @@ import shutil
 import time
 
 import pytest
-from conftest import make_expert
+from conftest import make_expert, record
 
 from coe.engines.base import SamplingParams
 from coe.errors import ExpertLoadError, ExpertStarting, ExpertTransientError
@@ -52,6 +52,8 @@ async def test_a_slow_start_shows_its_phase_and_a_request_waits_for_it(tiny_mode
             first = time.monotonic()
     assert first is not None
     print(f"\nadd -> first token (CPU, tiny hf, start held 1.5 s): {first - t_add:.2f} s")
+    record("add_to_first_token_pool_cpu", {"what": "ExpertPool.add_expert -> first token (plain pool, hf, tiny model)",
+                                           "start_held_s": 1.5, "add_to_first_token_s": round(first - t_add, 2)})
     await pool.close()
 
 

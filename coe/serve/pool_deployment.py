@@ -197,9 +197,9 @@ class ExpertPoolDeployment:
         ``expert_loading`` + Retry-After) or the start fails meanwhile (the start's own error)."""
         from coe import errors as ce
 
-        if not self.pool.starting(name):
-            return None
         try:
+            if not self.pool.starting(name):
+                return None
             await self.pool.wait_started(name, self.cfg.limits.loading_wait_s if wait_s is None else wait_s)
         except ce.ExpertStarting as e:
             return _err(503, str(e), "model", "expert_loading", retry_after=max(1, int(e.retry_after_s + 0.999)))

@@ -474,6 +474,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return "--engine vllm needs --device cuda (dry-run on the CPU with --engine hf --weights random)"
     if args.engine == "hf" and args.weights == "dummy":
         return "--weights dummy is vLLM's loader; --engine hf needs --weights random"
+    if args.num_cpus < 3:  # Ray's logical CPUs: pool 1 + router 1 + ingress 0.1, or the app never deploys
+        return f"--num-cpus must be at least 3 (the pool and the router take one each), got {args.num_cpus}"
     if args.requests < 1 or args.rate < 0 or args.max_tokens < 1:
         return "--requests and --max-tokens must be positive, --rate not negative"
     return None

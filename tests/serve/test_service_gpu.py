@@ -47,6 +47,7 @@ def test_plan_registers_dummy_weight_vllm_experts_within_a_typed_config(tmp_path
     (["--shape", "2b"], "invalid choice: '2b'"),
     (["--device", "cpu"], "--engine vllm needs --device cuda"),
     (["--device", "cpu", "--engine", "hf"], "--engine hf needs --weights random"),
+    (["--num-cpus", "2"], "--num-cpus must be at least 3"),
 ])
 def test_bad_arguments_are_refused_in_one_line(args, says, tmp_path):
     r = run_script(*args, "--plan", "--workdir", str(tmp_path))

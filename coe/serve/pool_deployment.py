@@ -229,7 +229,7 @@ class ExpertPoolDeployment:
 
         name = serve.get_multiplexed_model_id()
         await self._ensure_started()
-        err = await self._ensure_expert(name) or await self._until_started(name, request.loading_wait_s)
+        err = await self._ensure_expert(name)
         if err:
             yield err
             return
@@ -268,6 +268,12 @@ class ExpertPoolDeployment:
                 return
             max_tokens = min(max_tokens, max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
+        # the request's own checks come first (a 400 does not depend on the engine having started);
+        # then an engine still starting after its add is waited for, or answered expert_loading
+        err = await self._until_started(name, request.loading_wait_s)
+        if err:
+            yield err
+            return
         # wall-clock stamps (same machine as the ingress) let a client split its latency into
         # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead)
         yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "enqueued_at": time.time()}

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
+from coe.api.drain import DrainMiddleware, DrainState, until_cut
 from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
 from coe.api.request_id import RequestIdMiddleware, request_id_of
 from coe.api.assemble import ChoicesBuilder, logprobs_out
@@ -44,7 +45,7 @@ from coe.engines.features import engine_kind, engines_supporting, unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
-from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
+from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
 log = logging.getLogger("coe.serve.ingress")
@@ -55,7 +56,7 @@ install_error_handlers(app)
 
 # Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
 # module is imported), so the middlewares read them through these getters.
-_RUNTIME: dict[str, Any] = {"limits": RequestLimits()}
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "drain": DrainState()}
 
 
 def _keys() -> KeyRing:
@@ -69,6 +70,8 @@ app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max
                    idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
 # added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
+# while the service stops: 503 shutting_down before anything else is done (coe/api/drain.py)
+app.add_middleware(DrainMiddleware, state=lambda: _RUNTIME["drain"], route_path=route_path)
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
@@ -222,6 +225,18 @@ class Ingress:
 
         self.warm = WarmUp()
         self._warm_task = asyncio.create_task(self._warm_up())
+        self.drain_state = DrainState(retry_after_s=max(1, self.limits.retry_after_min_s))
+        _RUNTIME["drain"] = self.drain_state
+
+    # ---- graceful shutdown (called by `coe serve` on SIGTERM/SIGINT and `coe drain`, through
+    # DeploymentHandle.broadcast so that every replica drains) -----------------------------------
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Refuse new requests, wait for those in flight up to ``timeout_s`` (default: the
+        config's ``shutdown.drain_timeout_s``), cut the rest (coe/api/drain.py)."""
+        return await self.drain_state.drain(self.cfg.shutdown.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def drain_status(self) -> dict:
+        return self.drain_state.status()
 
     # ---- readiness ---------------------------------------------------------------------------
     async def _warm_up(self) -> None:
@@ -453,8 +468,8 @@ class Ingress:
             self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
-        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel,
-                              limit_s=timeout_s)
+        items = until_cut(with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()),
+                                        cancel=gen.cancel, limit_s=timeout_s), self.drain_state)
         cid = f"chatcmpl-{rid}"
         builder = ChoicesBuilder(req.n or 1, bool(req.logprobs), req.forced_tool_choice())
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
@@ -526,8 +541,8 @@ class Ingress:
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
-                known = upstream_error(e)
+            except Exception as e:  # deadline passed, the pool replica died, the drain cut it: end cleanly
+                known = e if isinstance(e, APIError) else upstream_error(e)
                 if known is None:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
@@ -630,13 +645,17 @@ class Ingress:
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
                              "keys": _keys().health(),
-                             "uptime_s": round(time.time() - self.started_at, 1)})
+                             "uptime_s": round(time.time() - self.started_at, 1),
+                             "draining": self.drain_state.draining})
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
         from coe.serve.readiness import readiness
 
+        if self.drain_state.draining:  # a load balancer must stop sending at once
+            return JSONResponse({"status": "draining", "detail": "shutting down: new requests are refused",
+                                 **self.drain_state.status()}, status_code=503)
         residency = None
         if self.warm.done:
             try:

@@ -41,7 +41,7 @@ from coe.api.protocol import (
 )
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
-from coe.engines.features import engine_kind, engines_supporting, unsupported
+from coe.engines.features import engine_kind, expert_unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
@@ -154,36 +154,35 @@ def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> G
 
 
 def feature_constraint(experts: dict[str, Any], device: str, model: str, features: list[str],
-                       permitted: set[str] | None) -> set[str] | None:
-    """The experts that may answer (engine honours every feature, the key permits it); None when
-    nothing constrains. A named expert that cannot, or nothing left at all, is a 4xx here."""
+                       permitted: set[str] | None, defaults: Any = None) -> set[str] | None:
+    """The experts that may answer (each feature honoured, see ``expert_unsupported``; the key
+    permits it); None when nothing constrains. A named expert that cannot, or nothing left at
+    all, is a 4xx here. ``defaults``: the pool's engine defaults (a tool-call parser set there
+    counts for every expert)."""
     if not features and permitted is None:
         return None
     allowed: set[str] = set()
-    missing: dict[str, tuple[str, str]] = {}
+    missing: dict[str, tuple[str, str, str]] = {}  # name -> (engine, field, why)
     for name, e in experts.items():
         if permitted is not None and name not in permitted:
             continue
-        kind = engine_kind(e, device)
-        miss = unsupported(kind, features)
+        miss = expert_unsupported(e, device, features, defaults)
         if miss:
-            missing[name] = (kind, miss[0])
+            missing[name] = (engine_kind(e, device), *miss)
         else:
             allowed.add(name)
     if model in experts and model not in allowed:
         if model in missing:
-            kind, field = missing[model]
-            raise APIError(400, f"'{field}' is not supported by expert '{model}' (engine '{kind}'); engines that "
-                                f"support it: {', '.join(engines_supporting(field)) or 'none'}",
+            kind, field, why = missing[model]
+            raise APIError(400, f"'{field}' is not supported by expert '{model}': {why}",
                            "invalid_request_error", field, "unsupported_parameter")
         raise APIError(403, f"this API key may not use expert '{model}'", "permission_error", "model",
                        "model_not_permitted")
     if not allowed and missing:
-        kind, field = next(iter(missing.values()))
+        kind, field, why = next(iter(missing.values()))
         raise APIError(400, f"'{field}' is not supported by any expert this request may use (their engines: "
-                            f"{', '.join(sorted({k for k, _ in missing.values()}))}; engines that support it: "
-                            f"{', '.join(engines_supporting(field)) or 'none'})", "invalid_request_error", field,
-                       "unsupported_parameter")
+                            f"{', '.join(sorted({k for k, _, _ in missing.values()}))}; {why})",
+                       "invalid_request_error", field, "unsupported_parameter")
     if not allowed:
         raise APIError(403, "this API key may not use any registered expert", "permission_error", "model",
                        "model_not_permitted")
@@ -292,7 +291,8 @@ class Ingress:
             e = snap.experts[model]
             raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
-        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted)
+        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
+                                     self.cfg.pool.options.engine_defaults)
         if self._routing >= self.max_routing_waiters:
             raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
                                 "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
@@ -453,7 +453,8 @@ class Ingress:
             permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
             # refusals that need no work come first: a field no allowed expert honours, a forbidden
             # expert (400/403, not counted against the key), then the key's limits (429)
-            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
+            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted,
+                               self.cfg.pool.options.engine_defaults)
             ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session))
@@ -537,6 +538,9 @@ class Ingress:
                           if builder.want_logprobs and item.get("logprobs") else None)
                     if item.get("text") or lp:
                         yield chunk(st.index, {"content": item.get("text") or ""}, None, lp)
+                    if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
+                        yield chunk(st.index, {"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
+                                                              enumerate(st.tool_calls)]})
                     if item.get("finish_reason"):
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:

@@ -35,6 +35,7 @@ def small_ingresses(serve_app, redis_url) -> Iterator[dict[str, str]]:
         serve.run(Ingress.options(name="GateIngress").bind(conf, router, pool), name="coe-gate",
                   route_prefix="/gate", blocking=False)
         serve.run(Ingress.options(name="QueueIngress", max_ongoing_requests=1, max_queued_requests=1,
+                                  ray_actor_options={"num_cpus": 0.05},  # the session Ray has 2 CPUs
                                   backpressure_config={"status_code": 429, "retry_after_s": 3})
                   .bind(conf, router, pool), name="coe-queue", route_prefix="/queue", blocking=False)
         bases = {"gate": f"{serve_app.base}/gate", "queue": f"{serve_app.base}/queue"}

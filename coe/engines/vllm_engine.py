@@ -660,9 +660,10 @@ class VLLMEngine(Engine):
                                "not supported", "tool_choice", "unsupported_parameter")
         try:
             parse, keep_special = tool_parser(name, self.tokenizer, as_messages(messages), params.tools or [])
-        except (KeyError, ValueError):
-            raise RequestError(f"expert {self.name!r}: vLLM has no tool-call parser {name!r} "
-                               "(engine_settings.tool_call_parser)", "tool_choice", "unsupported_parameter") from None
+        except (KeyError, ValueError, RuntimeError) as e:  # unknown name, or it does not fit this model
+            raise RequestError(f"expert {self.name!r}: vLLM's tool-call parser {name!r} "
+                               f"(engine_settings.tool_call_parser) cannot be used: {e}", "tool_choice",
+                               "unsupported_parameter") from None
         if keep_special:  # the parser looks for special tokens (e.g. Hermes' <tool_call>)
             params = params.model_copy(update={"skip_special_tokens": False})
         return ToolCallCollector(parse), params

@@ -66,9 +66,14 @@ def tool_parser(name: str, tokenizer: Any, messages: list[dict[str, Any]],
     """``(parse, keep_special_tokens)`` for one request: ``parse(text)`` runs vLLM's parser
     ``name``; ``keep_special_tokens`` is True when the parser needs the special tokens it looks
     for in the text (vLLM's ``adjust_request`` turns ``skip_special_tokens`` off, e.g. Hermes').
-    Raises ``KeyError`` for a name vLLM does not know."""
-    parser = _vllm_parser_manager().get_tool_parser(name)(tokenizer)
+    Raises ``KeyError`` for a name vLLM does not know, ``RuntimeError``/``ValueError`` when the
+    parser does not fit the model (e.g. its tokenizer lacks the parser's special tokens)."""
+    cls = _vllm_parser_manager().get_tool_parser(name)
     request = _vllm_chat_request(messages, tools)
+    try:  # vLLM 0.24: (tokenizer, tools); older releases: (tokenizer)
+        parser = cls(tokenizer, request.tools)
+    except TypeError:  # pragma: no cover - older vLLM
+        parser = cls(tokenizer)
     adjusted = parser.adjust_request(request)
     request = adjusted if adjusted is not None else request
 

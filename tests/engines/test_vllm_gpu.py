@@ -145,7 +145,8 @@ def test_cancelling_a_stream_stops_it(engine, loop):
 
 
 def test_auto_tool_choice_goes_through_the_parser(engine, loop):
-    """tool_choice "auto" on vLLM: the expert's tool-call parser (vLLM's ``llama3_json`` here) reads
+    """tool_choice "auto" on vLLM: the expert's tool-call parser (vLLM's ``pythonic`` here: it needs no
+    special tokens, which the dummy word-level tokenizer lacks) reads
     the answer (coe/engines/vllm_tools.py). Dummy weights write garbage, so the generation asserts
     the request path and the answer's shape; vLLM's parser itself is checked on a known text."""
     import json
@@ -155,8 +156,8 @@ def test_auto_tool_choice_goes_through_the_parser(engine, loop):
 
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
-    parse, _ = tool_parser("llama3_json", engine.tokenizer, _prompt(), tools)
-    content, calls = parse('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    parse, _ = tool_parser("pythonic", engine.tokenizer, _prompt(), tools)
+    content, calls = parse("[get_weather(city='Paris')]")
     assert [c.function.name for c in calls] == ["get_weather"]
     assert json.loads(calls[0].function.arguments) == {"city": "Paris"} and calls[0].id
     assert parse("w5 w6 w7") is None  # plain text stays text
@@ -165,7 +166,7 @@ def test_auto_tool_choice_goes_through_the_parser(engine, loop):
                                                    "temperature": 0.0}).to_sampling_params()
     assert params.tools_auto
     saved = engine.settings
-    engine.settings = saved.model_copy(update={"tool_call_parser": "llama3_json"})
+    engine.settings = saved.model_copy(update={"tool_call_parser": "pythonic"})
 
     async def go():
         await engine.to_hbm()

@@ -121,3 +121,26 @@ def test_the_ingress_answers_openai_tool_calls():
     choice = b.choices()[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert choice.message.tool_calls[0].function.name == "get_weather"
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None,
+                    reason="vLLM not installed (GPU machine only)")
+def test_vllm_parsers_through_coe(tiny_model_dir):  # pragma: no cover - runs where vLLM is installed
+    """vLLM's real parsers behind coe's translation: pythonic (plain text) and Hermes (special
+    tokens, which it asks to keep)."""
+    from transformers import AutoTokenizer
+
+    from coe.engines.vllm_tools import tool_parser
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    parse, keep = tool_parser("pythonic", tok, USER, TOOLS)
+    content, calls = parse("[get_weather(city='Paris')]")
+    assert not keep and content is None and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments) == {"city": "Paris"} and parse("Sunny.") is None
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    parse, keep = tool_parser("hermes", tok, USER, TOOLS)
+    content, calls = parse('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                           '</tool_call>')
+    assert keep and content.strip() == "Let me check." and calls[0].function.name == "get_weather"
+    with pytest.raises(KeyError):
+        tool_parser("no-such-parser", tok, USER, TOOLS)

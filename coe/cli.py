@@ -437,7 +437,7 @@ def drain(
 
     import ray
 
-    _quiet_ray()
+    # joins the running cluster as it is configured (its own auth mode): no _quiet_ray() here
     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     try:
         reports = drain_app(app_name, timeout)

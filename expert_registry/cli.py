@@ -237,11 +237,13 @@ def parse_bytes(text: str, what: str = "--kv-cache") -> int:
 
 
 def _engine_settings(kv_cache: str | None, gpu_memory_utilization: float | None, eager: bool | None,
-                     quantization: str | None, max_num_seqs: int | None, load_format: str | None) -> dict[str, Any]:
+                     quantization: str | None, max_num_seqs: int | None, load_format: str | None,
+                     tool_call_parser: str | None = None) -> dict[str, Any]:
     """The engine options the user gave, as ``engine_settings`` fields (validated with the spec)."""
     raw = {"kv_cache_bytes": parse_bytes(kv_cache) if kv_cache is not None else None,
            "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": eager,
-           "quantization": quantization, "max_num_seqs": max_num_seqs, "load_format": load_format}
+           "quantization": quantization, "max_num_seqs": max_num_seqs, "load_format": load_format,
+           "tool_call_parser": tool_call_parser}
     return {k: v for k, v in raw.items() if v is not None}
 
 
@@ -290,6 +292,8 @@ _EagerOpt = Annotated[Optional[bool], typer.Option(
 _QuantOpt = Annotated[Optional[str], typer.Option(help="awq | gptq | fp8 | bitsandbytes | compressed-tensors")]
 _SeqsOpt = Annotated[Optional[int], typer.Option(help="Requests the engine batches at once.")]
 _LoadFmtOpt = Annotated[Optional[str], typer.Option(help="auto | safetensors | dummy (random weights, real shapes)")]
+_ToolParserOpt = Annotated[Optional[str], typer.Option(
+    help="vLLM tool-call parser for tool_choice 'auto' (hermes, llama3_json, mistral, …; vLLM's names).")]
 _TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="Free-form tag (repeatable).")]
 _FileOpt = Annotated[Optional[Path], typer.Option("--from-file", "-f", help="YAML spec; options override it.")]
 _NoCheckOpt = Annotated[bool, typer.Option(
@@ -307,6 +311,7 @@ def add(
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
     kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
     quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
+    tool_call_parser: _ToolParserOpt = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
     redis_url: RedisUrl = None, namespace: Namespace = "default",
 ) -> None:
@@ -325,7 +330,7 @@ def add(
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
             engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
-                                             load_format))
+                                             load_format, tool_call_parser))
         for key in ("generation", "capabilities", "engine_settings"):  # options refine the file's dicts
             if key in opts and isinstance(data.get(key), dict):
                 opts[key] = {**data[key], **opts[key]}
@@ -363,6 +368,7 @@ def update(
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
     kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
     quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
+    tool_call_parser: _ToolParserOpt = None,
     status: Annotated[Optional[str], typer.Option(help="ready | failed")] = None,
     status_reason: Annotated[Optional[str], typer.Option(help="Why it failed.")] = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
@@ -387,7 +393,7 @@ def update(
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
             engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
-                                             load_format),
+                                             load_format, tool_call_parser),
             status=status, status_reason=status_reason))
         if not data:
             raise InvalidExpert("nothing to update: give at least one option (see --help)")

@@ -603,6 +603,7 @@ class VLLMEngine(Engine):
 
         params = params.with_defaults(getattr(self.expert, "generation", None))
         ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
+        tools, params = self._tool_call_collector(messages, params)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"
         self._in_flight += 1
@@ -639,6 +640,8 @@ class VLLMEngine(Engine):
                                                       more=finish is not None), lps))
                 for i, (chunk, lps) in enumerate(batch):  # only the request's very last chunk ends the stream
                     chunk.more = chunk.more and not (out.finished and i == len(batch) - 1)
+                    if tools is not None and (chunk := tools.feed(chunk)) is None:
+                        continue  # tool_choice auto: the answer goes out whole (coe/engines/vllm_tools.py)
                     yield chunk, lps
         finally:
             self._in_flight -= 1
@@ -647,6 +650,29 @@ class VLLMEngine(Engine):
             except Exception:  # pragma: no cover - engine already dead
                 log.debug("expert %s: closing a vLLM stream failed", self.name, exc_info=True)
             self._stats.completion_tokens += completion
+
+    def _tool_call_collector(self, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                             params: SamplingParams) -> tuple[Any, SamplingParams]:
+        """tool_choice "auto" with tools: the expert's vLLM tool-call parser reads the answer."""
+        if not params.tools_auto:
+            return None, params
+        from coe.engines.base import as_messages
+        from coe.engines.vllm_tools import ToolCallCollector, tool_parser
+        from coe.errors import RequestError
+
+        name = self.settings.tool_call_parser
+        if not name:  # the ingress routes such requests only to experts with a parser
+            raise RequestError(f"expert {self.name!r} has no tool_call_parser: tool_choice 'auto' with tools is "
+                               "not supported", "tool_choice", "unsupported_parameter")
+        try:
+            parse, keep_special = tool_parser(name, self.tokenizer, as_messages(messages), params.tools or [])
+        except (KeyError, ValueError, RuntimeError) as e:  # unknown name, or it does not fit this model
+            raise RequestError(f"expert {self.name!r}: vLLM's tool-call parser {name!r} "
+                               f"(engine_settings.tool_call_parser) cannot be used: {e}", "tool_choice",
+                               "unsupported_parameter") from None
+        if keep_special:  # the parser looks for special tokens (e.g. Hermes' <tool_call>)
+            params = params.model_copy(update={"skip_special_tokens": False})
+        return ToolCallCollector(parse), params
 
     async def close(self) -> None:
         await self._shutdown()

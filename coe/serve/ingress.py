@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
+from coe.api.drain import DrainMiddleware, DrainState, until_cut
 from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
 from coe.api.feedback import FeedbackRequest
 from coe.api.request_id import RequestIdMiddleware, request_id_of
@@ -41,12 +42,12 @@ from coe.api.protocol import (
 )
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
-from coe.engines.features import engine_kind, engines_supporting, unsupported
+from coe.engines.features import engine_kind, expert_unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
                         with_deadline)
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
-from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
+from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
 log = logging.getLogger("coe.serve.ingress")
@@ -57,7 +58,7 @@ install_error_handlers(app)
 
 # Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
 # module is imported), so the middlewares read them through these getters.
-_RUNTIME: dict[str, Any] = {"limits": RequestLimits()}
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "drain": DrainState()}
 
 
 def _keys() -> KeyRing:
@@ -71,6 +72,8 @@ app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max
                    idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
 # added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
+# while the service stops: 503 shutting_down before anything else is done (coe/api/drain.py)
+app.add_middleware(DrainMiddleware, state=lambda: _RUNTIME["drain"], route_path=route_path)
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
@@ -155,36 +158,35 @@ def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> G
 
 
 def feature_constraint(experts: dict[str, Any], device: str, model: str, features: list[str],
-                       permitted: set[str] | None) -> set[str] | None:
-    """The experts that may answer (engine honours every feature, the key permits it); None when
-    nothing constrains. A named expert that cannot, or nothing left at all, is a 4xx here."""
+                       permitted: set[str] | None, defaults: Any = None) -> set[str] | None:
+    """The experts that may answer (each feature honoured, see ``expert_unsupported``; the key
+    permits it); None when nothing constrains. A named expert that cannot, or nothing left at
+    all, is a 4xx here. ``defaults``: the pool's engine defaults (a tool-call parser set there
+    counts for every expert)."""
     if not features and permitted is None:
         return None
     allowed: set[str] = set()
-    missing: dict[str, tuple[str, str]] = {}
+    missing: dict[str, tuple[str, str, str]] = {}  # name -> (engine, field, why)
     for name, e in experts.items():
         if permitted is not None and name not in permitted:
             continue
-        kind = engine_kind(e, device)
-        miss = unsupported(kind, features)
+        miss = expert_unsupported(e, device, features, defaults)
         if miss:
-            missing[name] = (kind, miss[0])
+            missing[name] = (engine_kind(e, device), *miss)
         else:
             allowed.add(name)
     if model in experts and model not in allowed:
         if model in missing:
-            kind, field = missing[model]
-            raise APIError(400, f"'{field}' is not supported by expert '{model}' (engine '{kind}'); engines that "
-                                f"support it: {', '.join(engines_supporting(field)) or 'none'}",
+            kind, field, why = missing[model]
+            raise APIError(400, f"'{field}' is not supported by expert '{model}': {why}",
                            "invalid_request_error", field, "unsupported_parameter")
         raise APIError(403, f"this API key may not use expert '{model}'", "permission_error", "model",
                        "model_not_permitted")
     if not allowed and missing:
-        kind, field = next(iter(missing.values()))
+        kind, field, why = next(iter(missing.values()))
         raise APIError(400, f"'{field}' is not supported by any expert this request may use (their engines: "
-                            f"{', '.join(sorted({k for k, _ in missing.values()}))}; engines that support it: "
-                            f"{', '.join(engines_supporting(field)) or 'none'})", "invalid_request_error", field,
-                       "unsupported_parameter")
+                            f"{', '.join(sorted({k for k, _, _ in missing.values()}))}; {why})",
+                       "invalid_request_error", field, "unsupported_parameter")
     if not allowed:
         raise APIError(403, "this API key may not use any registered expert", "permission_error", "model",
                        "model_not_permitted")
@@ -232,6 +234,18 @@ class Ingress:
 
         self.warm = WarmUp()
         self._warm_task = asyncio.create_task(self._warm_up())
+        self.drain_state = DrainState(retry_after_s=max(1, self.limits.retry_after_min_s))
+        _RUNTIME["drain"] = self.drain_state
+
+    # ---- graceful shutdown (called by `coe serve` on SIGTERM/SIGINT and `coe drain`, through
+    # DeploymentHandle.broadcast so that every replica drains) -----------------------------------
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Refuse new requests, wait for those in flight up to ``timeout_s`` (default: the
+        config's ``shutdown.drain_timeout_s``), cut the rest (coe/api/drain.py)."""
+        return await self.drain_state.drain(self.cfg.shutdown.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def drain_status(self) -> dict:
+        return self.drain_state.status()
 
     # ---- readiness ---------------------------------------------------------------------------
     async def _warm_up(self) -> None:
@@ -287,7 +301,8 @@ class Ingress:
             e = snap.experts[model]
             raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
-        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted)
+        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
+                                     self.cfg.pool.options.engine_defaults)
         if self._routing >= self.max_routing_waiters:
             raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
                                 "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
@@ -459,7 +474,8 @@ class Ingress:
             permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
             # refusals that need no work come first: a field no allowed expert honours, a forbidden
             # expert (400/403, not counted against the key), then the key's limits (429)
-            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
+            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted,
+                               self.cfg.pool.options.engine_defaults)
             ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
@@ -475,8 +491,8 @@ class Ingress:
             self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
-        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel,
-                              limit_s=timeout_s)
+        items = until_cut(with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()),
+                                        cancel=gen.cancel, limit_s=timeout_s), self.drain_state)
         cid = f"chatcmpl-{rid}"
         builder = ChoicesBuilder(req.n or 1, bool(req.logprobs), req.forced_tool_choice())
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
@@ -553,12 +569,15 @@ class Ingress:
                             timing["first_token"] = item.get("at")
                             extra["coe_timing"] = timing
                         yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
+                    if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
+                        yield chunk(st.index, {"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
+                                                              enumerate(st.tool_calls)]})
                     if item.get("finish_reason"):
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
-                known = upstream_error(e)
+            except Exception as e:  # deadline passed, the pool replica died, the drain cut it: end cleanly
+                known = e if isinstance(e, APIError) else upstream_error(e)
                 if known is None:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
@@ -713,13 +732,17 @@ class Ingress:
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
                              "keys": _keys().health(),
-                             "uptime_s": round(time.time() - self.started_at, 1)})
+                             "uptime_s": round(time.time() - self.started_at, 1),
+                             "draining": self.drain_state.draining})
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
         from coe.serve.readiness import readiness
 
+        if self.drain_state.draining:  # a load balancer must stop sending at once
+            return JSONResponse({"status": "draining", "detail": "shutting down: new requests are refused",
+                                 **self.drain_state.status()}, status_code=503)
         residency = None
         if self.warm.done:
             try:

@@ -284,7 +284,8 @@ class ExpertPoolDeployment:
                 yield {"type": "chunk", "text": chunk.text, "finish_reason": chunk.finish_reason,
                        "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
                        "index": chunk.index, "at": time.time(),
-                       "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None}
+                       "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None,
+                       "tool_calls": [tc.model_dump() for tc in chunk.tool_calls] if chunk.tool_calls else None}
                 if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)
         except ce.RequestError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -67,8 +68,11 @@ def test_real_service_on_the_gpu_with_a_hot_add_and_a_remove(tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    out = tmp_path / "out"
+    # COE_GPU_OUT (bench/gpu_session.sh sets it under the device's $OUT) keeps the run's JSON, log
+    # and /metrics scrape; the same service start also measures what the HTTP path adds (item 6)
+    out = Path(os.environ["COE_GPU_OUT"]) if os.environ.get("COE_GPU_OUT") else tmp_path / "out"
     r = run_script(*SMALL, "--requests", "12", "--rate", "2", "--max-tokens", "16", "--out", str(out),
+                   "--overhead", "--serve-requests", "120", "--low-requests", "20",
                    "--workdir", str(tmp_path / "work"), "--port", str(_free_port()), timeout=580)
     path = out / "service_gpu_1b_3x.json"
     assert path.exists(), r.stdout[-3000:] + r.stderr[-3000:]

@@ -39,14 +39,19 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     device = pc.resolved_device()
     num_gpus = pc.num_gpus if pc.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
     quiet = {"enable_access_log": False}  # internal calls (sync every second) would flood the log
+    # Ray waits this long for a stopping replica's requests before it kills it: the ingress's own
+    # drain (shutdown.drain_timeout_s, coe/api/drain.py) plus the time cut streams get to end cleanly
+    grace = cfg.shutdown.ray_graceful_timeout_s()
     pool = ExpertPoolDeployment.options(
         logging_config=quiet,
+        graceful_shutdown_timeout_s=grace,
         num_replicas=pc.num_replicas,
         max_ongoing_requests=pc.max_ongoing_requests,
         ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": num_gpus},
     ).bind(conf)
     router = RouterDeployment.options(
         logging_config=quiet,
+        graceful_shutdown_timeout_s=grace,
         num_replicas=cfg.router.num_replicas,
         # Serve's default (5) would cap batches at 5 and queue the rest unbounded in the ingress
         max_ongoing_requests=max(64, 4 * cfg.router.max_batch_size),
@@ -59,6 +64,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     check_bind(cfg.host, KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace)).configured)
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
+        graceful_shutdown_timeout_s=grace,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         # requests waiting in front of the ingress are bounded too: beyond, Serve answers 429 + Retry-After
         max_queued_requests=cfg.limits.max_queued_requests,

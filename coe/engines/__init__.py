@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coe.engines.base import Engine
 
@@ -22,6 +22,14 @@ ENGINES: dict[str, str] = {
 
 
 _TRANSFORMERS_LOCK = threading.Lock()
+
+
+class EngineFactory(Protocol):
+    """What builds (not loads) an expert's engine for a pool: :func:`create_engine`, or a caller's
+    own (the serving bench hands the pool engines it already started)."""
+
+    def __call__(self, expert: Any, *, device: str, max_batch_size: int, defaults: "EngineSettings | None",
+                 overhead_bytes: int | None, asleep_bytes: int | None) -> Engine: ...
 
 
 def import_transformers_once() -> None:

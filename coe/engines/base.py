@@ -6,12 +6,13 @@ sleep/wake, say) plugs in without touching them:
 ===========  ======================================  ==========================================
 move         hf engine                               vLLM engine (sleep mode)
 ===========  ======================================  ==========================================
-load()       DISK→DRAM: read weights into one flat   build ``LLM(enable_sleep_mode=True)``,
-             (pinned on CUDA) host buffer            then ``sleep(level=1)``
-to_hbm()     DRAM→HBM: one host→device copy, params  ``wake_up()``
-             become views of the device buffer
-to_dram()    HBM→DRAM: drop the device buffer (no    ``sleep(level=2)`` + keep own pinned copy,
-             device→host copy: weights are immutable) or ``sleep(level=1)``
+load()       DISK→DRAM: read weights into one flat   start ``AsyncLLM(enable_sleep_mode=True)``,
+             (pinned on CUDA) host buffer            copy the weights once into a pinned host
+                                                     buffer, ``sleep(level=2)``
+to_hbm()     DRAM→HBM: one host→device copy, params  map the weights again and copy the pinned
+             become views of the device buffer       copy into them, then ``wake_up()``
+to_dram()    HBM→DRAM: drop the device buffer (no    ``sleep(level=2)``: nothing copied back
+             device→host copy: weights immutable)    (weights are immutable while served)
 unload()     DRAM→DISK: drop the host buffer         shut the engine down
 ===========  ======================================  ==========================================
 

@@ -21,7 +21,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
-from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
+from coe.api.errors import (APIError, bad_request, from_report, hide_paths, install_error_handlers, internal_error,
+                            upstream_error)
 from coe.api.request_id import RequestIdMiddleware, request_id_of
 from coe.api.assemble import ChoicesBuilder, logprobs_out
 from coe.api.protocol import (
@@ -41,6 +42,7 @@ from coe.api.protocol import (
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
 from coe.engines.features import engine_kind, engines_supporting, unsupported
+from coe.errors import ErrorReport
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
@@ -118,9 +120,8 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
 
 
 def _item_error(item: dict) -> APIError:
-    """An error item of the pool's stream as the APIError the client gets."""
-    return APIError(item["status"], hide_paths(item["message"]) or "error", item.get("error_type") or "server_error",
-                    item.get("param"), item.get("code"), item.get("retry_after"))
+    """An error item of the pool's stream (a typed :class:`ErrorReport`) as the APIError the client gets."""
+    return from_report(ErrorReport.model_validate(item["error"]))
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -291,17 +292,15 @@ class Ingress:
         finally:
             self._routing -= 1
         if "error" in res:
-            err = res["error"]
-            if err.get("code") == "no_eligible_expert" and permitted is not None and not features:
+            err = ErrorReport.model_validate(res["error"])
+            if err.code == "no_eligible_expert" and permitted is not None and not features:
                 raise APIError(403, f"this API key may not use any expert of '{model}'", "permission_error",
                                "model", "model_not_permitted")
-            if err.get("code") == "no_eligible_expert" and features:
+            if err.code == "no_eligible_expert" and features:
                 raise APIError(400, f"'{features[0]}' is not supported by any expert of '{model}' "
-                                    f"({hide_paths(err['message'])})", "invalid_request_error", features[0],
+                                    f"({hide_paths(err.message)})", "invalid_request_error", features[0],
                                "unsupported_parameter")
-            # the router's reasons quote the experts' failures, which may name server paths
-            raise APIError(err["status"], hide_paths(err["message"]) or "error", err.get("type", "invalid_request_error"),
-                           err.get("param"), err.get("code"))
+            raise from_report(err)  # the router's reasons may quote expert failures: paths are cut there
         d = res["decision"]
         info = CoeInfo(expert=d["expert"], category=d.get("category"), forced=d.get("forced", "auto"),
                        route_ms=float(d.get("route_ms") or 0.0), category_probs=d.get("category_probs") or [],
@@ -505,9 +504,10 @@ class Ingress:
                 async for item in gen:
                     if item.get("type") == "error":
                         status = "error"
-                        self.metrics.observe_error(item["status"])
-                        yield sse({"error": {"message": hide_paths(item["message"]), "type": item.get("error_type"),
-                                             "param": item.get("param"), "code": item.get("code")}})
+                        err = _item_error(item)
+                        self.metrics.observe_error(err.status)
+                        yield sse({"error": {"message": err.message, "type": err.type, "param": err.param,
+                                             "code": err.code}})
                         break
                     st = builder.add(item)
                     if builder.forced_tool:  # the tool calls are sent whole when the choice ends

@@ -290,13 +290,13 @@ class Router:
         quality = None
         if self.quality is not None:
             quality = lambda names: self.quality.predict(emb, names)  # noqa: E731
-        expert, category, cands, excluded, reason = self.policy.choose(
+        choice = self.policy.choose(
             use, experts, category_map, quality=quality, residency=residency, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, allowed=allowed, max_cost_per_1k=max_cost_per_1k,
             apply_threshold=kind == "auto")
-        return RoutingDecision(expert=expert, category=category, category_probs=top3, candidates=cands,
-                               fallback_reason=reason, forced=kind, excluded=excluded,
-                               route_ms=(time.perf_counter() - t0) * 1e3)
+        return RoutingDecision(expert=choice.expert, category=choice.category, category_probs=top3,
+                               candidates=choice.candidates, fallback_reason=choice.fallback_reason, forced=kind,
+                               excluded=choice.excluded, route_ms=(time.perf_counter() - t0) * 1e3)
 
     def route_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[RoutingDecision | Exception]:
         """Route many requests (``route`` keyword dicts) with one batched embedding pass — for

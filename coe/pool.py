@@ -45,7 +45,7 @@ from coe.errors import (
     PoolClosed,
     QueueFull,
 )
-from expert_registry.spec import EngineSettings
+from expert_registry.spec import EngineSettings, Expert
 from coe.scheduler import POLICIES, ExpertView, SchedulerParams, auto_min_batch, auto_quantum
 from coe.tiers import TierManager
 
@@ -195,7 +195,7 @@ class ExpertPool:
         self.decisions: collections.deque = collections.deque(maxlen=200)  # (t, reasons) for debugging
 
     # ---------------------------------------------------------------- membership
-    async def add_expert(self, expert: Any) -> None:
+    async def add_expert(self, expert: Expert) -> None:
         """Admit ``expert``: checks it fits the budgets now (ExpertTooLarge) and that its files are
         readable (ExpertLoadError); weights load on first use."""
         if self._closed:

@@ -26,10 +26,11 @@ expert wins near-ties (residency 0.1), and the most expensive candidate pays 0.1
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expert_registry.spec import Expert
 from routers.decision import CandidateScore
 from routers.errors import NoEligibleExpert
 
@@ -51,16 +52,15 @@ class PolicyConfig(BaseModel):
 
 
 def ineligible_reason(
-    expert: Any,
+    expert: Expert,
     allowed: set[str] | None,
     prompt_tokens: int | None,
     max_tokens: int | None,
     max_cost_per_1k: float | None,
 ) -> str | None:
     """Why ``expert`` cannot take this request (hard constraints), or None when it can."""
-    if getattr(expert, "status", "ready") != "ready":
-        why = getattr(expert, "status_reason", None)
-        return f"status {expert.status}" + (f": {why}" if why else "")
+    if expert.status != "ready":
+        return f"status {expert.status}" + (f": {expert.status_reason}" if expert.status_reason else "")
     if allowed is not None and expert.name not in allowed:
         return "not in the allowed experts"
     if prompt_tokens is not None:
@@ -102,8 +102,8 @@ class RoutingPolicy:
             mass += p
         return out
 
-    def capability(self, expert: Any, probs: Mapping[str, float], category_map: Mapping[str, Sequence[str]]) -> float:
-        caps = getattr(expert, "capabilities", {}) or {}
+    def capability(self, expert: Expert, probs: Mapping[str, float], category_map: Mapping[str, Sequence[str]]) -> float:
+        caps = expert.capabilities
         total = 0.0
         for cat, p in probs.items():
             if p <= 0.0:
@@ -120,7 +120,7 @@ class RoutingPolicy:
     def choose(
         self,
         probs: Mapping[str, float],
-        experts: Mapping[str, Any],
+        experts: Mapping[str, Expert],
         category_map: Mapping[str, Sequence[str]],
         *,
         quality: Callable[[list[str]], Mapping[str, float | None]] | None = None,
@@ -174,7 +174,7 @@ class RoutingPolicy:
             return Choice(general_first, cfg.fallback_category, scored, excluded, fallback_reason)
         return Choice(scored[0].expert, top_cat, scored, excluded, fallback_reason)
 
-    def _scores(self, cands: Mapping[str, list[str]], probs: Mapping[str, float], experts: Mapping[str, Any],
+    def _scores(self, cands: Mapping[str, list[str]], probs: Mapping[str, float], experts: Mapping[str, Expert],
                 category_map: Mapping[str, Sequence[str]],
                 quality: Callable[[list[str]], Mapping[str, float | None]] | None,
                 residency: Mapping[str, float]) -> list[CandidateScore]:
@@ -199,7 +199,7 @@ class RoutingPolicy:
         return scored
 
 
-def _mapped_candidates(mixed: Sequence[str], probs: Mapping[str, float], experts: Mapping[str, Any],
+def _mapped_candidates(mixed: Sequence[str], probs: Mapping[str, float], experts: Mapping[str, Expert],
                        category_map: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """Step 1: the experts mapped to the mixed categories (with the categories that brought each
     in), in category order then map order; with no category map at all, every registered expert

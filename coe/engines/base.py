@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from coe.engines.memory import EngineMemory
+    from expert_registry.spec import Expert, GenerationDefaults
 
 
 class Tier(str, enum.Enum):
@@ -100,12 +101,12 @@ class SamplingParams(BaseModel):
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def with_defaults(self, generation: Any) -> "SamplingParams":
+    def with_defaults(self, generation: GenerationDefaults | None) -> "SamplingParams":
         """Fill the fields the caller did not set from an expert's ``generation`` defaults."""
         if generation is None:
             return self
         upd = {f: getattr(generation, f) for f in ("max_tokens", "temperature", "top_p", "stop")
-               if f not in self.model_fields_set and getattr(generation, f, None) is not None}
+               if f not in self.model_fields_set and getattr(generation, f) is not None}
         return self.model_copy(update=upd) if upd else self
 
 
@@ -308,7 +309,7 @@ def compose_system(persona: str | None, msgs: list[dict[str, Any]]) -> list[dict
     return [{"role": "system", "content": PERSONA_SEPARATOR.join(parts)}] + msgs[i:]
 
 
-def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+def encode_prompt(expert: Expert, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
                   tools: list[dict[str, Any]] | None = None,
                   template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """The prompt's token ids: :func:`render_chat`, then the tokenizer.
@@ -332,18 +333,18 @@ def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | 
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise RequestError(f"the messages could not be turned into a prompt for expert "
-                           f"'{getattr(expert, 'name', '?')}': {type(exc).__name__}"
+                           f"'{expert.name}': {type(exc).__name__}"
                            + (f": {detail}" if detail else "")) from exc
 
 
-def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+def render_chat(expert: Expert, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
                 tools: list[dict[str, Any]] | None = None,
                 template_kwargs: Mapping[str, Any] | None = None) -> str:
     """The prompt text every engine feeds its model: the expert's system prompt composed with the
     client's (:func:`compose_system`), then the expert's template override, the tokenizer's, or the
     fallback. ``tools`` reach the template the way HF chat templates take them (``tools=``)."""
-    msgs = compose_system(getattr(expert, "system_prompt", None), as_messages(messages))
-    template = getattr(expert, "chat_template", None) or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    msgs = compose_system(expert.system_prompt, as_messages(messages))
+    template = expert.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
     extra = dict(template_kwargs or {})
     if tools:
         extra["tools"] = tools

@@ -78,7 +78,7 @@ from coe.engines.memory import (
     process_device_bytes,
 )
 from coe.errors import CoeError, EngineNotResident, ExpertLoadError, ExpertTransientError
-from expert_registry.spec import EngineSettings
+from expert_registry.spec import EngineSettings, Expert
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class VLLMEngine(Engine):
 
     def __init__(
         self,
-        expert: Any,
+        expert: Expert,
         device: str = "cuda",
         max_batch_size: int = 256,
         settings: EngineSettings | None = None,
@@ -152,7 +152,7 @@ class VLLMEngine(Engine):
         self.device = str(device)
         self.max_batch_size = int(max_batch_size)
         self.settings = settings if settings is not None else EngineSettings()
-        self.max_model_len = int(getattr(expert, "max_context", 0) or 0) or None
+        self.max_model_len: int = expert.max_context
         self.load_format = self.settings.load_format or "auto"
         self.overhead_bytes = int(overhead_bytes)
         self.asleep_estimate = int(asleep_bytes)
@@ -182,7 +182,7 @@ class VLLMEngine(Engine):
         if self._folder is None:
             from coe.engines.sources import ensure_converted, resolve_source
 
-            src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
+            src = resolve_source(self.expert.model, self.expert.gguf_file)
             self._folder = str(ensure_converted(src.path)) if src.kind == "gguf" else src.path
         return self._folder
 
@@ -199,8 +199,8 @@ class VLLMEngine(Engine):
         from coe.engines.sources import estimate_bytes, resolve_source
         from coe.engines.vllm_models import llama_param_count
 
-        src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
-        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        src = resolve_source(self.expert.model, self.expert.gguf_file)
+        dtype = self.expert.dtype
         if src.kind == "folder" and self.load_format == "dummy":
             cfg = json.loads((Path(src.path) / "config.json").read_text())
             width = {"float32": 4}.get(dtype if dtype != "auto" else cfg.get("torch_dtype", "bfloat16"), 2)
@@ -209,7 +209,7 @@ class VLLMEngine(Engine):
             est = estimate_bytes(src, dtype if dtype != "auto" else "bfloat16")
         except (OSError, ValueError):
             est = 0
-        return est or int(getattr(self.expert, "size_bytes", 0) or 0)
+        return est or (self.expert.size_bytes or 0)
 
     # ---------------------------------------------------------------- tokenizer / templates
     @property
@@ -218,7 +218,7 @@ class VLLMEngine(Engine):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                self._model_folder(), trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False))
+                self._model_folder(), trust_remote_code=self.expert.trust_remote_code
             )
         return self._tokenizer
 
@@ -237,7 +237,7 @@ class VLLMEngine(Engine):
         """vLLM's engine arguments, built only from typed fields: the expert's spec, its closed
         :class:`EngineSettings` and coe's own switching needs (sleep mode, the worker extension)."""
         st = self.settings
-        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        dtype = self.expert.dtype
         kw: dict[str, Any] = dict(
             model=self._model_folder(),
             tokenizer=self._model_folder(),
@@ -248,12 +248,12 @@ class VLLMEngine(Engine):
             max_num_seqs=int(st.max_num_seqs or self.max_batch_size),
             worker_extension_cls=self.worker_extension,
             disable_log_stats=True,
-            trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
+            trust_remote_code=self.expert.trust_remote_code,
             seed=0,
         )
         if st.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = float(st.gpu_memory_utilization)
-        if getattr(self.expert, "revision", None):
+        if self.expert.revision:
             kw["revision"] = self.expert.revision
         if st.kv_cache_bytes:
             kw["kv_cache_memory_bytes"] = int(st.kv_cache_bytes)
@@ -413,7 +413,7 @@ class VLLMEngine(Engine):
 
     async def settle(self) -> None:
         """Wait for a tier move whose caller was cancelled to finish."""
-        t = getattr(self, "_moving", None)
+        t = self._moving
         if t is not None:
             try:
                 await t
@@ -527,7 +527,7 @@ class VLLMEngine(Engine):
             raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
         from vllm.inputs import TokensPrompt
 
-        params = params.with_defaults(getattr(self.expert, "generation", None))
+        params = params.with_defaults(self.expert.generation)
         ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"

@@ -69,19 +69,16 @@ def _limits_text(lim: KeyLimits) -> str:
 
 @app.command("add")
 def add(name: str = typer.Argument(..., help="A label for the key (who or what uses it)."),
-        role: str = typer.Option("user", help="user: the /v1 API; admin: also admin routes."),
         rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None, period: Period = None,
         experts: Experts = None, categories: Categories = None,
         redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
     """Create a key and print it once; only its SHA-256 is stored."""
-    if role not in ("user", "admin"):
-        _fail(f"--role must be 'user' or 'admin', got {role!r}")
     try:
         limits = KeyLimits.model_validate(_limit_changes(rpm, tpm, budget, period, experts, categories))
-        key, rec = _store(redis_url, namespace).add(name, role, limits)  # type: ignore[arg-type]
+        key, rec = _store(redis_url, namespace).add(name, limits)
     except (ValueError, redis.RedisError) as e:
         _fail(" ".join(str(e).split()))
-    console.print(f"[green]✓[/] {role} key [bold]{rec.name}[/] (id {rec.id}) added; limits: {_limits_text(rec.limits)}")
+    console.print(f"[green]✓[/] key [bold]{rec.name}[/] (id {rec.id}) added; limits: {_limits_text(rec.limits)}")
     console.print("  Copy it now; it is not stored and cannot be shown again:")
     print(key)  # plain print: no wrapping/markup, easy to capture
     console.print("[dim]  use it as: Authorization: Bearer <key>   (OpenAI clients: api_key=<key>)[/]")
@@ -106,7 +103,7 @@ def limits(name_or_id: str = typer.Argument(..., help="The key's name or id."),
 @app.command("list")
 def list_(redis_url: RedisUrl = None, namespace: Namespace = "default",
           as_json: bool = typer.Option(False, "--json")) -> None:
-    """The stored keys (names, roles, hints, limits; never the keys) and their usage this window."""
+    """The stored keys (names, hints, limits; never the keys) and their usage this window."""
     from coe.tenant_limits import TenantLimiter
 
     store = _store(redis_url, namespace)
@@ -122,9 +119,9 @@ def list_(redis_url: RedisUrl = None, namespace: Namespace = "default",
     if not records:
         console.print("no keys: the API is open (fine on 127.0.0.1 only)")
         return
-    t = Table("id", "name", "role", "hint", "limits", "usage now", "created")
+    t = Table("id", "name", "hint", "limits", "usage now", "created")
     for r in records:
-        t.add_row(r.id, r.name, r.role, r.hint, _limits_text(r.limits),
+        t.add_row(r.id, r.name, r.hint, _limits_text(r.limits),
                   ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in usage[r.id].items()), r.created_at)
     console.print(t)
 

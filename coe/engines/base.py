@@ -209,6 +209,7 @@ class Engine(ABC):
     """An expert's model behind the tier protocol and a streaming generate."""
 
     name: str
+    expert: Expert
 
     @property
     @abstractmethod
@@ -242,13 +243,22 @@ class Engine(ABC):
     async def unload(self) -> SwapRecord:
         """DRAM→DISK: release the host copy."""
 
+    @property
     @abstractmethod
+    def tokenizer(self) -> Any:
+        """The expert's Hugging Face tokenizer (loaded on first use, in any tier)."""
+
     def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
         """The prompt text the model sees (expert's system prompt and template override applied)."""
+        return render_chat(self.expert, self.tokenizer, messages)
 
-    @abstractmethod
+    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors, not request errors
+        return encode_prompt(self.expert, tok, messages)
+
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         """Prompt length in tokens (usable in any tier: needs only the tokenizer)."""
+        return len(self._encode(messages))
 
     @abstractmethod
     def generate(

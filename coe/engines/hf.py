@@ -41,8 +41,6 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
-    encode_prompt,
-    render_chat,
     relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
@@ -197,16 +195,6 @@ class HFEngine(Engine):
                 tok.padding_side = "left"
                 self._tokenizer = tok
             return self._tokenizer
-
-    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        return render_chat(self.expert, self.tokenizer, messages)
-
-    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        tok = self.tokenizer  # loading errors (missing files) stay expert errors
-        return encode_prompt(self.expert, tok, messages)
-
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
-        return len(self._encode(messages))
 
     # ---------------------------------------------------------------- tier moves
     async def load(self) -> SwapRecord:

@@ -68,7 +68,6 @@ from coe.engines.base import (
     SwapRecord,
     Tier,
     encode_prompt,
-    render_chat,
 )
 from coe.engines.memory import (
     EngineMemory,
@@ -221,16 +220,6 @@ class VLLMEngine(Engine):
                 self._model_folder(), trust_remote_code=self.expert.trust_remote_code
             )
         return self._tokenizer
-
-    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        return render_chat(self.expert, self.tokenizer, messages)
-
-    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        tok = self.tokenizer  # loading errors (missing files) stay expert errors
-        return encode_prompt(self.expert, tok, messages)
-
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
-        return len(self._encode(messages))
 
     # ---------------------------------------------------------------- building the vLLM engine
     def _engine_kwargs(self) -> dict[str, Any]:

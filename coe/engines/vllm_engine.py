@@ -59,16 +59,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-from coe.engines.base import (
-    ChatMessage,
-    Engine,
-    EngineStats,
-    GenerationChunk,
-    SamplingParams,
-    SwapRecord,
-    Tier,
-    encode_prompt,
-)
+from coe.engines.base import (ChatMessage, Engine, EngineStats, GenerationChunk, SamplingParams, SwapRecord, Tier,
+                              encode_prompt)
 from coe.engines.memory import (
     EngineMemory,
     device_total_bytes,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import take_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the bench's engine, see `engine`
 
@@ -136,13 +137,8 @@ def test_cancelling_a_stream_stops_it(engine, loop):
 
     async def go():
         await engine.to_hbm()
-        agen = engine.generate(_prompt(), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
-        got = 0
-        async for c in agen:
-            got += len(c.token_ids)
-            if got >= 3:
-                break
-        await agen.aclose()
+        got = await take_tokens(engine.generate(_prompt(), SamplingParams(max_tokens=500, temperature=0.0,
+                                                                          ignore_eos=True)), 3)
         ids, _, _ = await _greedy(engine, 4)  # the engine still serves
         await engine.to_dram()
         return got, ids

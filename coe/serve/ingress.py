@@ -136,6 +136,12 @@ def sse(obj: Any) -> str:
     return f"data: {data}\n\n"
 
 
+def _error_event(err: APIError) -> str:
+    """An error inside a stream that has already answered 200: one SSE event with the OpenAI error
+    object (the stream then ends with ``[DONE]``)."""
+    return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
+
+
 def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> GenerateRequest:
     """Check every field and convert: a field no engine honours, an unknown field or a bad
     combination is a 400 (``unsupported_parameter`` / ``invalid_value``) naming it."""
@@ -512,8 +518,7 @@ class Ingress:
                         status = "error"
                         err = _item_error(item)
                         self.metrics.observe_error(err.status)
-                        yield sse({"error": {"message": err.message, "type": err.type, "param": err.param,
-                                             "code": err.code}})
+                        yield _error_event(err)
                         break
                     st = builder.add(item)
                     if builder.forced_tool:  # the tool calls are sent whole when the choice ends
@@ -542,8 +547,7 @@ class Ingress:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
-                yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
-                                     "code": known.code}})
+                yield _error_event(known)
             if status == "ok":
                 for st in builder.states.values():  # a choice the engine ended without a finish reason
                     if st.finish is None:

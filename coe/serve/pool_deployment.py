@@ -48,6 +48,20 @@ def _transient(e: Any) -> dict:
     return _err(ErrorKind.TRANSIENT, "expert_unavailable", str(e), retry_after_s=e.retry_after_s)
 
 
+def _context_error(name: str, prompt_tokens: int, max_tokens: int, max_context: int, explicit: bool) -> dict | None:
+    """A request error when the prompt, or the prompt plus a ``max_tokens`` the client set, does not
+    fit the expert's context window (a default ``max_tokens`` is cut to fit instead)."""
+    if prompt_tokens >= max_context:
+        return _err(ErrorKind.REQUEST, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; "
+                    f"expert '{name}' has a context of {max_context} tokens", "messages")
+    if explicit and prompt_tokens + max_tokens > max_context:
+        return _err(ErrorKind.REQUEST, "context_length_exceeded",
+                    f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds expert "
+                    f"'{name}''s context of {max_context} tokens; use at most {max_context - prompt_tokens}",
+                    "max_tokens")
+    return None
+
+
 class _ExpertTicket:
     """What ``@serve.multiplexed`` caches per expert; evicting it removes the expert from the pool."""
 
@@ -227,19 +241,12 @@ class ExpertPoolDeployment:
             await self._mark_failed(name, reason)
             yield _load_failed(f"expert '{name}' could not be loaded: {reason}")
             return
-        max_context = spec.max_context if spec is not None else None
-        if max_context is not None:
-            if prompt_tokens >= max_context:
-                yield _err(ErrorKind.REQUEST, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; "
-                           f"expert '{name}' has a context of {max_context} tokens", "messages")
+        if spec is not None:
+            err = _context_error(name, prompt_tokens, max_tokens, spec.max_context, request.max_tokens_explicit)
+            if err:
+                yield err
                 return
-            if request.max_tokens_explicit and prompt_tokens + max_tokens > max_context:
-                yield _err(ErrorKind.REQUEST, "context_length_exceeded",
-                           f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds expert "
-                           f"'{name}''s context of {max_context} tokens; use at most {max_context - prompt_tokens}",
-                           "max_tokens")
-                return
-            max_tokens = min(max_tokens, max_context - prompt_tokens)
+            max_tokens = min(max_tokens, spec.max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
         # wall-clock stamps (same machine as the ingress) let a client split its latency into
         # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead)

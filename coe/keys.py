@@ -11,9 +11,8 @@ Storage (namespace ``ns``)::
 Keys are 256-bit random tokens (``coe-`` + 43 characters), so an unsalted SHA-256 is enough to make
 the stored value useless to a reader and lets a replica find the presented key with one dictionary
 lookup; a deliberately slow hash would only hand unauthenticated clients a cheap way to burn CPU.
-Keys given in the environment (``COE_API_KEYS``, e.g. a Kubernetes Secret) are hashed at start and
-have no limits. Every key may call every route: coe has no admin routes, so no admin role (keys and
-the registry are managed from the command line, next to Redis).
+Keys given in the environment (``COE_API_KEYS`` / ``COE_ADMIN_KEYS``, e.g. a Kubernetes Secret) are
+hashed at start and have no limits.
 
 :class:`KeyRing` is the service side. :meth:`KeyRing.check` is the ONE function the auth middleware
 calls: "this bearer token → who it is and what it may do". The ring keeps the last good set; when
@@ -37,15 +36,16 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("coe.keys")
 
+#: ``admin`` keys may also score feedback on requests made with other keys (``POST /v1/feedback``,
+#: :meth:`coe.feedback.FeedbackStore.add`); there are no admin-only routes.
+Role = Literal["user", "admin"]
 KEY_PREFIX = "coe-"
 ENV_KEYS = "COE_API_KEYS"
-#: read as more ``COE_API_KEYS`` (with a warning): it named keys of the admin role coe no longer has,
-#: and dropping it silently would leave a service that only set it without any key, i.e. open
-LEGACY_ENV_ADMIN_KEYS = "COE_ADMIN_KEYS"
+ENV_ADMIN_KEYS = "COE_ADMIN_KEYS"
 NAME_RE = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 PERIODS_S: dict[str, int] = {"hour": 3600, "day": 86_400, "week": 7 * 86_400, "month": 30 * 86_400}
 
@@ -66,6 +66,8 @@ class KeyLimits(BaseModel):
     budget_period: Literal["hour", "day", "week", "month"] = "month"
     experts: list[str] | None = Field(None, description="experts this key may use (None = all)")
     categories: list[str] | None = Field(None, description="categories this key may use (None = all)")
+    feedback: bool = Field(True, description="may score its own answers with POST /v1/feedback (on by default, as "
+                                             "for any user of a chat API; off for keys of untrusted end users)")
 
     def restricts_models(self) -> bool:
         return self.experts is not None or self.categories is not None
@@ -78,23 +80,16 @@ class StoredKey(BaseModel):
 
     id: str
     name: str
+    role: Role = "user"
     sha256: str
     hint: str
     created_at: str
     limits: KeyLimits = Field(default_factory=KeyLimits)
     source: Literal["redis", "env"] = "redis"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_role(cls, data: Any) -> Any:
-        """Entries written while keys had a role (user/admin) still load; the role meant nothing."""
-        if isinstance(data, dict) and "role" in data:
-            data = {k: v for k, v in data.items() if k != "role"}
-        return data
-
     def public(self) -> dict[str, Any]:
         """What ``coe keys list`` and the request scope show (no hash)."""
-        return {"id": self.id, "name": self.name, "hint": self.hint,
+        return {"id": self.id, "name": self.name, "role": self.role, "hint": self.hint,
                 "created_at": self.created_at, "source": self.source, "limits": self.limits.model_dump()}
 
 
@@ -177,12 +172,14 @@ class RedisKeyStore:
                 except redis.WatchError:
                     continue
 
-    def add(self, name: str, limits: KeyLimits | None = None) -> tuple[str, StoredKey]:
+    def add(self, name: str, role: Role = "user", limits: KeyLimits | None = None) -> tuple[str, StoredKey]:
         """Create a key; returns ``(plain key, record)``. The plain key is not stored anywhere."""
+        if role not in ("user", "admin"):
+            raise ValueError(f"role must be 'user' or 'admin', got {role!r}")
         if not NAME_RE.fullmatch(name or ""):
             raise ValueError(f"invalid key name {name!r}: use 1-64 characters of A-Z a-z 0-9 . _ @ -")
         key = new_key()
-        rec = StoredKey(id=secrets.token_hex(4), name=name, sha256=key_hash(key), hint=_hint(key),
+        rec = StoredKey(id=secrets.token_hex(4), name=name, role=role, sha256=key_hash(key), hint=_hint(key),
                         created_at=_now(), limits=limits or KeyLimits())
 
         def plan(records: list[StoredKey]):
@@ -218,12 +215,12 @@ class RedisKeyStore:
 
 # ------------------------------------------------------------------------------------- service side
 def _env_records(env: Mapping[str, str]) -> list[StoredKey]:
-    if env.get(LEGACY_ENV_ADMIN_KEYS):
-        log.warning("%s is read as more %s: coe has no admin role any more; move these keys there",
-                    LEGACY_ENV_ADMIN_KEYS, ENV_KEYS)
-    plain = ",".join(env.get(var) or "" for var in (ENV_KEYS, LEGACY_ENV_ADMIN_KEYS))
-    return [StoredKey(id=f"env-{i}", name=f"env-{i}", sha256=key_hash(k), hint="…", created_at=_now(), source="env")
-            for i, k in enumerate(x.strip() for x in plain.split(",") if x.strip())]
+    out = []
+    for var, role in ((ENV_KEYS, "user"), (ENV_ADMIN_KEYS, "admin")):
+        for i, k in enumerate(x.strip() for x in (env.get(var) or "").split(",") if x.strip()):
+            out.append(StoredKey(id=f"env-{role}-{i}", name=f"env-{role}-{i}", role=role, sha256=key_hash(k),
+                                 hint="…", created_at=_now(), source="env"))
+    return out
 
 
 class KeyRing:

@@ -4,8 +4,9 @@ in front of users.
 Keys live in the registry's Redis and the environment (:mod:`coe.keys`, decision 5 of DESIGN.md);
 :class:`APIKeyMiddleware` asks the service's :class:`~coe.keys.KeyRing` about every request. Deny by
 default: once any key exists, every route needs one except the probes in ``OPEN_PATHS``. Every key
-may call every route: coe has no admin routes (keys and the registry are managed with ``coe keys``
-and ``coe-registry``, next to Redis), so it has no admin role.
+may call every route: there are no admin-only routes (keys and the registry are managed with
+``coe keys`` and ``coe-registry``, next to Redis); what an ``admin`` key may do beyond a user key is
+decided where it matters (scoring feedback on another key's request, coe/feedback.py).
 
 When no key is configured at all, auth is off (the embedded default, bound to 127.0.0.1);
 :func:`check_bind` warns loudly when such a service is bound beyond loopback.

@@ -60,22 +60,9 @@ def test_last_good_set_is_kept_and_the_ring_fails_closed(store):
 
 
 def test_env_keys_have_no_limits(store):
-    ring = KeyRing(store, env={"COE_API_KEYS": "k-one"})
-    assert ring.check("k-one").limits == KeyLimits() and ring.check("k-one").source == "env"
-
-
-def test_keys_written_with_a_role_still_load_and_admin_env_keys_still_admit(store, caplog):
-    """coe dropped its admin role (no admin routes): entries written with one keep working, and a
-    service that set only COE_ADMIN_KEYS stays closed to callers without those keys."""
-    key, rec = store.add("old")
-    doc = rec.model_dump()
-    doc["role"] = "admin"  # as an older coe wrote it
-    store.r.hset(store.hkey, rec.id, __import__("json").dumps(doc))
-    store.r.incr(store.vkey)
-    assert KeyRing(store, env={}).check(key).name == "old"
-    ring = KeyRing(None, env={"COE_ADMIN_KEYS": "k-admin"})
-    assert ring.configured and ring.check("k-admin") is not None and ring.check("k-other") is None
-    assert "no admin role" in caplog.text
+    ring = KeyRing(store, env={"COE_API_KEYS": "k-one", "COE_ADMIN_KEYS": "k-admin"})
+    assert ring.check("k-one").role == "user" and ring.check("k-admin").role == "admin"
+    assert ring.check("k-one").limits == KeyLimits()
 
 
 def test_rpm_tpm_and_budget_refuse_with_retry_after(store):
@@ -125,6 +112,9 @@ def test_coe_keys_cli_writes_redis(store, redis_url):
             rec.limits.categories) == (30, 20000, 1000000, "day", ["math", "coding"])
     assert coe("limits", "team-a", "--rpm", "0").returncode == 0
     assert KeyRing(store, env={}).check(key).limits.rpm is None
+    assert KeyRing(store, env={}).check(key).limits.feedback  # may score its answers unless told not to
+    assert coe("limits", "team-a", "--no-feedback").returncode == 0
+    assert not KeyRing(store, env={}).check(key).limits.feedback
     listed = coe("list", "--json")
     assert '"team-a"' in listed.stdout and key not in listed.stdout
     assert coe("limits", "team-a", "--period", "fortnight").returncode == 2  # one-line error

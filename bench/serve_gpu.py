@@ -92,13 +92,16 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------------- engines
-_SHARED: dict[str, Any] = {}
+def shared_engines(engines: list[Any]) -> Any:
+    """An engine factory for :class:`coe.pool.ExpertPool` that hands out ``engines`` (built and
+    started once for the whole run) by expert name, so every system drives the same running
+    engines; what the pool would build them with is not needed."""
+    by_name = {e.name: e for e in engines}
 
+    def factory(expert: Any, **_pool_settings: Any) -> Any:
+        return by_name[expert.name]
 
-def shared_engine(expert: Any, device: str = "cuda", **_: Any) -> Any:
-    """Engine factory the pool calls (through ``coe.engines.ENGINES``): hands out the engines built
-    once for the whole run, so every system drives the same running vLLM engines."""
-    return _SHARED[expert.name]
+    return factory
 
 
 def machine_info() -> dict[str, Any]:
@@ -167,8 +170,8 @@ async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[A
     setup: dict[str, Any] = {}
     t0 = time.perf_counter()
     if args.engine == "vllm":
-        from coe.engines.vllm_engine import VLLMEngine
         from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder
+        from vllm_baselines import BaselineVLLMEngine
 
         folder = build_dummy_folder(workdir / f"llama-{args.shape}", args.shape, max_position_embeddings=4096)
         for i in range(args.experts):
@@ -176,7 +179,7 @@ async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[A
                         max_context=args.max_model_len, chat_template=PLAIN_TEMPLATE,
                         generation=GenerationDefaults(max_tokens=args.output_tokens, temperature=0.0, top_p=1.0))
             experts.append(ex)
-            engines.append(VLLMEngine(
+            engines.append(BaselineVLLMEngine(
                 ex, device="cuda", max_batch_size=args.max_batch, switch_mode="pinned",
                 settings=EngineSettings(gpu_memory_utilization=args.gpu_util, kv_cache_bytes=int(args.kv_gib * 2**30),
                                         enforce_eager=not args.cuda_graphs, load_format="dummy"),
@@ -198,8 +201,6 @@ async def build_engines(args: argparse.Namespace, workdir: Path) -> tuple[list[A
             await eng.load()
             engines.append(eng)
     setup["build_s"] = time.perf_counter() - t0
-    for e in engines:
-        _SHARED[e.name] = e
     return experts, engines, setup
 
 
@@ -227,7 +228,6 @@ def pool_config(system: str, args: argparse.Namespace, footprint: int) -> Any:
 
 async def run_system(system: str, args: argparse.Namespace, experts: list[Any], engines: list[Any],
                      trace: list[TraceRequest], deadline_s: float) -> dict[str, Any]:
-    import coe.engines as ce
     from coe.engines.base import SamplingParams
     from coe.pool import ExpertPool
 
@@ -242,9 +242,8 @@ async def run_system(system: str, args: argparse.Namespace, experts: list[Any], 
             if hasattr(e, "drop_host_copy"):
                 await e.drop_host_copy()
         prep_s = time.perf_counter() - t_prep
-    ce.ENGINES[experts[0].engine] = f"{__name__}:shared_engine"
     footprint = engines[0].footprint_bytes()
-    pool = ExpertPool(pool_config(system, args, footprint))
+    pool = ExpertPool(pool_config(system, args, footprint), engine_factory=shared_engines(engines))
     for ex in experts:
         await pool.add_expert(ex)
     if system == "d_resident":
@@ -313,12 +312,7 @@ async def run_system(system: str, args: argparse.Namespace, experts: list[Any], 
     res["switch_in_mean_s"] = res["switch_in_s"] / res["switches_in"] if res["switches_in"] else None
     # Close the pool without shutting the engines down, then leave every engine asleep for the next
     # system (a move interrupted by the deadline is finished first).
-    pool._closed = True
-    stop = [t for t in [pool._loop_task, pool._prefetch_task, *(sl.session for sl in pool._slots.values())]
-            if t is not None and not t.done()]
-    for t in stop:
-        t.cancel()
-    await asyncio.gather(*stop, return_exceptions=True)
+    await pool.close(close_engines=False)
     for e in engines:
         if hasattr(e, "settle"):
             await e.settle()
@@ -579,9 +573,9 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     """Two experts of one shape; coe switch (sleep(2) one + pinned restore of the other) vs vLLM's
     sleep(1)/wake_up(); greedy tokens (and top-5 logprobs) after N switches vs before."""
     from coe.engines.base import SamplingParams
-    from coe.engines.vllm_engine import VLLMEngine
     from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder, word_prompt
     from expert_registry.spec import EngineSettings, Expert
+    from vllm_baselines import BaselineVLLMEngine
 
     t_start = time.monotonic()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="coe-switch-"))
@@ -593,12 +587,12 @@ async def switch_test(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(2):
         ex = Expert(name=f"sw-{i}", model=str(folder), engine="vllm", dtype="bfloat16", max_context=1024,
                     chat_template=PLAIN_TEMPLATE)
-        engs.append(VLLMEngine(ex, device="cuda", max_batch_size=16, switch_mode="pinned",
-                               settings=EngineSettings(gpu_memory_utilization=0.1,
-                                                       kv_cache_bytes=int(args.kv_gib * 2**30),
-                                                       enforce_eager=not args.cuda_graphs, load_format="dummy"),
-                               dummy_init_seed=7 + i, copy_streams=args.copy_streams,
-                               host_alloc=args.host_alloc))
+        engs.append(BaselineVLLMEngine(ex, device="cuda", max_batch_size=16, switch_mode="pinned",
+                                       settings=EngineSettings(gpu_memory_utilization=0.1,
+                                                               kv_cache_bytes=int(args.kv_gib * 2**30),
+                                                               enforce_eager=not args.cuda_graphs, load_format="dummy"),
+                                       dummy_init_seed=7 + i, copy_streams=args.copy_streams,
+                                       host_alloc=args.host_alloc))
     res["start"] = await start_engines(engs, args.parallel_start)
     res["load_info"] = {e.name: e.last_load_info for e in engs}
     res["weights_bytes"] = engs[0].footprint_bytes()

@@ -79,11 +79,10 @@ class PoolDeploymentConfig(BaseModel):
 
 
 class SecurityConfig(BaseModel):
-    """API keys (see coe/security.py): env ``COE_API_KEYS``/``COE_ADMIN_KEYS`` and a hashed keys file."""
+    """What the service lets experts do. API keys are not configured here: they live in the
+    registry's Redis (``coe keys``) and ``COE_API_KEYS`` (coe/keys.py)."""
 
     model_config = ConfigDict(extra="forbid")
-    api_keys_file: str | None = Field(
-        default=None, description="None = $COE_API_KEYS_FILE or $COE_HOME/api_keys.json (written by `coe keys add`)")
     allow_remote_code: bool = Field(
         default=False, description="let experts whose entry sets trust_remote_code run their model folder's Python "
                                    "inside the pool; off: such experts are refused (marked failed, with the reason)")

@@ -1,10 +1,41 @@
 """Errors the engine layer, tier manager and expert pool raise.
 
-Each one carries a one-line message a user can act on (which expert, which file, which budget);
-the serve layer maps them to OpenAI-shaped error responses.
+Each one carries a one-line message a user can act on (which expert, which file, which budget).
+Between processes (the pool and router deployments answering the ingress) an error travels as an
+:class:`ErrorReport`: its kind per decision 2 of DESIGN.md, a code and the message, and no HTTP
+status: only the ingress maps a report to HTTP (:func:`coe.api.errors.from_report`).
 """
 
 from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorKind(str, enum.Enum):
+    """The three kinds of decision 2, plus what is nobody's fault but coe's."""
+
+    REQUEST = "request"  # this request cannot be served as sent; nothing else changes
+    TRANSIENT = "transient"  # the expert is briefly unavailable (retried inside its replica)
+    PERMANENT = "permanent"  # the expert cannot be served until its entry or files change
+    INTERNAL = "internal"  # a coe bug
+
+
+class ErrorReport(BaseModel):
+    """An error as it crosses a process boundary (a deployment's answer to the ingress).
+
+    ``code`` is the OpenAI ``error.code`` the client will see (``model_not_found``,
+    ``context_length_exceeded``, ``expert_load_failed``, ``queue_full`` …), ``param`` the request
+    field at fault, ``retry_after_s`` when trying again makes sense."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ErrorKind
+    code: str | None = None
+    message: str
+    param: str | None = None
+    retry_after_s: float | None = Field(None, ge=0)
 
 
 class CoeError(Exception):

@@ -40,6 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger("coe.keys")
 
+#: ``admin`` keys may also score feedback on requests made with other keys (``POST /v1/feedback``,
+#: :meth:`coe.feedback.FeedbackStore.add`); there are no admin-only routes.
 Role = Literal["user", "admin"]
 KEY_PREFIX = "coe-"
 ENV_KEYS = "COE_API_KEYS"

@@ -73,7 +73,7 @@ def _limits_text(lim: KeyLimits) -> str:
 
 @app.command("add")
 def add(name: str = typer.Argument(..., help="A label for the key (who or what uses it)."),
-        role: str = typer.Option("user", help="user: the /v1 API; admin: also admin routes."),
+        role: str = typer.Option("user", help="user: the API; admin: also scores feedback on any key's requests."),
         rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None, period: Period = None,
         experts: Experts = None, categories: Categories = None, feedback: Feedback = None,
         redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:

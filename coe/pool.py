@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coe.engines import create_engine
+from coe.engines import EngineFactory, create_engine
 from coe.engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams, Tier, relay
 from coe.errors import (
     ExpertExistsInPool,
@@ -46,7 +46,7 @@ from coe.errors import (
     PoolClosed,
     QueueFull,
 )
-from expert_registry.spec import EngineSettings
+from expert_registry.spec import EngineSettings, Expert
 from coe.scheduler import POLICIES, ExpertView, SchedulerParams, auto_min_batch, auto_quantum
 from coe.tiers import TierManager
 
@@ -180,8 +180,10 @@ RATE_TAU_S = 10.0  # horizon of the arrival-rate estimate the policy weighs sess
 class ExpertPool:
     """Plain-Python pool of experts sharing one accelerator (Ray Serve wraps it in coe/serve)."""
 
-    def __init__(self, config: PoolConfig | None = None):
+    def __init__(self, config: PoolConfig | None = None, engine_factory: EngineFactory = create_engine):
+        """``engine_factory`` builds each added expert's engine (default: by ``Expert.engine``)."""
         self.config = c = config or PoolConfig()
+        self._engine_factory = engine_factory
         self.tiers = TierManager(
             c.hbm_budget_bytes if c.hbm_budget_bytes is not None else _default_hbm(c.device),
             c.dram_budget_bytes if c.dram_budget_bytes is not None else _default_dram(),
@@ -201,7 +203,7 @@ class ExpertPool:
         self.decisions: collections.deque = collections.deque(maxlen=200)  # (t, reasons) for debugging
 
     # ---------------------------------------------------------------- membership
-    async def add_expert(self, expert: Any) -> None:
+    async def add_expert(self, expert: Expert) -> None:
         """Admit ``expert``: checks it fits the budgets now (ExpertTooLarge) and that its files are
         readable (ExpertLoadError); weights load on first use."""
         if self._closed:
@@ -209,8 +211,9 @@ class ExpertPool:
         if expert.name in self._slots:
             raise ExpertExistsInPool(f"expert {expert.name!r} is already in this pool")
         c = self.config
-        engine = create_engine(expert, device=c.device, max_batch_size=c.max_batch_size, defaults=c.engine_defaults,
-                               overhead_bytes=c.engine_overhead_bytes, asleep_bytes=c.sleeping_engine_bytes)
+        engine = self._engine_factory(expert, device=c.device, max_batch_size=c.max_batch_size,
+                                      defaults=c.engine_defaults, overhead_bytes=c.engine_overhead_bytes,
+                                      asleep_bytes=c.sleeping_engine_bytes)
         try:
             await asyncio.to_thread(engine.footprint_bytes)
         except Exception as exc:  # missing / unreadable files: refuse now, with the reason
@@ -597,8 +600,10 @@ class ExpertPool:
                              "min_batch": sp.min_batch, "max_wait_s": sp.max_wait_s}
         return snap
 
-    async def close(self) -> None:
-        """Cancel everything in flight and free every tier."""
+    async def close(self, close_engines: bool = True) -> None:
+        """Cancel everything in flight, then close every engine (freeing every tier), unless
+        ``close_engines=False``: the engines stay running, each in its tier, for whoever handed them
+        in (see ``engine_factory``)."""
         self._closed = True
         for s in self._slots.values():
             for p in list(s.queue):
@@ -612,6 +617,8 @@ class ExpertPool:
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
+        if not close_engines:
+            return
         for s in list(self._slots.values()):
             with contextlib.suppress(Exception):
                 await s.engine.close()

@@ -187,14 +187,8 @@ class BatchingPolicy:
         for v in vs.values():
             if _release_after_admit(v, d.admit.get(v.name, 0), v.name in closing):
                 d.release.append(v.name)
-        # Prefetch: the best candidate that was not started (it is likely next).
         started = set(d.start)
-        nxt = [v for v in [*starving, *waiting] if v.name not in started and not v.resident]
-        if not nxt:
-            hinted = sorted((v for v in vs.values() if v.phase == "idle" and v.hint and not v.resident
-                             and not v.failed), key=lambda v: (-v.hint, v.name))
-            nxt = hinted
-        d.prefetch = nxt[0].name if nxt else None
+        d.prefetch = _prefetch(vs.values(), [v for v in [*starving, *waiting] if v.name not in started])
         # Next look: when a waiting head crosses max_wait or an active session its quantum.
         times = [p.max_wait_s - v.oldest_wait_s for v in waiting if v.name not in started]
         if waiting or starving:
@@ -202,6 +196,16 @@ class BatchingPolicy:
         times = [t for t in times if t > 0]
         d.wake_in_s = min([*times, p.max_wait_s / 4])
         return d
+
+
+def _prefetch(views: Iterable[ExpertView], not_started: list[ExpertView]) -> str | None:
+    """What to bring towards HBM ahead of need: the best waiting expert that was not started (it is
+    likely next), else the idle expert the router's demand hint favours most."""
+    nxt = [v for v in not_started if not v.resident]
+    if not nxt:
+        nxt = sorted((v for v in views if v.phase == "idle" and v.hint and not v.resident and not v.failed),
+                     key=lambda v: (-v.hint, v.name))
+    return nxt[0].name if nxt else None
 
 
 class FifoPolicy:

@@ -7,7 +7,7 @@ every fresh install at the first request. The trained classifier (JSON + npz, no
     python -m routers.default_router            # writes routers/data/default/
     python -m routers.default_router --check    # rebuilds in a temp dir and compares
 
-``tests/router/test_default_artifact.py`` runs the check, so the shipped files always come from the
+``tests/router/test_stage1_generalisation.py`` runs the check, so the shipped files always come from the
 shipped data and code. If the installed encoder differs from the one the artifact was trained with
 (another model folder), ``Router.default()`` retrains from the same data instead and caches that.
 """

@@ -26,10 +26,11 @@ expert wins near-ties (residency 0.1), and the most expensive candidate pays 0.1
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expert_registry.spec import Expert
 from routers.decision import CandidateScore
 from routers.errors import NoEligibleExpert
 
@@ -51,16 +52,15 @@ class PolicyConfig(BaseModel):
 
 
 def ineligible_reason(
-    expert: Any,
+    expert: Expert,
     allowed: set[str] | None,
     prompt_tokens: int | None,
     max_tokens: int | None,
     max_cost_per_1k: float | None,
 ) -> str | None:
     """Why ``expert`` cannot take this request (hard constraints), or None when it can."""
-    if getattr(expert, "status", "ready") != "ready":
-        why = getattr(expert, "status_reason", None)
-        return f"status {expert.status}" + (f": {why}" if why else "")
+    if expert.status != "ready":
+        return f"status {expert.status}" + (f": {expert.status_reason}" if expert.status_reason else "")
     if allowed is not None and expert.name not in allowed:
         return "not in the allowed experts"
     if prompt_tokens is not None:
@@ -71,6 +71,16 @@ def ineligible_reason(
     if max_cost_per_1k is not None and expert.cost_per_1k_tokens > max_cost_per_1k:
         return f"cost {expert.cost_per_1k_tokens:g}/1k tokens > max {max_cost_per_1k:g}"
     return None
+
+
+class Choice(NamedTuple):
+    """What :meth:`RoutingPolicy.choose` decided (a named tuple: it also unpacks in this order)."""
+
+    expert: str
+    category: str
+    candidates: list[CandidateScore]  # best first
+    excluded: dict[str, str]  # expert -> why a hard constraint removed it
+    fallback_reason: str | None  # why the top category's best was not taken, if it was not
 
 
 class RoutingPolicy:
@@ -92,8 +102,8 @@ class RoutingPolicy:
             mass += p
         return out
 
-    def capability(self, expert: Any, probs: Mapping[str, float], category_map: Mapping[str, Sequence[str]]) -> float:
-        caps = getattr(expert, "capabilities", {}) or {}
+    def capability(self, expert: Expert, probs: Mapping[str, float], category_map: Mapping[str, Sequence[str]]) -> float:
+        caps = expert.capabilities
         total = 0.0
         for cat, p in probs.items():
             if p <= 0.0:
@@ -110,7 +120,7 @@ class RoutingPolicy:
     def choose(
         self,
         probs: Mapping[str, float],
-        experts: Mapping[str, Any],
+        experts: Mapping[str, Expert],
         category_map: Mapping[str, Sequence[str]],
         *,
         quality: Callable[[list[str]], Mapping[str, float | None]] | None = None,
@@ -120,37 +130,19 @@ class RoutingPolicy:
         allowed: set[str] | None = None,
         max_cost_per_1k: float | None = None,
         apply_threshold: bool = True,
-    ) -> tuple[str, str, list[CandidateScore], dict[str, str], str | None]:
-        """Returns ``(expert, category, candidates best-first, excluded, fallback_reason)``."""
+    ) -> Choice:
+        """The expert for these category probabilities (steps 1-4 of the module docstring)."""
         cfg = self.config
-        residency = residency or {}
         top_cat = max(probs, key=probs.get)
         mixed = self.mixed_categories(probs)
-
-        # 1. candidates from the category map, in category order then map order
-        cands: dict[str, list[str]] = {}
-        mapped_any = any(category_map.get(c) for c in probs)
-        for cat in mixed:
-            for name in category_map.get(cat, ()):
-                cands.setdefault(name, []).append(cat)
-        if not mapped_any:  # no category map at all: every registered expert competes on capability
-            cands = {name: [] for name in experts}
-
-        # 2. hard constraints
-        excluded: dict[str, str] = {}
 
         def why_not(name: str) -> str | None:
             if name not in experts:
                 return "not registered"
             return ineligible_reason(experts[name], allowed, prompt_tokens, max_tokens, max_cost_per_1k)
 
-        for name in list(cands):
-            reason = why_not(name)
-            if reason:
-                excluded[name] = reason
-                del cands[name]
-
-        fallback_reason: str | None = None
+        excluded: dict[str, str] = {}
+        cands = _eligible(_mapped_candidates(mixed, probs, experts, category_map), why_not, excluded)
         general_first: str | None = None
         for name in category_map.get(cfg.fallback_category, ()):
             reason = why_not(name)
@@ -159,21 +151,17 @@ class RoutingPolicy:
                 break
             excluded.setdefault(name, reason)
 
+        fallback_reason: str | None = None
         if apply_threshold and probs[top_cat] < cfg.confidence_threshold:
             fallback_reason = (f"low confidence: top category '{top_cat}' p={probs[top_cat]:.2f} "
                                f"< threshold {cfg.confidence_threshold:.2f}")
         elif not cands:
             fallback_reason = f"no eligible expert mapped to {', '.join(repr(c) for c in mixed)}"
-
         if fallback_reason and general_first is not None:
             cands.setdefault(general_first, []).append(cfg.fallback_category)
         elif fallback_reason and not cands:
             # nothing in the map can take it: any registered expert that satisfies the constraints
-            for name in experts:
-                if why_not(name) is None:
-                    cands[name] = []
-                else:
-                    excluded.setdefault(name, why_not(name))  # type: ignore[arg-type]
+            cands = _eligible({name: [] for name in experts}, why_not, excluded)
             fallback_reason += f"; no eligible '{cfg.fallback_category}' expert, used the best registered one"
         elif fallback_reason:
             fallback_reason += f"; no eligible '{cfg.fallback_category}' expert, kept the best candidate"
@@ -181,7 +169,17 @@ class RoutingPolicy:
             detail = "; ".join(f"{n}: {r}" for n, r in sorted(excluded.items())) or "no experts registered"
             raise NoEligibleExpert(f"no expert can serve this request ({detail})", excluded)
 
-        # 3. scores
+        scored = self._scores(cands, probs, experts, category_map, quality, residency or {})
+        if fallback_reason and general_first is not None:
+            return Choice(general_first, cfg.fallback_category, scored, excluded, fallback_reason)
+        return Choice(scored[0].expert, top_cat, scored, excluded, fallback_reason)
+
+    def _scores(self, cands: Mapping[str, list[str]], probs: Mapping[str, float], experts: Mapping[str, Expert],
+                category_map: Mapping[str, Sequence[str]],
+                quality: Callable[[list[str]], Mapping[str, float | None]] | None,
+                residency: Mapping[str, float]) -> list[CandidateScore]:
+        """Step 3: every eligible candidate's score, best first."""
+        cfg = self.config
         names = list(cands)
         qual = dict(quality(names)) if quality is not None else {}
         costs = {n: float(experts[n].cost_per_1k_tokens) for n in names}
@@ -198,7 +196,32 @@ class RoutingPolicy:
                                          quality=None if q is None else round(q, 6), cost=costs[name],
                                          residency=res, categories=cands[name]))
         scored.sort(key=lambda c: -c.score)
+        return scored
 
-        if fallback_reason and general_first is not None:
-            return general_first, cfg.fallback_category, scored, excluded, fallback_reason
-        return scored[0].expert, top_cat, scored, excluded, fallback_reason
+
+def _mapped_candidates(mixed: Sequence[str], probs: Mapping[str, float], experts: Mapping[str, Expert],
+                       category_map: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Step 1: the experts mapped to the mixed categories (with the categories that brought each
+    in), in category order then map order; with no category map at all, every registered expert
+    (competing on capability)."""
+    if not any(category_map.get(c) for c in probs):
+        return {name: [] for name in experts}
+    cands: dict[str, list[str]] = {}
+    for cat in mixed:
+        for name in category_map.get(cat, ()):
+            cands.setdefault(name, []).append(cat)
+    return cands
+
+
+def _eligible(cands: dict[str, list[str]], why_not: Callable[[str], str | None],
+              excluded: dict[str, str]) -> dict[str, list[str]]:
+    """Step 2: ``cands`` without those a hard constraint excludes (their reason goes to ``excluded``,
+    where a reason found earlier is kept)."""
+    out: dict[str, list[str]] = {}
+    for name, cats in cands.items():
+        reason = why_not(name)
+        if reason is None:
+            out[name] = cats
+        else:
+            excluded.setdefault(name, reason)
+    return out

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from expert_registry.spec import Expert
 from routers.classifier import CategoryClassifier
 from routers.data import EvalRecord, LabeledPrompt, fingerprint, read_seed
 from routers.decision import CategoryProb, RoutingDecision
@@ -238,10 +239,10 @@ class Router:
         return self.classifier.predict_proba(self.encoder.encode(list(prompts), batch_size=batch_size))
 
     # -- routing ------------------------------------------------------------------------------------
-    def _valid_models(self, experts: Mapping[str, Any]) -> list[str]:
+    def _valid_models(self, experts: Mapping[str, Expert]) -> list[str]:
         return [AUTO_MODEL] + [f"{AUTO_MODEL}/{c}" for c in self.categories] + sorted(experts)
 
-    def _parse_model(self, model: str, experts: Mapping[str, Any]) -> tuple[str, str | None]:
+    def _parse_model(self, model: str, experts: Mapping[str, Expert]) -> tuple[str, str | None]:
         """``("auto"|"category"|"expert", category or expert name)``."""
         model = (model or "").strip()
         if model == AUTO_MODEL:
@@ -259,7 +260,7 @@ class Router:
         self,
         prompt: str,
         model: str,
-        experts: Mapping[str, Any],
+        experts: Mapping[str, Expert],
         category_map: Mapping[str, Sequence[str]],
         residency: Mapping[str, float] | None = None,
         prompt_tokens: int | None = None,
@@ -290,13 +291,13 @@ class Router:
         quality = None
         if self.quality is not None:
             quality = lambda names: self.quality.predict(emb, names)  # noqa: E731
-        expert, category, cands, excluded, reason = self.policy.choose(
+        choice = self.policy.choose(
             use, experts, category_map, quality=quality, residency=residency, prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, allowed=allowed, max_cost_per_1k=max_cost_per_1k,
             apply_threshold=kind == "auto")
-        return RoutingDecision(expert=expert, category=category, category_probs=top3, candidates=cands,
-                               fallback_reason=reason, forced=kind, excluded=excluded,
-                               route_ms=(time.perf_counter() - t0) * 1e3)
+        return RoutingDecision(expert=choice.expert, category=choice.category, category_probs=top3,
+                               candidates=choice.candidates, fallback_reason=choice.fallback_reason, forced=kind,
+                               excluded=choice.excluded, route_ms=(time.perf_counter() - t0) * 1e3)
 
     def route_batch(self, requests: Sequence[Mapping[str, Any]],
                     on_stage1: Callable[[int, dict[str, float]], None] | None = None,

@@ -250,6 +250,34 @@ def make_expert(name: str, model: str | Path, **kw):
     return Expert(name=name, model=str(model), **kw)
 
 
+def wait_until(cond, timeout: float, every: float = 0.3, what: str = "condition"):
+    """``cond()``'s first truthy value, polled every ``every`` s; a test failure naming ``what``
+    (and the last value or error) after ``timeout`` s. For a running service's eventual state."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except (httpx.HTTPError, AssertionError, KeyError, ValueError) as e:
+            last = e
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+async def take_tokens(stream, n: int) -> int:
+    """Read a generation stream until at least ``n`` tokens came, then close it (a client that
+    leaves early); returns the tokens read."""
+    got = 0
+    async for c in stream:
+        got += len(c.token_ids)
+        if got >= n:
+            break
+    await stream.aclose()
+    return got
+
+
 # --- The running service, shared by tests/serve and tests/reliability --------------------------------
 # One Ray + Serve start per test session (two ray.init calls in one process fail): the real app
 # (``build_app``) on a local Ray with 2 CPUs, a private Redis, tiny random-weight experts and the real

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coe.api.protocol import error_payload
+from coe.errors import ErrorKind, ErrorReport
 
 log = logging.getLogger("coe.api")
 
@@ -41,19 +43,26 @@ class APIError(Exception):
         self.code = code
         self.retry_after = retry_after  # seconds, sent as Retry-After (429 / 503)
 
-    def to_dict(self) -> dict:
-        return {"status": self.status, "message": self.message, "type": self.type, "param": self.param,
-                "code": self.code, "retry_after": self.retry_after}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "APIError":
-        return cls(d.get("status", 500), d.get("message", "error"), d.get("type", "server_error"), d.get("param"),
-                   d.get("code"), d.get("retry_after"))
-
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(int(self.retry_after))} if self.retry_after is not None else None
         return JSONResponse(error_payload(self.message, self.type, self.param, self.code), status_code=self.status,
                             headers=headers)
+
+
+#: the status of a deployment's error report: by its code where the code says more than its kind
+_STATUS_BY_CODE = {"model_not_found": 404, "queue_full": 429}
+_STATUS_BY_KIND = {ErrorKind.REQUEST: 400, ErrorKind.TRANSIENT: 503, ErrorKind.PERMANENT: 503,
+                   ErrorKind.INTERNAL: 500}
+
+
+def from_report(report: ErrorReport) -> APIError:
+    """The HTTP error a deployment's :class:`~coe.errors.ErrorReport` becomes (the one place that
+    maps the kinds of decision 2 to a status). Its message may quote an expert's load failure,
+    which can name server paths: they are cut (:func:`hide_paths`)."""
+    status = _STATUS_BY_CODE.get(report.code or "", _STATUS_BY_KIND[report.kind])
+    etype = "rate_limit_error" if status == 429 else "invalid_request_error" if status < 500 else "server_error"
+    retry = None if report.retry_after_s is None else max(1, math.ceil(report.retry_after_s))
+    return APIError(status, hide_paths(report.message) or "error", etype, report.param, report.code, retry)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coe.engines.base import Engine
 
 if TYPE_CHECKING:
-    from expert_registry.spec import EngineSettings
+    from expert_registry.spec import EngineSettings, Expert
 
 ENGINES: dict[str, str] = {
     "hf": "coe.engines.hf:HFEngine",
@@ -22,6 +22,14 @@ ENGINES: dict[str, str] = {
 
 
 _TRANSFORMERS_LOCK = threading.Lock()
+
+
+class EngineFactory(Protocol):
+    """What builds (not loads) an expert's engine for a pool: :func:`create_engine`, or a caller's
+    own (the serving bench hands the pool engines it already started)."""
+
+    def __call__(self, expert: Expert, *, device: str, max_batch_size: int, defaults: "EngineSettings | None",
+                 overhead_bytes: int | None, asleep_bytes: int | None) -> Engine: ...
 
 
 def import_transformers_once() -> None:
@@ -38,13 +46,13 @@ def import_transformers_once() -> None:
             getattr(transformers, name)
 
 
-def create_engine(expert: Any, device: str = "cpu", max_batch_size: int = 8,
+def create_engine(expert: Expert, device: str = "cpu", max_batch_size: int = 8,
                   defaults: "EngineSettings | None" = None, overhead_bytes: int | None = None,
                   asleep_bytes: int | None = None) -> Engine:
     """Build (not load) the engine for ``expert``. ``auto``: vLLM on a CUDA device where vLLM is
     installed, else ``hf`` (the check does not import vLLM). vLLM gets the expert's
     ``engine_settings`` merged over the pool's ``defaults`` and the pool's memory estimates."""
-    kind = getattr(expert, "engine", "auto") or "auto"
+    kind = expert.engine
     if kind == "auto":
         kind = "hf"
         if str(device).startswith("cuda"):
@@ -58,9 +66,7 @@ def create_engine(expert: Any, device: str = "cpu", max_batch_size: int = 8,
     factory = getattr(importlib.import_module(mod), cls)
     if kind != "vllm":
         return factory(expert, device=device, max_batch_size=max_batch_size)
-    from expert_registry.spec import EngineSettings
-
-    own = getattr(expert, "engine_settings", None) or EngineSettings()
+    own = expert.engine_settings
     settings = own.merged_over(defaults) if defaults is not None else own
     extra = {k: v for k, v in (("overhead_bytes", overhead_bytes), ("asleep_bytes", asleep_bytes)) if v is not None}
     return factory(expert, device=device, max_batch_size=max_batch_size, settings=settings, **extra)

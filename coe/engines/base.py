@@ -6,12 +6,13 @@ sleep/wake, say) plugs in without touching them:
 ===========  ======================================  ==========================================
 move         hf engine                               vLLM engine (sleep mode)
 ===========  ======================================  ==========================================
-load()       DISK→DRAM: read weights into one flat   build ``LLM(enable_sleep_mode=True)``,
-             (pinned on CUDA) host buffer            then ``sleep(level=1)``
-to_hbm()     DRAM→HBM: one host→device copy, params  ``wake_up()``
-             become views of the device buffer
-to_dram()    HBM→DRAM: drop the device buffer (no    ``sleep(level=2)`` + keep own pinned copy,
-             device→host copy: weights are immutable) or ``sleep(level=1)``
+load()       DISK→DRAM: read weights into one flat   start ``AsyncLLM(enable_sleep_mode=True)``,
+             (pinned on CUDA) host buffer            copy the weights once into a pinned host
+                                                     buffer, ``sleep(level=2)``
+to_hbm()     DRAM→HBM: one host→device copy, params  map the weights again and copy the pinned
+             become views of the device buffer       copy into them, then ``wake_up()``
+to_dram()    HBM→DRAM: drop the device buffer (no    ``sleep(level=2)``: nothing copied back
+             device→host copy: weights immutable)    (weights are immutable while served)
 unload()     DRAM→DISK: drop the host buffer         shut the engine down
 ===========  ======================================  ==========================================
 
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     from coe.engines.memory import EngineMemory
+    from expert_registry.spec import Expert, GenerationDefaults
 
 
 class Tier(str, enum.Enum):
@@ -101,12 +103,12 @@ class SamplingParams(BaseModel):
                                                 "into tool calls (vLLM's tool-call parser of the expert)")
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def with_defaults(self, generation: Any) -> "SamplingParams":
+    def with_defaults(self, generation: GenerationDefaults | None) -> "SamplingParams":
         """Fill the fields the caller did not set from an expert's ``generation`` defaults."""
         if generation is None:
             return self
         upd = {f: getattr(generation, f) for f in ("max_tokens", "temperature", "top_p", "stop")
-               if f not in self.model_fields_set and getattr(generation, f, None) is not None}
+               if f not in self.model_fields_set and getattr(generation, f) is not None}
         return self.model_copy(update=upd) if upd else self
 
 
@@ -210,6 +212,7 @@ class Engine(ABC):
     """An expert's model behind the tier protocol and a streaming generate."""
 
     name: str
+    expert: Expert
     #: the step an engine start (:meth:`load`) is at, for ``/v1/models`` and ``coe-registry list``
     #: ("reading weights", "copying weights to host", ...); "" when no start is running
     load_phase: str = ""
@@ -246,13 +249,22 @@ class Engine(ABC):
     async def unload(self) -> SwapRecord:
         """DRAM→DISK: release the host copy."""
 
+    @property
     @abstractmethod
+    def tokenizer(self) -> Any:
+        """The expert's Hugging Face tokenizer (loaded on first use, in any tier)."""
+
     def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
         """The prompt text the model sees (expert's system prompt and template override applied)."""
+        return render_chat(self.expert, self.tokenizer, messages)
 
-    @abstractmethod
+    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
+        tok = self.tokenizer  # loading errors (missing files) stay expert errors, not request errors
+        return encode_prompt(self.expert, tok, messages)
+
     def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
         """Prompt length in tokens (usable in any tier: needs only the tokenizer)."""
+        return len(self._encode(messages))
 
     @abstractmethod
     def generate(
@@ -313,7 +325,7 @@ def compose_system(persona: str | None, msgs: list[dict[str, Any]]) -> list[dict
     return [{"role": "system", "content": PERSONA_SEPARATOR.join(parts)}] + msgs[i:]
 
 
-def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+def encode_prompt(expert: Expert, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
                   tools: list[dict[str, Any]] | None = None,
                   template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
     """The prompt's token ids: :func:`render_chat`, then the tokenizer.
@@ -337,18 +349,18 @@ def encode_prompt(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | 
     except Exception as exc:
         detail = (str(exc).splitlines() or [""])[0][:200]
         raise RequestError(f"the messages could not be turned into a prompt for expert "
-                           f"'{getattr(expert, 'name', '?')}': {type(exc).__name__}"
+                           f"'{expert.name}': {type(exc).__name__}"
                            + (f": {detail}" if detail else "")) from exc
 
 
-def render_chat(expert: Any, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
+def render_chat(expert: Expert, tokenizer: Any, messages: Sequence[ChatMessage | Mapping[str, Any]],
                 tools: list[dict[str, Any]] | None = None,
                 template_kwargs: Mapping[str, Any] | None = None) -> str:
     """The prompt text every engine feeds its model: the expert's system prompt composed with the
     client's (:func:`compose_system`), then the expert's template override, the tokenizer's, or the
     fallback. ``tools`` reach the template the way HF chat templates take them (``tools=``)."""
-    msgs = compose_system(getattr(expert, "system_prompt", None), as_messages(messages))
-    template = getattr(expert, "chat_template", None) or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    msgs = compose_system(expert.system_prompt, as_messages(messages))
+    template = expert.chat_template or tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
     extra = dict(template_kwargs or {})
     if tools:
         extra["tools"] = tools

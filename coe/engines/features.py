@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from expert_registry.spec import Expert
 
 #: fields every engine honours (the core of an OpenAI chat request)
 CORE: frozenset[str] = frozenset({
@@ -48,10 +51,10 @@ def field_name(feature: str) -> str:
     return feature.split("=", 1)[0]
 
 
-def engine_kind(expert: Any, device: str) -> str:
+def engine_kind(expert: Expert, device: str) -> str:
     """The engine an expert runs on in a pool on ``device`` (``auto`` resolved the way
     :func:`coe.engines.create_engine` does: vLLM on CUDA where it is installed, else hf)."""
-    kind = getattr(expert, "engine", "auto") or "auto"
+    kind = expert.engine
     if kind != "auto":
         return kind
     if str(device).startswith("cuda") and importlib.util.find_spec("vllm") is not None:

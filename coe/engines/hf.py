@@ -41,12 +41,11 @@ from coe.engines.base import (
     SamplingParams,
     SwapRecord,
     Tier,
-    encode_prompt,
-    render_chat,
     relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
 from coe.errors import EngineNotResident, ExpertLoadError
+from expert_registry.spec import Expert
 
 
 def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
@@ -110,7 +109,7 @@ class _Request:
 class HFEngine(Engine):
     """transformers engine; see the module docstring for the memory layout and batching."""
 
-    def __init__(self, expert: Any, device: str = "cpu", max_batch_size: int = 8):
+    def __init__(self, expert: Expert, device: str = "cpu", max_batch_size: int = 8):
         self.expert = expert
         self.name: str = expert.name
         self.device = torch.device(device)
@@ -143,12 +142,12 @@ class HFEngine(Engine):
 
     def _src(self) -> ModelSource:
         if self._source is None:
-            self._source = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None),
-                                          getattr(self.expert, "revision", None))
+            self._source = resolve_source(self.expert.model, self.expert.gguf_file,
+                                          self.expert.revision)
         return self._source
 
     def _dtype_name(self) -> str:
-        want = getattr(self.expert, "dtype", "auto") or "auto"
+        want = self.expert.dtype
         if want != "auto":
             return want
         if self.device.type == "cpu":
@@ -189,23 +188,13 @@ class HFEngine(Engine):
 
                 tok = AutoTokenizer.from_pretrained(
                     self._model_folder(),
-                    trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
+                    trust_remote_code=self.expert.trust_remote_code,
                 )
                 if tok.pad_token_id is None:
                     tok.pad_token = tok.eos_token or tok.unk_token
                 tok.padding_side = "left"
                 self._tokenizer = tok
             return self._tokenizer
-
-    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        return render_chat(self.expert, self.tokenizer, messages)
-
-    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        tok = self.tokenizer  # loading errors (missing files) stay expert errors
-        return encode_prompt(self.expert, tok, messages)
-
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
-        return len(self._encode(messages))
 
     # ---------------------------------------------------------------- tier moves
     async def load(self) -> SwapRecord:
@@ -244,7 +233,7 @@ class HFEngine(Engine):
             has_st = any(Path(folder).glob("*.safetensors"))
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=dtype, use_safetensors=True if has_st else None,
-                trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
+                trust_remote_code=self.expert.trust_remote_code,
             )
         model.eval()
         self.load_phase = "copying weights to host memory"
@@ -384,7 +373,7 @@ class HFEngine(Engine):
     ) -> AsyncIterator[GenerationChunk]:
         if self._tier is not Tier.HBM:
             raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
-        params = params.with_defaults(getattr(self.expert, "generation", None))
+        params = params.with_defaults(self.expert.generation)
         ids = await asyncio.to_thread(self._encode, messages)
         gen = None
         if params.temperature > 0:
@@ -538,7 +527,7 @@ class HFEngine(Engine):
             raise EngineNotResident(f"expert {self.name!r} left the active tier during a batch")
         dev = self.device
         eos = self._eos_ids()
-        max_ctx = int(getattr(self.expert, "max_context", 0) or 0)
+        max_ctx = self.expert.max_context
         logits, past, attn, last_pos = self._prefill(reqs)
         active = list(reqs)
         next_tokens, keep = self._advance(active, logits, eos, max_ctx)

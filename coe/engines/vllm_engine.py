@@ -3,26 +3,23 @@
 Importing this module does not import vLLM (nor torch); vLLM is imported when an engine is loaded,
 and a missing vLLM is a one-line :class:`VLLMUnavailable` naming the extra to install.
 
-Switching (``switch_mode``)
----------------------------
-``"pinned"`` (coe's way, the default)
-    DISK→DRAM (:meth:`load`) builds the engine, copies every allocation vLLM made under the
-    ``weights`` tag once into a pinned host buffer (the DRAM tier), then ``sleep(level=2)``.
-    HBM→DRAM is ``sleep(level=2)``: the device memory is released and nothing is copied back.
-    DRAM→HBM maps the weight allocations again (same virtual addresses) and copies the pinned
-    buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped,
-    on ``copy_streams`` CUDA streams in turn; the KV cache is mapped while the last copies are in
-    flight), then ``wake_up()`` does vLLM's bookkeeping and resumes scheduling. If that one-pass
-    call fails, the engine falls back for good to the documented three steps:
-    ``wake_up(tags=["weights"])``, the copy, ``wake_up(tags=["kv_cache"])``. ``host_alloc`` says
-    how the pinned copy is allocated (:func:`coe.engines.vllm_worker.pinned_host`).
-``"sleep"`` (vLLM's own switching; the baseline)
-    HBM→DRAM is ``sleep(level=1)`` (vLLM copies the weights device→host on every sleep),
-    DRAM→HBM is ``wake_up()``.
-``"reload"`` (what a model-multiplexing server does on a miss; a baseline)
-    The weights are written to a file once; DRAM→HBM reads that file back into the woken weight
-    buffers through pageable memory. Building a new engine, which a real reload also pays
-    (tens of seconds), is *not* charged: this is a lower bound of a reload's cost.
+Switching
+---------
+DISK→DRAM (:meth:`load`) builds the engine, copies every allocation vLLM made under the
+``weights`` tag once into a pinned host buffer (the DRAM tier), then ``sleep(level=2)``.
+HBM→DRAM is ``sleep(level=2)``: the device memory is released and nothing is copied back.
+DRAM→HBM maps the weight allocations again (same virtual addresses) and copies the pinned
+buffer into them in one pass inside the worker (chunk *i* copies while chunk *i+1* is mapped,
+on ``copy_streams`` CUDA streams in turn; the KV cache is mapped while the last copies are in
+flight), then ``wake_up()`` does vLLM's bookkeeping and resumes scheduling. If that one-pass
+call fails, the engine falls back for good to the documented three steps:
+``wake_up(tags=["weights"])``, the copy, ``wake_up(tags=["kv_cache"])``. ``host_alloc`` says
+how the pinned copy is allocated (:func:`coe.engines.vllm_worker.pinned_host`).
+
+The baselines the serving bench compares this with (vLLM's own ``sleep(level=1)``/``wake_up()``,
+and a reload from a file) live in ``bench/vllm_baselines.py``: a subclass that overrides the
+three steps below (:meth:`VLLMEngine._keep_host_copy`, :meth:`VLLMEngine._leave_hbm`,
+:meth:`VLLMEngine._enter_hbm`) and a worker extension that adds the calls only it needs.
 
 Where the pinned copy lives, and why
 ------------------------------------
@@ -62,17 +59,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Sequence
 
-from coe.engines.base import (
-    ChatMessage,
-    Engine,
-    EngineStats,
-    GenerationChunk,
-    SamplingParams,
-    SwapRecord,
-    Tier,
-    encode_prompt,
-    render_chat,
-)
+from coe.engines.base import (ChatMessage, Engine, EngineStats, GenerationChunk, SamplingParams, SwapRecord, Tier,
+                              encode_prompt)
 from coe.engines.memory import (
     EngineMemory,
     device_total_bytes,
@@ -81,11 +69,10 @@ from coe.engines.memory import (
     process_device_bytes,
 )
 from coe.errors import CoeError, EngineNotResident, ExpertLoadError, ExpertTransientError
-from expert_registry.spec import EngineSettings
+from expert_registry.spec import EngineSettings, Expert
 
 log = logging.getLogger(__name__)
 
-SWITCH_MODES = ("pinned", "sleep", "reload")
 DEFAULT_OVERHEAD_BYTES = 2 << 30  # CUDA context + activations/workspace (+ graphs) of an awake engine, until measured
 DEFAULT_ASLEEP_BYTES = 768 << 20  # what a sleeping engine keeps on the GPU (its CUDA context), until measured
 WORKER_EXTENSION = "coe.engines.vllm_worker.CoeWorkerExtension"
@@ -127,19 +114,18 @@ def require_vllm() -> Any:
 
 
 class VLLMEngine(Engine):
-    """vLLM behind the tier protocol; see the module docstring for the three switch modes."""
+    """vLLM behind the tier protocol; see the module docstring for how it switches."""
+
+    #: What vLLM mixes into its GPU worker (by qualified name; a subclass may name a subclass of it).
+    worker_extension: str = WORKER_EXTENSION
 
     def __init__(
         self,
-        expert: Any,
+        expert: Expert,
         device: str = "cuda",
         max_batch_size: int = 256,
         settings: EngineSettings | None = None,
         *,
-        switch_mode: str = "pinned",
-        reload_dir: str | None = None,
-        build_in_thread: bool = True,
-        dummy_init_seed: int | None = None,
         fast_wake: bool = True,
         copy_streams: int = 2,
         host_alloc: str = "register",
@@ -148,32 +134,26 @@ class VLLMEngine(Engine):
     ):
         """``settings``: the expert's engine settings already merged over the pool's defaults
         (:meth:`EngineSettings.merged_over`); unset fields take vLLM's defaults. ``overhead_bytes``
-        and ``asleep_bytes`` are the estimates of :meth:`memory` until the engine has started."""
-        if switch_mode not in SWITCH_MODES:
-            raise ValueError(f"unknown switch_mode {switch_mode!r}; choose one of {', '.join(SWITCH_MODES)}")
+        and ``asleep_bytes`` are the estimates of :meth:`memory` until the engine has started.
+        ``fast_wake``, ``copy_streams`` and ``host_alloc`` shape a switch (docs/vllm.md)."""
         if not str(device).startswith("cuda"):
             raise VLLMUnavailable(f"expert {expert.name!r}: engine 'vllm' runs on a CUDA GPU, not on {device!r}")
         self.expert = expert
         self.name: str = expert.name
         self.device = str(device)
-        self.switch_mode = switch_mode
         self.max_batch_size = int(max_batch_size)
         self.settings = settings if settings is not None else EngineSettings()
-        self.max_model_len = int(getattr(expert, "max_context", 0) or 0) or None
+        self.max_model_len: int = expert.max_context
         self.load_format = self.settings.load_format or "auto"
         self.overhead_bytes = int(overhead_bytes)
         self.asleep_estimate = int(asleep_bytes)
         self._measured: EngineMemory | None = None
-        self.reload_dir = reload_dir
-        self.build_in_thread = build_in_thread
-        self.dummy_init_seed = dummy_init_seed
         self.fast_wake = fast_wake
         self.copy_streams = max(1, int(copy_streams))
         self.host_alloc = host_alloc
         self._llm: Any = None
-        self._state = "none"  # none | awake | asleep1 | asleep2
+        self._state = "none"  # none | awake | asleep2 (asleep1: the bench's vLLM sleep/wake baseline)
         self._has_copy = False
-        self._file: str | None = None
         self._folder: str | None = None
         self._tokenizer: Any = None
         self._nbytes = 0
@@ -193,7 +173,7 @@ class VLLMEngine(Engine):
         if self._folder is None:
             from coe.engines.sources import ensure_converted, resolve_source
 
-            src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
+            src = resolve_source(self.expert.model, self.expert.gguf_file)
             self._folder = str(ensure_converted(src.path)) if src.kind == "gguf" else src.path
         return self._folder
 
@@ -210,8 +190,8 @@ class VLLMEngine(Engine):
         from coe.engines.sources import estimate_bytes, resolve_source
         from coe.engines.vllm_models import llama_param_count
 
-        src = resolve_source(self.expert.model, getattr(self.expert, "gguf_file", None))
-        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        src = resolve_source(self.expert.model, self.expert.gguf_file)
+        dtype = self.expert.dtype
         if src.kind == "folder" and self.load_format == "dummy":
             cfg = json.loads((Path(src.path) / "config.json").read_text())
             width = {"float32": 4}.get(dtype if dtype != "auto" else cfg.get("torch_dtype", "bfloat16"), 2)
@@ -220,7 +200,7 @@ class VLLMEngine(Engine):
             est = estimate_bytes(src, dtype if dtype != "auto" else "bfloat16")
         except (OSError, ValueError):
             est = 0
-        return est or int(getattr(self.expert, "size_bytes", 0) or 0)
+        return est or (self.expert.size_bytes or 0)
 
     # ---------------------------------------------------------------- tokenizer / templates
     @property
@@ -229,26 +209,16 @@ class VLLMEngine(Engine):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                self._model_folder(), trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False))
+                self._model_folder(), trust_remote_code=self.expert.trust_remote_code
             )
         return self._tokenizer
-
-    def apply_chat_template(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> str:
-        return render_chat(self.expert, self.tokenizer, messages)
-
-    def _encode(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[int]:
-        tok = self.tokenizer  # loading errors (missing files) stay expert errors
-        return encode_prompt(self.expert, tok, messages)
-
-    def count_prompt_tokens(self, messages: Sequence[ChatMessage | Mapping[str, Any]]) -> int:
-        return len(self._encode(messages))
 
     # ---------------------------------------------------------------- building the vLLM engine
     def _engine_kwargs(self) -> dict[str, Any]:
         """vLLM's engine arguments, built only from typed fields: the expert's spec, its closed
         :class:`EngineSettings` and coe's own switching needs (sleep mode, the worker extension)."""
         st = self.settings
-        dtype = getattr(self.expert, "dtype", "auto") or "auto"
+        dtype = self.expert.dtype
         kw: dict[str, Any] = dict(
             model=self._model_folder(),
             tokenizer=self._model_folder(),
@@ -257,14 +227,14 @@ class VLLMEngine(Engine):
             enable_sleep_mode=True,
             enforce_eager=bool(st.enforce_eager),
             max_num_seqs=int(st.max_num_seqs or self.max_batch_size),
-            worker_extension_cls=WORKER_EXTENSION,
+            worker_extension_cls=self.worker_extension,
             disable_log_stats=True,
-            trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
+            trust_remote_code=self.expert.trust_remote_code,
             seed=0,
         )
         if st.gpu_memory_utilization is not None:
             kw["gpu_memory_utilization"] = float(st.gpu_memory_utilization)
-        if getattr(self.expert, "revision", None):
+        if self.expert.revision:
             kw["revision"] = self.expert.revision
         if st.kv_cache_bytes:
             kw["kv_cache_memory_bytes"] = int(st.kv_cache_bytes)
@@ -285,14 +255,13 @@ class VLLMEngine(Engine):
         res = await self._llm.collective_rpc(method, args=args)
         return res[0] if isinstance(res, list) and len(res) == 1 else res
 
-    def _reload_path(self) -> str:
-        base = Path(self.reload_dir or os.environ.get("COE_VLLM_RELOAD_DIR") or "/tmp/coe-vllm-reload")
-        base.mkdir(parents=True, exist_ok=True)
-        return str(base / f"{self.name}.weights.bin")
+    async def _start_vllm(self) -> Any:
+        """Build vLLM's engine off the event loop (it takes seconds to minutes)."""
+        return await asyncio.to_thread(self._build)
 
     # ---------------------------------------------------------------- tier moves
     async def load(self) -> SwapRecord:
-        """DISK→DRAM: start vLLM (weights land in HBM), keep the copy the mode needs, then sleep.
+        """DISK→DRAM: start vLLM (weights land in HBM), take the pinned host copy, then sleep.
         Measures the engine's device memory awake and asleep on the way (see :meth:`memory`)."""
         if self._state != "none":
             return SwapRecord(self.tier, self.tier, 0, 0.0)
@@ -302,24 +271,17 @@ class VLLMEngine(Engine):
             _ = self.tokenizer
             used0 = device_used_bytes(self.device)
             self.load_phase = "starting engine (weights to the device, KV cache)"
-            self._llm = await asyncio.to_thread(self._build) if self.build_in_thread else self._build()
+            self._llm = await self._start_vllm()
             self._state = "awake"
             t1 = time.perf_counter()
             self._nbytes = int(await self._rpc("coe_weight_bytes"))
             awake = await self._device_bytes(used0)
             info: dict[str, Any] = {"engine_start_s": t1 - t0}
-            if self.dummy_init_seed is not None and self.load_format == "dummy":
-                await self._rpc("coe_randomize", int(self.dummy_init_seed))
             self.load_phase = "copying weights to host"
-            if self.switch_mode == "pinned":
-                info["capture"] = await self._rpc("coe_capture", self.host_alloc)
-                self._has_copy = True
-            elif self.switch_mode == "reload":
-                info["save"] = await self._rpc("coe_save_file", self._reload_path())
-                self._file = self._reload_path()
+            info.update(await self._keep_host_copy())
             t2 = time.perf_counter()
             self.load_phase = "going to sleep"
-            await self._sleep(2 if self.switch_mode != "sleep" else 1)
+            await self._leave_hbm()
             info["first_sleep_s"] = time.perf_counter() - t2
             asleep = await self._device_bytes(used0)
             self._record_measured(awake, asleep)
@@ -379,8 +341,26 @@ class VLLMEngine(Engine):
         await self._llm.sleep(level=level)
         self._state = f"asleep{level}"
 
-    async def _wake_from_level2(self, source: str) -> dict[str, float]:
-        if source == "pinned" and self.fast_wake:
+    async def _keep_host_copy(self) -> dict[str, Any]:
+        """While awake: take the copy the engine will wake from, the pinned host copy (the DRAM
+        tier); what it reports goes into :attr:`last_load_info`."""
+        info = await self._rpc("coe_capture", self.host_alloc)
+        self._has_copy = True
+        return {"capture": info}
+
+    async def _leave_hbm(self) -> None:
+        """HBM→DRAM: ``sleep(level=2)``; the device memory is released, nothing is copied back
+        (weights are immutable while served). A copy that was dropped is taken again first."""
+        if not self._has_copy:
+            await self._keep_host_copy()
+        await self._sleep(2)
+
+    async def _enter_hbm(self) -> dict[str, float]:
+        """DRAM→HBM from the pinned copy: the one-pass wake, else (for good) vLLM's three steps.
+        Returns the timings that go into :attr:`last_switch_info`."""
+        if not self._has_copy:
+            raise EngineNotResident(f"expert {self.name!r}: asleep with no host copy to wake from")
+        if self.fast_wake:
             t0 = time.perf_counter()
             try:
                 gpu = dict(await self._rpc("coe_wake_restore", self.copy_streams))
@@ -394,14 +374,15 @@ class VLLMEngine(Engine):
                 t2 = time.perf_counter()
                 return {"map_and_copy_s": float(gpu["total_s"]), "map_and_issue_s": float(gpu["map_and_issue_s"]),
                         "map_kv_s": float(gpu["map_others_s"]), "rpc_s": t1 - t0, "wake_rest_s": t2 - t1}
+        return await self._wake_three_steps("coe_restore")
+
+    async def _wake_three_steps(self, restore: str, *args: Any) -> dict[str, float]:
+        """vLLM's documented wake with a copy in between: ``wake_up(["weights"])``, the worker's
+        ``restore`` call (seconds), ``wake_up(["kv_cache"])``."""
         t0 = time.perf_counter()
         await self._llm.wake_up(tags=["weights"])
         t1 = time.perf_counter()
-        if source == "pinned":
-            copy_s = float(await self._rpc("coe_restore"))
-        else:
-            assert self._file is not None
-            copy_s = float(await self._rpc("coe_restore_file", self._file))
+        copy_s = float(await self._rpc(restore, *args))
         t2 = time.perf_counter()
         await self._llm.wake_up(tags=["kv_cache"])
         t3 = time.perf_counter()
@@ -420,7 +401,7 @@ class VLLMEngine(Engine):
 
     async def settle(self) -> None:
         """Wait for a tier move whose caller was cancelled to finish."""
-        t = getattr(self, "_moving", None)
+        t = self._moving
         if t is not None:
             try:
                 await t
@@ -447,15 +428,7 @@ class VLLMEngine(Engine):
         if self._state == "awake":
             return SwapRecord(Tier.HBM, Tier.HBM, 0, 0.0)
         t0 = time.perf_counter()
-        if self._state == "asleep1":
-            await self._llm.wake_up()
-            info = {"wake_s": time.perf_counter() - t0}
-        elif self.switch_mode == "reload" and self._file or not self._has_copy and self._file:
-            info = await self._wake_from_level2("file")
-        elif self._has_copy:
-            info = await self._wake_from_level2("pinned")
-        else:
-            raise EngineNotResident(f"expert {self.name!r}: asleep with no host copy and no file to wake from")
+        info = await self._enter_hbm()
         self._state = "awake"
         dt = time.perf_counter() - t0
         self.last_switch_info = {"to_hbm_s": dt, **info}
@@ -465,16 +438,7 @@ class VLLMEngine(Engine):
         if self._state != "awake":
             return SwapRecord(self.tier, self.tier, 0, 0.0)
         t0 = time.perf_counter()
-        if self.switch_mode == "sleep":
-            await self._sleep(1)
-        else:
-            if self.switch_mode == "pinned" and not self._has_copy:
-                await self._rpc("coe_capture", self.host_alloc)  # the copy was dropped: take it again first
-                self._has_copy = True
-            if self.switch_mode == "reload" and not self._file:
-                await self._rpc("coe_save_file", self._reload_path())
-                self._file = self._reload_path()
-            await self._sleep(2)
+        await self._leave_hbm()
         dt = time.perf_counter() - t0
         return SwapRecord(Tier.HBM, Tier.DRAM, self._nbytes, dt)
 
@@ -496,56 +460,6 @@ class VLLMEngine(Engine):
                 llm.shutdown()
             except Exception:  # pragma: no cover - best effort on a dying engine
                 log.exception("expert %s: vLLM shutdown failed", self.name)
-
-    async def set_switch_mode(self, mode: str) -> None:
-        """Change how this engine switches, leaving it asleep in that mode's DRAM state.
-
-        Lets one set of running engines be measured under several modes (the serving bench);
-        a service picks one mode and keeps it."""
-        if mode not in SWITCH_MODES:
-            raise ValueError(f"unknown switch_mode {mode!r}")
-        if self._state == "none":
-            self.switch_mode = mode
-            return
-        if self._state != "awake" and (
-            (mode == "sleep" and self._state != "asleep1")
-            or (mode != "sleep" and self._state == "asleep1")
-            or (mode == "reload" and not self._file)
-            or (mode == "pinned" and not self._has_copy)
-        ):
-            await self.to_hbm()
-        self.switch_mode = mode
-        if self._state == "awake":
-            await self.to_dram()
-
-    async def set_host_alloc(self, mode: str) -> dict[str, Any]:
-        """Take the pinned copy again, allocated the ``mode`` way (see
-        :func:`coe.engines.vllm_worker.pinned_host`); the engine ends in the tier it was in."""
-        self.host_alloc = mode
-        if self._state == "none" or self.switch_mode != "pinned":
-            return {}
-        was_awake = self._state == "awake"
-        await self.to_hbm()
-        info = dict(await self._rpc("coe_capture", mode))
-        self._has_copy = True
-        if not was_awake:
-            await self.to_dram()
-        return info
-
-    async def drop_host_copy(self) -> int:
-        """Release the pinned copy (and torch's cached pinned blocks) in the worker; bytes released."""
-        if self._llm is None:
-            return 0
-        n = int(await self._rpc("coe_drop"))
-        await self._rpc("coe_host_empty_cache")
-        self._has_copy = False
-        return n
-
-    async def weights_digest(self) -> list[float]:
-        """Per-parameter sums read on the GPU (the engine must be awake); for tests and benches."""
-        if self._state != "awake":
-            raise EngineNotResident(f"expert {self.name!r} is not awake")
-        return list(await self._rpc("coe_weights_digest"))
 
     # ---------------------------------------------------------------- generation
     def stats(self) -> EngineStats:
@@ -601,7 +515,7 @@ class VLLMEngine(Engine):
             raise EngineNotResident(f"expert {self.name!r} is not in the active tier")
         from vllm.inputs import TokensPrompt
 
-        params = params.with_defaults(getattr(self.expert, "generation", None))
+        params = params.with_defaults(self.expert.generation)
         ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
         tools, params = self._tool_call_collector(messages, params)
         sp = self._vllm_params(params, logprobs)

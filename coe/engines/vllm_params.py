@@ -1,6 +1,6 @@
 """coe's :class:`~coe.engines.base.SamplingParams` → vLLM's ``SamplingParams`` keyword arguments.
 
-Plain dicts, no vLLM import, so the translation is tested on CPU (tests/engines/test_vllm_params.py);
+Plain dicts, no vLLM import, so the translation is tested on CPU (tests/api/test_vllm_params.py);
 ``VLLMEngine._vllm_params`` builds the vLLM objects from them. Field names follow vLLM 0.24
 (``structured_outputs=StructuredOutputsParams(...)``; older releases called it ``guided_decoding``).
 """

@@ -242,7 +242,10 @@ def pinned_host(nbytes: int, mode: str = "register") -> HostBuffer:
 
 
 class CoeWorkerExtension:
-    """Mixed into vLLM's GPU ``Worker``; every method is called via ``collective_rpc("coe_…")``."""
+    """Mixed into vLLM's GPU ``Worker``; every method is called via ``collective_rpc("coe_…")``.
+
+    Only what the service's switching needs; the serving bench's baselines (a file copy, random
+    dummy weights, weight digests) extend it in ``bench/vllm_baselines.py``."""
 
     # ------------------------------------------------------------------ pinned copy (DRAM tier)
     def coe_capture(self, host_alloc: str = "register") -> dict[str, Any]:
@@ -322,9 +325,6 @@ class CoeWorkerExtension:
         self._coe_stream_list = have
         return have[: max(1, n)]
 
-    def coe_has_copy(self) -> bool:
-        return getattr(self, "_coe_copy", None) is not None
-
     def coe_restore(self) -> float:
         """Host→device copy of the pinned copy into the (just woken) weight allocations; seconds."""
         import torch
@@ -346,97 +346,10 @@ class CoeWorkerExtension:
         pc.release()
         return pc.host_bytes
 
-    # ------------------------------------------------------------------ a file copy (reload baseline)
-    def coe_save_file(self, path: str) -> dict[str, Any]:
-        """Write the weight allocations to ``path`` as one raw file (for the reload-from-disk baseline).
-
-        Uses the pinned copy when there is one; otherwise copies out through a temporary buffer."""
-        import torch
-
-        had = self.coe_has_copy()
-        if not had:
-            self.coe_capture()
-        t0 = time.perf_counter()
-        tmp = path + ".tmp"
-        host = self._coe_copy.host
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(host.numpy())[: self._coe_copy.host_bytes])
-        os.replace(tmp, path)
-        dt = time.perf_counter() - t0
-        if not had:
-            self.coe_drop()
-        del torch
-        return {"path": path, "bytes": os.path.getsize(path), "write_s": dt}
-
-    def coe_restore_file(self, path: str) -> float:
-        """Read ``path`` (written by :meth:`coe_save_file`) into the woken weight allocations, chunk by
-        chunk through pageable memory: what a reload from disk costs, minus building the engine."""
-        import numpy as np
-        import torch
-
-        chunks = _weight_chunks()
-        offsets, total = [], 0
-        for _, size in chunks:
-            offsets.append(total)
-            total += (size + _ALIGN - 1) // _ALIGN * _ALIGN
-        if os.path.getsize(path) != total:
-            raise RuntimeError(f"{path} has {os.path.getsize(path)} bytes, expected {total}")
-        lib = _cudart()
-        t0 = time.perf_counter()
-        with open(path, "rb", buffering=0) as fh:
-            for (ptr, size), off in zip(chunks, offsets):
-                fh.seek(off)
-                buf = np.empty(size, dtype=np.uint8)
-                fh.readinto(memoryview(buf))
-                lib.cudaMemcpy(ctypes.c_void_p(ptr), ctypes.c_void_p(buf.ctypes.data), size)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    # ------------------------------------------------------------------ random weights (dummy models)
-    def coe_randomize(self, seed: int, std: float = 0.02) -> int:
-        """Give a ``load_format="dummy"`` model its own N(0, std) weights (norm weights 1, biases 0).
-
-        vLLM's dummy loader fills every model with the same tiny uniform(-1e-3, 1e-3) values, whose
-        outputs barely depend on the input; this makes each expert distinct and its greedy output
-        input-dependent, so a restore that brought back the wrong bytes shows in the tokens."""
-        import torch
-
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        gen = torch.Generator(device="cuda")
-        gen.manual_seed(int(seed))
-        n = 0
-        with torch.no_grad():
-            for name, p in sorted(model.named_parameters()):
-                if not p.is_floating_point():
-                    continue
-                if p.dim() == 1:
-                    p.fill_(1.0 if "norm" in name else 0.0)
-                else:
-                    p.normal_(0.0, std, generator=gen)
-                n += p.numel()
-        torch.cuda.synchronize()
-        return n
-
-    # ------------------------------------------------------------------ checks
-    def coe_weights_digest(self) -> list[float]:
-        """Per-parameter float64 sums (a cheap fingerprint to prove a restore brought the weights back)."""
-        import torch
-
-        model = self.model_runner.model  # type: ignore[attr-defined]
-        with torch.no_grad():
-            return [float(p.detach().double().sum().item()) for _, p in sorted(model.named_parameters())]
-
+    # ------------------------------------------------------------------ what the engine reads
     def coe_pid(self) -> int:
         """This worker's process id: the pool reads its device memory from NVML by it."""
         return os.getpid()
 
     def coe_weight_bytes(self) -> int:
         return sum(s for _, s in _weight_chunks())
-
-    def coe_host_empty_cache(self) -> None:
-        """Give torch's cached pinned blocks (vLLM's level-1 backups) back to the OS."""
-        import torch
-
-        fn = getattr(torch._C, "_host_emptyCache", None)
-        if fn is not None:
-            fn()

@@ -22,7 +22,8 @@ from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
 from coe.api.drain import DrainMiddleware, DrainState, until_cut
-from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
+from coe.api.errors import (APIError, bad_request, from_report, hide_paths, install_error_handlers, internal_error,
+                            upstream_error)
 from coe.api.feedback import FeedbackRequest
 from coe.api.request_id import RequestIdMiddleware, request_id_of
 from coe.api.assemble import ChoicesBuilder, logprobs_out
@@ -43,6 +44,7 @@ from coe.api.protocol import (
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
 from coe.engines.features import engine_kind, expert_unsupported
+from coe.errors import ErrorReport
 from coe.generate_request import GenerateRequest
 from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
                         with_deadline)
@@ -125,9 +127,8 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
 
 
 def _item_error(item: dict) -> APIError:
-    """An error item of the pool's stream as the APIError the client gets."""
-    return APIError(item["status"], hide_paths(item["message"]) or "error", item.get("error_type") or "server_error",
-                    item.get("param"), item.get("code"), item.get("retry_after"))
+    """An error item of the pool's stream (a typed :class:`ErrorReport`) as the APIError the client gets."""
+    return from_report(ErrorReport.model_validate(item["error"]))
 
 
 async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -140,6 +141,17 @@ async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[
 def sse(obj: Any) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def _tool_calls_delta(tool_calls: list[Any]) -> dict[str, Any]:
+    """A stream delta carrying whole tool calls (each with its ``index``, as OpenAI streams them)."""
+    return {"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in enumerate(tool_calls)]}
+
+
+def _error_event(err: APIError) -> str:
+    """An error inside a stream that has already answered 200: one SSE event with the OpenAI error
+    object (the stream then ends with ``[DONE]``)."""
+    return sse({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
 
 
 def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> GenerateRequest:
@@ -316,17 +328,15 @@ class Ingress:
         finally:
             self._routing -= 1
         if "error" in res:
-            err = res["error"]
-            if err.get("code") == "no_eligible_expert" and permitted is not None and not features:
+            err = ErrorReport.model_validate(res["error"])
+            if err.code == "no_eligible_expert" and permitted is not None and not features:
                 raise APIError(403, f"this API key may not use any expert of '{model}'", "permission_error",
                                "model", "model_not_permitted")
-            if err.get("code") == "no_eligible_expert" and features:
+            if err.code == "no_eligible_expert" and features:
                 raise APIError(400, f"'{features[0]}' is not supported by any expert of '{model}' "
-                                    f"({hide_paths(err['message'])})", "invalid_request_error", features[0],
+                                    f"({hide_paths(err.message)})", "invalid_request_error", features[0],
                                "unsupported_parameter")
-            # the router's reasons quote the experts' failures, which may name server paths
-            raise APIError(err["status"], hide_paths(err["message"]) or "error", err.get("type", "invalid_request_error"),
-                           err.get("param"), err.get("code"))
+            raise from_report(err)  # the router's reasons may quote expert failures: paths are cut there
         d = res["decision"]
         info = CoeInfo(expert=d["expert"], category=d.get("category"), forced=d.get("forced", "auto"),
                        route_ms=float(d.get("route_ms") or 0.0), category_probs=d.get("category_probs") or [],
@@ -548,17 +558,15 @@ class Ingress:
                 async for item in gen:
                     if item.get("type") == "error":
                         status = "error"
-                        self.metrics.observe_error(item["status"])
-                        yield sse({"error": {"message": hide_paths(item["message"]), "type": item.get("error_type"),
-                                             "param": item.get("param"), "code": item.get("code")}})
+                        err = _item_error(item)
+                        self.metrics.observe_error(err.status)
+                        yield _error_event(err)
                         break
                     st = builder.add(item)
                     if builder.forced_tool:  # the tool calls are sent whole when the choice ends
                         if st.finish:
                             msg, finish = builder.message(st)
-                            delta = ({"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
-                                                     enumerate(msg.tool_calls)]} if msg.tool_calls
-                                     else {"content": msg.content})
+                            delta = _tool_calls_delta(msg.tool_calls) if msg.tool_calls else {"content": msg.content}
                             yield chunk(st.index, delta, finish)
                         continue
                     lp = ({"content": [x.model_dump() for x in logprobs_out(item.get("logprobs"))]}
@@ -570,8 +578,7 @@ class Ingress:
                             extra["coe_timing"] = timing
                         yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
                     if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
-                        yield chunk(st.index, {"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
-                                                              enumerate(st.tool_calls)]})
+                        yield chunk(st.index, _tool_calls_delta(st.tool_calls))
                     if item.get("finish_reason"):
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
@@ -582,8 +589,7 @@ class Ingress:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
-                yield sse({"error": {"message": known.message, "type": known.type, "param": known.param,
-                                     "code": known.code}})
+                yield _error_event(known)
             if status == "ok":
                 for st in builder.states.values():  # a choice the engine ended without a finish reason
                     if st.finish is None:

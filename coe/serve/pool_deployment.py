@@ -7,8 +7,9 @@ so the pool's tier manager, not a home-made dispatcher, decides what sits in HBM
 than ``pool.max_experts_per_replica`` experts asked of this replica) the expert leaves the pool.
 
 Responses are plain dicts (cheap to pickle, no FastAPI below the ingress): a stream starts with
-``{"type": "start", "prompt_tokens": n}`` or a single ``{"type": "error", ...}`` and continues
-with ``{"type": "chunk", ...}``.
+``{"type": "start", "prompt_tokens": n}`` or a single ``{"type": "error", "error": report}`` and
+continues with ``{"type": "chunk", ...}``. ``report`` is a :class:`coe.errors.ErrorReport` (as a
+dict): the kind of error of decision 2 and its code, no HTTP status; the ingress maps it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from coe.config import ServeConfig
+from coe.errors import ErrorKind, ErrorReport
 from coe.generate_request import GenerateRequest
 
 log = logging.getLogger("coe.serve.pool")
@@ -29,16 +31,35 @@ log = logging.getLogger("coe.serve.pool")
 GAUGES_EVERY_S = 2.0  # tier / queue gauges are set in-process this often (nothing is written to Redis)
 
 
-def _err(status: int, message: str, param: str | None = None, code: str | None = None,
-         etype: str | None = None, retry_after: int | None = None) -> dict:
-    return {"type": "error", "status": status, "message": message, "param": param, "code": code,
-            "error_type": etype or ("invalid_request_error" if status < 500 else "server_error"),
-            "retry_after": retry_after}
+def _err(kind: ErrorKind, code: str, message: str, param: str | None = "model",
+         retry_after_s: float | None = None) -> dict:
+    """An error item of the stream: the typed report (decision 2), never an HTTP status."""
+    report = ErrorReport(kind=kind, code=code, message=message, param=param, retry_after_s=retry_after_s)
+    return {"type": "error", "error": report.model_dump(mode="json")}
+
+
+def _load_failed(message: str) -> dict:
+    """A permanent expert error: the expert is marked failed; the ingress tries the next-best."""
+    return _err(ErrorKind.PERMANENT, "expert_load_failed", message)
 
 
 def _transient(e: Any) -> dict:
     """A transient expert error (decision 2): the ingress sends the request to the next-best expert."""
-    return _err(503, str(e), "model", "expert_unavailable", retry_after=max(1, int(e.retry_after_s + 0.999)))
+    return _err(ErrorKind.TRANSIENT, "expert_unavailable", str(e), retry_after_s=e.retry_after_s)
+
+
+def _context_error(name: str, prompt_tokens: int, max_tokens: int, max_context: int, explicit: bool) -> dict | None:
+    """A request error when the prompt, or the prompt plus a ``max_tokens`` the client set, does not
+    fit the expert's context window (a default ``max_tokens`` is cut to fit instead)."""
+    if prompt_tokens >= max_context:
+        return _err(ErrorKind.REQUEST, "context_length_exceeded", f"the prompt is {prompt_tokens} tokens; "
+                    f"expert '{name}' has a context of {max_context} tokens", "messages")
+    if explicit and prompt_tokens + max_tokens > max_context:
+        return _err(ErrorKind.REQUEST, "context_length_exceeded",
+                    f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds expert "
+                    f"'{name}''s context of {max_context} tokens; use at most {max_context - prompt_tokens}",
+                    "max_tokens")
+    return None
 
 
 class _ExpertTicket:
@@ -124,7 +145,7 @@ class ExpertPoolDeployment:
             await self._ticket(name)
             err = await self._ensure_expert(name)
             if err:
-                log.info("starting %s: %s", name, err.get("message"))
+                log.info("starting %s: %s", name, err["error"]["message"])
                 return
             while self.pool.config.start_on_add and name in self.pool.experts():
                 try:  # a start that fails for good marks the entry failed now, not at the first request
@@ -168,33 +189,33 @@ class ExpertPoolDeployment:
                 await self._watcher.refresh()
                 spec = self._watcher.snapshot.experts.get(name)
             if spec is None:
-                return _err(404, f"expert '{name}' is not registered (removed?)", "model", "model_not_found")
+                return _err(ErrorKind.REQUEST, "model_not_found", f"expert '{name}' is not registered (removed?)")
             if spec.trust_remote_code and not self.cfg.security.allow_remote_code:
                 # writing the registry must not be enough to run code in this process (issue 12)
                 reason = ("its entry sets trust_remote_code, and this service does not allow remote code "
                           "(security.allow_remote_code)")
                 await self._mark_failed(name, reason)
-                return _err(503, f"expert '{name}' could not be loaded: {reason}", "model", "expert_load_failed")
+                return _load_failed(f"expert '{name}' could not be loaded: {reason}")
             try:
                 await self.pool.add_expert(spec)
             except ce.ExpertTooLarge as e:
-                return _err(503, str(e), "model", "expert_too_large")
+                return _err(ErrorKind.PERMANENT, "expert_too_large", str(e))
             except ce.ExpertExistsInPool:
                 return None
             except ce.ExpertLoadError as e:
                 await self._mark_failed(name, e.reason)
-                return _err(503, str(e), "model", "expert_load_failed")
+                return _load_failed(str(e))
             except ce.ExpertTransientError as e:
                 return _transient(e)
             except Exception as e:  # a broken spec must not take the replica down
                 await self._mark_failed(name, f"{type(e).__name__}: {e}")
-                return _err(503, f"expert '{name}' could not be loaded: {e}", "model", "expert_load_failed")
+                return _load_failed(f"expert '{name}' could not be loaded: {e}")
         return None
 
     async def _until_started(self, name: str, wait_s: float | None) -> dict | None:
         """An expert whose engine is still starting after its add: wait for it (up to ``wait_s``,
-        default ``limits.loading_wait_s``); an error dict when the wait runs out (503
-        ``expert_loading`` + Retry-After) or the start fails meanwhile (the start's own error)."""
+        default ``limits.loading_wait_s``); an error item when the wait runs out (transient
+        ``expert_loading`` with its retry time) or the start fails meanwhile (the start's own error)."""
         from coe import errors as ce
 
         try:
@@ -202,15 +223,35 @@ class ExpertPoolDeployment:
                 return None
             await self.pool.wait_started(name, self.cfg.limits.loading_wait_s if wait_s is None else wait_s)
         except ce.ExpertStarting as e:
-            return _err(503, str(e), "model", "expert_loading", retry_after=max(1, int(e.retry_after_s + 0.999)))
+            return _err(ErrorKind.TRANSIENT, "expert_loading", str(e), retry_after_s=e.retry_after_s)
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
-            return _err(503, str(e), "model", "expert_load_failed")
+            return _load_failed(str(e))
         except ce.ExpertTransientError as e:
             return _transient(e)
         except ce.ExpertNotServed as e:
-            return _err(404, f"expert '{name}' was removed: {e}", "model", "model_not_found")
+            return _err(ErrorKind.REQUEST, "model_not_found", f"expert '{name}' was removed: {e}")
         return None
+
+    async def _prompt_tokens(self, name: str, messages: Any) -> int | dict:
+        """The prompt's length in the expert's tokens, or the error item when it cannot be counted:
+        the request's own fault (registry untouched), or the expert's (tokenizer files missing or
+        corrupt: marked failed)."""
+        from coe import errors as ce
+
+        try:
+            return await asyncio.to_thread(self.pool.count_prompt_tokens, name, messages)
+        except ce.RequestError as e:
+            return _err(ErrorKind.REQUEST, e.code, e.message, e.param)
+        except ce.ExpertLoadError as e:
+            await self._mark_failed(name, e.reason)
+            return _load_failed(str(e))
+        except ce.ExpertNotServed as e:
+            return _err(ErrorKind.REQUEST, "model_not_found", f"expert '{name}' is being removed: {e}")
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+            await self._mark_failed(name, reason)
+            return _load_failed(f"expert '{name}' could not be loaded: {reason}")
 
     async def _mark_failed(self, name: str, reason: str) -> None:
         try:
@@ -239,35 +280,16 @@ class ExpertPoolDeployment:
         gen = spec.generation if spec is not None else None
         sampling = request.sampling
         max_tokens = sampling.max_tokens if "max_tokens" in sampling.model_fields_set else (gen.max_tokens if gen else 256)
-        try:
-            prompt_tokens = await asyncio.to_thread(self.pool.count_prompt_tokens, name, messages)
-        except ce.RequestError as e:  # the request's content, not the expert: 400, registry untouched
-            yield _err(400, e.message, e.param, e.code)
+        prompt_tokens = await self._prompt_tokens(name, messages)
+        if isinstance(prompt_tokens, dict):  # an error item
+            yield prompt_tokens
             return
-        except ce.ExpertLoadError as e:
-            await self._mark_failed(name, e.reason)
-            yield _err(503, str(e), "model", "expert_load_failed")
-            return
-        except ce.ExpertNotServed as e:
-            yield _err(404, f"expert '{name}' is being removed: {e}", "model", "model_not_found")
-            return
-        except Exception as e:  # tokenizer files missing/corrupt: the expert cannot be served
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:400]
-            await self._mark_failed(name, reason)
-            yield _err(503, f"expert '{name}' could not be loaded: {reason}", "model", "expert_load_failed")
-            return
-        max_context = spec.max_context if spec is not None else None
-        if max_context is not None:
-            if prompt_tokens >= max_context:
-                yield _err(400, f"the prompt is {prompt_tokens} tokens; expert '{name}' has a context of "
-                                f"{max_context} tokens", "messages", "context_length_exceeded")
+        if spec is not None:
+            err = _context_error(name, prompt_tokens, max_tokens, spec.max_context, request.max_tokens_explicit)
+            if err:
+                yield err
                 return
-            if request.max_tokens_explicit and prompt_tokens + max_tokens > max_context:
-                yield _err(400, f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds "
-                                f"expert '{name}''s context of {max_context} tokens; use at most "
-                                f"{max_context - prompt_tokens}", "max_tokens", "context_length_exceeded")
-                return
-            max_tokens = min(max_tokens, max_context - prompt_tokens)
+            max_tokens = min(max_tokens, spec.max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
         # the request's own checks come first (a 400 does not depend on the engine having started);
         # then an engine still starting after its add is waited for, or answered expert_loading
@@ -289,21 +311,23 @@ class ExpertPoolDeployment:
                 if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)
         except ce.RequestError as e:
-            yield _err(400, e.message, e.param, e.code)
+            yield _err(ErrorKind.REQUEST, e.code, e.message, e.param)
         except ce.QueueFull as e:
             from coe.limits import retry_after_s
 
             st = self.pool.state().get(name)
             wait = retry_after_s(st.queue_depth if st else 0, self.pool.config.max_batch_size, self._latency.value,
                                  self.cfg.limits.retry_after_min_s, self.cfg.limits.retry_after_max_s)
-            yield _err(429, f"{e}; retry in {wait} s", None, "queue_full", "rate_limit_error", wait)
+            yield _err(ErrorKind.TRANSIENT, "queue_full", f"{e}; retry in {wait} s", None, wait)
         except ce.ExpertNotServed as e:
-            yield _err(404, f"expert '{name}' was removed: {e}", "model", "model_not_found")
+            yield _err(ErrorKind.REQUEST, "model_not_found", f"expert '{name}' was removed: {e}")
         except ce.ExpertLoadError as e:
             await self._mark_failed(name, e.reason)
-            yield _err(503, str(e), "model", "expert_load_failed")
+            yield _load_failed(str(e))
         except ce.ExpertTransientError as e:  # retried inside the pool; the registry is not touched
             yield _transient(e)
+        except ce.PoolClosed as e:  # this replica is shutting down: another one (or a retry) serves it
+            yield _err(ErrorKind.TRANSIENT, "expert_unavailable", f"expert '{name}': {e}", retry_after_s=1.0)
 
     async def prefetch_hint(self, name: str, request_id: str | None = None) -> bool:
         """Router -> pool, fire and forget: a request for ``name`` is on its way (stage 1 was

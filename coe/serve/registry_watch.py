@@ -13,7 +13,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+if TYPE_CHECKING:
+    from expert_registry.spec import Expert
 
 log = logging.getLogger("coe.serve.registry")
 
@@ -49,7 +52,7 @@ def diff_snapshots(old: Any | None, new: Any) -> SnapshotDiff:
     return d
 
 
-def _spec_key(expert: Any) -> Any:
+def _spec_key(expert: Expert) -> dict[str, Any]:
     """The parts of a spec that matter for serving it (timestamps and status excluded)."""
     return expert.model_dump(exclude={"created_at", "updated_at", "status", "status_reason"})
 

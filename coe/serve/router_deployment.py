@@ -3,7 +3,8 @@
 Concurrent requests are batched with ``@serve.batch`` (one encoder pass for the batch, through
 ``Router.route_batch``). The router keeps its own registry snapshot (pub/sub + poll), and every
 ``residency_refresh_s`` it tells the pool what was asked for (demand, a prefetch hint) and learns
-what is resident (a routing bonus). Answers are dicts: ``{"decision": {...}}`` or ``{"error": {...}}``.
+what is resident (a routing bonus). Answers are dicts: ``{"decision": {...}}`` or ``{"error": report}``,
+``report`` a :class:`coe.errors.ErrorReport` as a dict (no HTTP status: the ingress maps it).
 Feedback records in Redis join the quality predictor as they arrive (:mod:`coe.serve.feedback_watch`),
 and a confident stage 1 warms the likely expert before stage 2 ends (:mod:`coe.serve.warm_hint`).
 """
@@ -19,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe.config import ServeConfig
+from coe.errors import ErrorKind, ErrorReport
 
 log = logging.getLogger("coe.serve.router")
 
@@ -30,25 +32,21 @@ def load_router(path: str | None):
     return Router.load(path) if path else Router.default()
 
 
-def route_error(exc: Exception, request: dict) -> dict:
-    """A router exception as an OpenAI-style error dict (status, message, param, code)."""
+def route_error(exc: Exception, request: dict) -> ErrorReport:
+    """A router exception as the typed report the ingress maps to HTTP (decision 2)."""
     from routers.errors import NoEligibleExpert, UnknownModel
 
     if isinstance(exc, UnknownModel):
-        return {"status": 404, "message": str(exc), "param": "model", "code": "model_not_found",
-                "type": "invalid_request_error"}
+        return ErrorReport(kind=ErrorKind.REQUEST, code="model_not_found", message=str(exc), param="model")
     if isinstance(exc, NoEligibleExpert):
         if request.get("max_tokens") and any("context" in r for r in exc.reasons.values()):
-            return {"status": 400, "message": str(exc), "param": "max_tokens", "code": "context_length_exceeded",
-                    "type": "invalid_request_error"}
-        return {"status": 503, "message": str(exc), "param": "model", "code": "no_eligible_expert",
-                "type": "server_error"}
+            return ErrorReport(kind=ErrorKind.REQUEST, code="context_length_exceeded", message=str(exc),
+                               param="max_tokens")
+        return ErrorReport(kind=ErrorKind.PERMANENT, code="no_eligible_expert", message=str(exc), param="model")
     if isinstance(exc, (ValueError, TypeError)):
-        return {"status": 400, "message": str(exc), "param": None, "code": "invalid_value",
-                "type": "invalid_request_error"}
+        return ErrorReport(kind=ErrorKind.REQUEST, code="invalid_value", message=str(exc))
     log.exception("router failed", exc_info=exc)
-    return {"status": 500, "message": f"router failed: {type(exc).__name__}: {exc}", "param": None,
-            "code": None, "type": "server_error"}
+    return ErrorReport(kind=ErrorKind.INTERNAL, message=f"router failed: {type(exc).__name__}: {exc}")
 
 
 @serve.deployment(name="Router")
@@ -159,7 +157,8 @@ class RouterDeployment:
             results: list[Any] = await asyncio.to_thread(router.route_batch, kwargs, on_stage1)
         except Exception as e:  # the batch itself failed (encoder error …): every request gets it
             results = [e] * len(requests)
-        out = [{"error": route_error(d, r)} if isinstance(d, Exception) else {"decision": d.model_dump(mode="json")}
+        out = [{"error": route_error(d, r).model_dump(mode="json")} if isinstance(d, Exception)
+               else {"decision": d.model_dump(mode="json")}
                for d, r in zip(results, requests)]
         for o in out:
             if "decision" in o:

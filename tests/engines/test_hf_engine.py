@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_expert
+from conftest import make_expert, take_tokens
 
 from coe.engines.base import SamplingParams, Tier
 from coe.engines.hf import HFEngine
@@ -102,13 +102,7 @@ async def test_new_request_joins_a_running_batch(byte_model_dir):
 
 async def test_cancellation_stops_compute(byte_model_dir):
     eng = await hot(make_expert("byte", byte_model_dir, max_context=8192))
-    agen = eng.generate(MSG, SamplingParams(max_tokens=5000, temperature=0, ignore_eos=True))
-    got = 0
-    async for c in agen:
-        got += len(c.token_ids)
-        if got >= 3:
-            break
-    await agen.aclose()
+    got = await take_tokens(eng.generate(MSG, SamplingParams(max_tokens=5000, temperature=0, ignore_eos=True)), 3)
     await asyncio.sleep(0.3)
     steps = eng.stats().steps
     await asyncio.sleep(0.3)

@@ -36,6 +36,7 @@ from expert_registry.spec import EngineSettings, Expert
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 import serve_gpu  # noqa: E402
+from vllm_baselines import BaselineVLLMEngine, BaselineWorkerExtension  # noqa: E402
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 
@@ -71,8 +72,10 @@ def test_vllm_engine_refuses_a_cpu_device(tmp_path):
     folder = build_dummy_folder(tmp_path / "m", "tiny")
     with pytest.raises(VLLMUnavailable, match="CUDA GPU"):
         VLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cpu")
-    with pytest.raises(ValueError, match="switch_mode"):
-        VLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cuda", switch_mode="fast")
+    with pytest.raises(TypeError, match="switch_mode"):  # the service's engine switches one way only
+        VLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cuda", switch_mode="sleep")
+    with pytest.raises(ValueError, match="switch_mode"):  # the bench's knows three
+        BaselineVLLMEngine(Expert(name="v", model=str(folder), engine="vllm"), device="cuda", switch_mode="fast")
 
 
 def test_importing_coe_does_not_import_vllm():
@@ -81,6 +84,96 @@ def test_importing_coe_does_not_import_vllm():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert "vllm" not in out.stdout.split(",")
+
+
+def test_worker_extensions_resolve_and_only_the_bench_has_its_calls(tmp_path):
+    """vLLM imports ``worker_extension_cls`` by name in the engine process: both names must
+    resolve here, and the service's worker must not carry the bench's calls."""
+    from coe.engines.vllm_worker import CoeWorkerExtension
+
+    folder = build_dummy_folder(tmp_path / "m", "tiny")
+    ex = Expert(name="v", model=str(folder), engine="vllm")
+    settings = EngineSettings(load_format="dummy")
+
+    def resolve(qualname: str) -> type:
+        mod, _, cls = qualname.rpartition(".")
+        return getattr(importlib.import_module(mod), cls)
+
+    prod = resolve(VLLMEngine(ex, device="cuda", settings=settings)._engine_kwargs()["worker_extension_cls"])
+    bench = resolve(BaselineVLLMEngine(ex, device="cuda", settings=settings)._engine_kwargs()["worker_extension_cls"])
+    assert prod is CoeWorkerExtension and bench is BaselineWorkerExtension and issubclass(bench, prod)
+    bench_only = {"coe_randomize", "coe_weights_digest", "coe_save_file", "coe_restore_file", "coe_host_empty_cache"}
+    assert bench_only <= set(dir(bench)) and not bench_only & set(dir(prod))
+    for name in ("set_switch_mode", "set_host_alloc", "drop_host_copy", "weights_digest"):
+        assert hasattr(BaselineVLLMEngine, name) and not hasattr(VLLMEngine, name)
+
+
+class _RecordingLLM:
+    """Stands in for vLLM's ``AsyncLLM`` where vLLM cannot run: records the calls an engine makes
+    and answers each worker call with a plausible value. It checks which vLLM calls each switch
+    makes, not that vLLM does them right (tests/engines/test_vllm_gpu.py does, on a GPU)."""
+
+    ANSWERS = {"coe_weight_bytes": 1000, "coe_pid": -1, "coe_capture": {}, "coe_restore": 0.0,
+               "coe_wake_restore": {"total_s": 0.0, "map_and_issue_s": 0.0, "map_others_s": 0.0},
+               "coe_save_file": {}, "coe_restore_file": 0.0, "coe_randomize": 0}
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    async def collective_rpc(self, method, args=()):
+        self.calls.append((method, *(a for a in args if not isinstance(a, str))))
+        return [self.ANSWERS[method]]
+
+    async def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    async def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+
+
+_LOAD = [("coe_weight_bytes",), ("coe_pid",)]
+_SWITCHES = {  # load, then HBM and back twice: (load's own calls, one DRAM->HBM, one HBM->DRAM)
+    "pinned": ([("coe_capture",), ("sleep", 2)], [("coe_wake_restore", 2), ("wake_up", None)], [("sleep", 2)]),
+    "sleep": ([("sleep", 1)], [("wake_up", None)], [("sleep", 1)]),
+    "reload": ([("coe_save_file",), ("sleep", 2)],
+               [("wake_up", ["weights"]), ("coe_restore_file",), ("wake_up", ["kv_cache"])], [("sleep", 2)]),
+}
+
+
+@pytest.mark.parametrize("kind", ["service", "pinned", "sleep", "reload"])
+def test_each_switch_mode_makes_its_vllm_calls(tmp_path, kind):
+    """The service's engine switches coe's way; the bench's engine, in mode ``pinned``, makes the
+    very same calls, and in its baseline modes vLLM's own sleep/wake or a reload from a file."""
+    import asyncio
+
+    folder = build_dummy_folder(tmp_path / "m", "tiny")
+    ex = Expert(name="v", model=str(folder), engine="vllm")
+    settings = EngineSettings(load_format="dummy")
+    if kind == "service":
+        eng = VLLMEngine(ex, device="cuda", settings=settings)
+    else:
+        eng = BaselineVLLMEngine(ex, device="cuda", settings=settings, switch_mode=kind, dummy_init_seed=5,
+                                 reload_dir=str(tmp_path / "reload"))
+    llm = _RecordingLLM()
+    eng._build = lambda: llm
+
+    async def go():
+        await eng.load()
+        for _ in range(2):
+            await eng.to_hbm()
+            assert eng.tier.value == "hbm"
+            await eng.to_dram()
+            assert eng.tier.value == "dram"
+        await eng.unload()
+
+    asyncio.run(go())
+    load, wake, sleep = _SWITCHES["pinned" if kind == "service" else kind]
+    seeded = [] if kind == "service" else [("coe_randomize", 5)]
+    assert llm.calls == seeded + _LOAD + load + [("coe_pid",)] + (wake + sleep) * 2 + [("shutdown",)]
+    assert eng.tier.value == "disk"
 
 
 def test_footprint_of_a_dummy_folder_counts_llama_weights(tmp_path):

@@ -9,9 +9,14 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import take_tokens
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # the bench's engine, see `engine`
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,17 +34,20 @@ def loop():
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory, loop):
-    from coe.engines.vllm_engine import VLLMEngine
+    """coe's engine as the serving bench extends it (``bench/vllm_baselines.py``): the production
+    switching code, plus distinct random dummy weights, weight digests and vLLM's own sleep/wake
+    as a second mode, which the checks below need and the service does not."""
     from coe.engines.vllm_models import PLAIN_TEMPLATE, build_dummy_folder
     from expert_registry.spec import EngineSettings, Expert
+    from vllm_baselines import BaselineVLLMEngine
 
     folder = build_dummy_folder(tmp_path_factory.mktemp("m") / "llama-1b", "1b")
     ex = Expert(name="gpu-1b", model=str(folder), engine="vllm", dtype="bfloat16", max_context=1024,
                 chat_template=PLAIN_TEMPLATE)
-    eng = VLLMEngine(ex, device="cuda", max_batch_size=16,
-                     settings=EngineSettings(gpu_memory_utilization=0.1, kv_cache_bytes=1 << 30, enforce_eager=True,
-                                             load_format="dummy"),
-                     dummy_init_seed=11, build_in_thread=False)
+    eng = BaselineVLLMEngine(ex, device="cuda", max_batch_size=16,
+                             settings=EngineSettings(gpu_memory_utilization=0.1, kv_cache_bytes=1 << 30,
+                                                     enforce_eager=True, load_format="dummy"),
+                             dummy_init_seed=11, build_in_thread=False)
     loop.run_until_complete(eng.load())
     yield eng
     loop.run_until_complete(eng.close())
@@ -129,13 +137,8 @@ def test_cancelling_a_stream_stops_it(engine, loop):
 
     async def go():
         await engine.to_hbm()
-        agen = engine.generate(_prompt(), SamplingParams(max_tokens=500, temperature=0.0, ignore_eos=True))
-        got = 0
-        async for c in agen:
-            got += len(c.token_ids)
-            if got >= 3:
-                break
-        await agen.aclose()
+        got = await take_tokens(engine.generate(_prompt(), SamplingParams(max_tokens=500, temperature=0.0,
+                                                                          ignore_eos=True)), 3)
         ids, _, _ = await _greedy(engine, 4)  # the engine still serves
         await engine.to_dram()
         return got, ids

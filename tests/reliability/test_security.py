@@ -1,15 +1,15 @@
-"""API keys at rest and in use, log redaction, the bind warning and "nothing is unpickled or executed".
+"""API keys in use, log redaction, the bind warning and "nothing is unpickled or executed".
 
-Service-level checks (401/403 through the running app) are in test_service_faults.py; these run
-without Ray, against the real middleware inside a real FastAPI app served over ASGI."""
+Service-level checks (401 through the running app) are in test_service.py; these run without Ray,
+against the real middleware and the real key ring (keys in the session's Redis) inside a real
+FastAPI app served over ASGI. How keys are stored is tested in tests/api/test_keys.py."""
 
 from __future__ import annotations
 
 import ast
 import json
 import logging
-import os
-import stat
+import uuid
 from pathlib import Path
 
 import httpx
@@ -17,20 +17,21 @@ import pytest
 from fastapi import FastAPI
 
 from coe import security
-from coe.security import (APIKeyMiddleware, KeyStore, add_key, check_bind, list_keys, redact, remove_key)
+from coe.keys import KeyRing, RedisKeyStore, new_key
+from coe.security import APIKeyMiddleware, check_bind, redact
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _app(store: KeyStore) -> FastAPI:
+def _app(store: KeyRing) -> FastAPI:
     app = FastAPI()
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": []}
 
-    @app.post("/v1/admin/experts")
-    async def admin():
+    @app.get("/metrics")
+    async def metrics():
         return {"ok": True}
 
     @app.get("/healthz")
@@ -47,64 +48,33 @@ async def _get(app, path, key=None, method="GET"):
         return await c.request(method, path, headers=headers)
 
 
-def test_keys_file_holds_only_salted_hashes_with_0600(tmp_path):
-    path = tmp_path / "keys.json"
-    key, rec = add_key("alice", "user", path)
-    assert key.startswith("coe-") and len(key) > 40
-    raw = path.read_text()
-    assert key not in raw and key[8:] not in raw  # the plain key is never written
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    doc = json.loads(raw)
-    assert set(doc["keys"][0]) >= {"id", "name", "role", "salt", "sha256", "hint"}
-    key2, _ = add_key("bob", "user", path)
-    salts = [k["salt"] for k in json.loads(path.read_text())["keys"]]
-    assert len(set(salts)) == 2  # salted per key
-    with pytest.raises(ValueError):
-        add_key("alice", "user", path)
-    assert [r.name for r in list_keys(path)] == ["alice", "bob"]
-
-
-async def test_bearer_required_on_v1_only_when_keys_exist(tmp_path):
-    path = tmp_path / "keys.json"
-    store = KeyStore(env={}, path=path, reload_every_s=0)
-    app = _app(store)
+async def test_bearer_required_everywhere_but_the_probes_once_keys_exist(redis_url):
+    store = RedisKeyStore(redis_url, f"sec-{uuid.uuid4().hex[:8]}")
+    app = _app(KeyRing(store, env={}, refresh_s=0))
     assert (await _get(app, "/v1/models")).status_code == 200  # no keys configured: open
-    user, _ = add_key("user1", "user", path)
-    admin, _ = add_key("root", "admin", path)
+    user, _ = store.add("user1")
+    other, _ = store.add("user2")
     r = await _get(app, "/v1/models")
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert r.headers["www-authenticate"].startswith("Bearer")
     assert (await _get(app, "/v1/models", "coe-wrong")).status_code == 401
     assert (await _get(app, "/v1/models", user[:-1])).status_code == 401
     assert (await _get(app, "/v1/models", user)).status_code == 200
+    assert (await _get(app, "/metrics", user)).status_code == 200  # every key may call every route
+    assert (await _get(app, "/metrics")).status_code == 401  # deny by default, not only /v1
     assert (await _get(app, "/healthz")).status_code == 200  # probes stay open
-    # admin routes: a user key is not enough
-    r = await _get(app, "/v1/admin/experts", user, "POST")
-    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_permissions"
-    assert (await _get(app, "/v1/admin/experts", admin, "POST")).status_code == 200
-    # revoking takes effect without a restart
-    remove_key("user1", path)
+    store.remove("user1")  # revoking takes effect without a restart
     assert (await _get(app, "/v1/models", user)).status_code == 401
-    assert (await _get(app, "/v1/models", admin)).status_code == 200
+    assert (await _get(app, "/v1/models", other)).status_code == 200
 
 
-async def test_env_keys(tmp_path):
-    store = KeyStore(env={"COE_API_KEYS": "k-one, k-two", "COE_ADMIN_KEYS": "k-admin"},
-                     path=tmp_path / "none.json")
-    assert store.configured
-    assert store.verify("k-two").role == "user" and store.verify("k-admin").role == "admin"
-    assert store.verify("k-three") is None and store.verify("") is None
-    assert all("k-one" not in json.dumps(r.__dict__) for r in store.records)  # hashed in memory too
-
-
-async def test_malformed_keys_file_keeps_last_good_set(tmp_path, caplog):
-    path = tmp_path / "keys.json"
-    key, _ = add_key("a", "user", path)
-    store = KeyStore(env={}, path=path, reload_every_s=0)
-    path.write_text("{ half written")
-    os.utime(path, ns=(1, 1))
-    assert store.verify(key) is not None  # a broken edit does not open (or close) the door
-    assert "malformed" in caplog.text
+async def test_env_keys_are_hashed_in_memory():
+    ring = KeyRing(None, env={"COE_API_KEYS": "k-one, k-two"})
+    assert ring.configured and ring.verify("k-two") is not None
+    assert ring.verify("k-three") is None and ring.verify("") is None
+    assert all("k-one" not in r.model_dump_json() for r in ring.records)
+    app = _app(ring)
+    assert (await _get(app, "/v1/models", "k-one")).status_code == 200
 
 
 def test_redact_removes_secrets():
@@ -120,7 +90,7 @@ def test_redact_removes_secrets():
 
 def test_log_records_are_redacted(caplog):
     security.install_log_redaction()
-    key = security.new_key()
+    key = new_key()
     with caplog.at_level(logging.INFO):
         logging.getLogger("coe.test").info("client sent %s", f"Bearer {key}")
     assert key not in caplog.text and "Bearer ***" in caplog.text

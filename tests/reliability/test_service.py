@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,20 +41,6 @@ def _in_flight(http: httpx.Client, expert: str) -> float:
     vals = [float(m.group(1)) for m in re.finditer(
         r'^coe_expert_in_flight\{[^}]*expert="' + re.escape(expert) + r'"[^}]*\} (\S+)$', text, re.M)]
     return sum(vals)
-
-
-def _wait(cond, timeout: float, every: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except (httpx.HTTPError, AssertionError, KeyError, ValueError) as e:
-            last = e
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def _ok(http: httpx.Client, model: str = "tiny-a", **kw) -> httpx.Response:
@@ -78,7 +65,7 @@ def test_api_keys_guard_every_v1_route(serve_app, http):
         stored = redis.Redis.from_url(reg.url, decode_responses=True).hgetall(f"coe:{reg.namespace}:apikeys")
         assert stored and key not in json.dumps(stored)  # only its hash is stored
         # the running service picks the new key up without a restart (re-read within ~1 s)
-        _wait(lambda: http.get("/v1/models").status_code == 401, 15, what="auth to switch on")
+        wait_until(lambda: http.get("/v1/models").status_code == 401, 15, what="auth to switch on")
         for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions",
                                    {"model": "tiny-a", "messages": HELLO, "max_tokens": 1}),
                                    ("POST", "/v1/route", {"model": "coe", "messages": HELLO}),
@@ -99,7 +86,7 @@ def test_api_keys_guard_every_v1_route(serve_app, http):
     finally:
         out = subprocess.run([*coe, "keys", "remove", "ci-user"], env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
-    _wait(lambda: http.get("/v1/models").status_code == 200, 15, what="auth to switch off")
+    wait_until(lambda: http.get("/v1/models").status_code == 200, 15, what="auth to switch off")
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -195,11 +182,11 @@ def test_client_disconnect_mid_stream_cancels_generation(serve_app, http):
                 line = next(lines)
                 if line.startswith("data: ") and '"content":"' in line and '"content":""' not in line:
                     got += 1
-            _wait(lambda: _in_flight(http, "smollm2") >= 1, 10, what="the stream to show as in flight")
+            wait_until(lambda: _in_flight(http, "smollm2") >= 1, 10, what="the stream to show as in flight")
             lines.close()
     # connection closed here; 1500 tokens would take minutes at SmolLM2's CPU speed
     t0 = time.monotonic()
-    _wait(lambda: _in_flight(http, "smollm2") == 0, 20, what="the cancelled stream's slot to be freed")
+    wait_until(lambda: _in_flight(http, "smollm2") == 0, 20, what="the cancelled stream's slot to be freed")
     assert time.monotonic() - t0 < 20
     _ok(http, model="smollm2")
 
@@ -223,7 +210,7 @@ def test_per_request_timeout(serve_app, http):
     errors = [json.loads(e)["error"] for e in events if e != "[DONE]" and "error" in json.loads(e)]
     assert errors and errors[0]["code"] == "request_timeout"
     assert events[-1] == "[DONE]"
-    _wait(lambda: _in_flight(http, "smollm2") == 0, 20, what="timed-out generations to be cancelled")
+    wait_until(lambda: _in_flight(http, "smollm2") == 0, 20, what="timed-out generations to be cancelled")
 
 
 # ----------------------------------------------------------------------------------------- faults
@@ -247,9 +234,9 @@ def test_failed_expert_is_marked_and_its_requests_fall_back(serve_app, http, tmp
         assert coe["expert"] == "tiny-a" and r.headers["x-coe-expert"] == "tiny-a"
         if r.headers.get("x-coe-fallback-from"):  # the request reached it before the background start
             assert r.headers["x-coe-fallback-from"] == "broken" and "broken" in (coe["fallback_reason"] or "")
-        spec = _wait(lambda: (e := reg.get("broken")).status == "failed" and e, 10, what="status=failed")
+        spec = wait_until(lambda: (e := reg.get("broken")).status == "failed" and e, 10, what="status=failed")
         assert "model.safetensors" in spec.status_reason or "safetensors" in spec.status_reason
-        card = _wait(lambda: (c := {m["id"]: m for m in http.get("/v1/models").json()["data"]}["broken"])["status"]
+        card = wait_until(lambda: (c := {m["id"]: m for m in http.get("/v1/models").json()["data"]}["broken"])["status"]
                      == "failed" and c, 10, what="/v1/models to show the failure")
         assert "safetensors" in card["status_reason"]
         # later requests skip it without trying; asking for it by name is a clear 503, not a hang
@@ -262,7 +249,7 @@ def test_failed_expert_is_marked_and_its_requests_fall_back(serve_app, http, tmp
         for f in serve_app.tiny_dir.iterdir():
             shutil.copy(f, bad / f.name)
         reg.set_status("broken", "ready")
-        r = _wait(lambda: (r := http.post("/v1/chat/completions", json={
+        r = wait_until(lambda: (r := http.post("/v1/chat/completions", json={
             "model": "broken", "messages": HELLO, "max_tokens": 2})).status_code == 200 and r, 30,
             what="the repaired expert to serve")
         assert r.json()["coe"]["expert"] == "broken"
@@ -276,7 +263,7 @@ def test_redis_down_keeps_serving_degraded_and_cli_fails_clearly(serve_app, http
     before = {e.name for e in reg.list()}
     redis_server.stop()
     try:
-        h = _wait(lambda: (j := http.get("/healthz").json())["status"] == "degraded" and j, 30,
+        h = wait_until(lambda: (j := http.get("/healthz").json())["status"] == "degraded" and j, 30,
                   what="/healthz to report degraded")
         assert h["registry"]["reachable"] is False and h["registry"]["error"]
         # still routing (last snapshot) and answering, automatic routing included
@@ -294,7 +281,7 @@ def test_redis_down_keeps_serving_degraded_and_cli_fails_clearly(serve_app, http
         assert out.returncode != 0 and "cannot reach Redis" in out.stderr
     finally:
         redis_server.start()
-    _wait(lambda: http.get("/healthz").json()["status"] == "ok", 60, what="/healthz ok after Redis is back")
+    wait_until(lambda: http.get("/healthz").json()["status"] == "ok", 60, what="/healthz ok after Redis is back")
     assert {e.name for e in reg.list()} == before
     _ok(http, model="tiny-a")
 
@@ -322,7 +309,7 @@ def test_pool_replica_death_fails_in_flight_cleanly_and_recovers(serve_app, http
 
     with cf.ThreadPoolExecutor(1) as ex:
         fut = ex.submit(stream)
-        _wait(lambda: len(result.get("events", [])) >= 3, 60, what="the stream to start")
+        wait_until(lambda: len(result.get("events", [])) >= 3, 60, what="the stream to start")
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if "ExpertPool" in a["name"] and "SERVE_REPLICA" in a["name"]]
         assert names, ray.util.list_named_actors(all_namespaces=True)
@@ -335,6 +322,6 @@ def test_pool_replica_death_fails_in_flight_cleanly_and_recovers(serve_app, http
     assert "exc" in result or any('"error"' in e for e in events), result
     assert not any('"finish_reason":"length"' in e for e in events)  # it did not pretend to finish
     # Serve starts a new replica; new requests succeed
-    _wait(lambda: http.post("/v1/chat/completions", timeout=60,
+    wait_until(lambda: http.post("/v1/chat/completions", timeout=60,
                             json={"model": "tiny-a", "messages": HELLO, "max_tokens": 2}).status_code == 200,
           150, every=2, what="a request to succeed after the replica restart")

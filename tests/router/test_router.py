@@ -151,11 +151,12 @@ def test_candidate_only_in_second_category_can_win(registry):
     assert set(policy.mixed_categories(p)) == {"coding", "math"}
     experts = dict(experts)
     experts["coder"] = experts["coder"].model_copy(update={"capabilities": {"coding": 0.5}})
-    expert, cat, cands, _, _ = policy.choose(p, experts, cmap)
+    choice = policy.choose(p, experts, cmap)
+    expert, cat, cands = choice.expert, choice.category, choice.candidates
     assert expert == "mathy" and cat == "coding"  # mathy is mapped to math only
     assert {c.expert for c in cands} == {"coder", "mathy"}
     # without mixing (top-1 only) the math expert is not even a candidate
-    expert, *_ = RoutingPolicy(PolicyConfig(mix_top_k=1)).choose(p, experts, cmap)
+    expert = RoutingPolicy(PolicyConfig(mix_top_k=1)).choose(p, experts, cmap).expert
     assert expert == "coder"
 
 
@@ -165,10 +166,10 @@ def test_residency_and_cost_change_the_decision():
     experts, cmap = {"a": a, "b": b}, {"coding": ["a", "b"]}
     policy = RoutingPolicy()
     p = probs(coding=1.0)
-    assert policy.choose(p, experts, cmap)[0] == "a"
-    assert policy.choose(p, experts, cmap, residency={"b": 1.0})[0] == "b"  # hot expert wins a near-tie
+    assert policy.choose(p, experts, cmap).expert == "a"
+    assert policy.choose(p, experts, cmap, residency={"b": 1.0}).expert == "b"  # hot expert wins a near-tie
     experts["a"] = a.model_copy(update={"cost_per_1k_tokens": 10.0})
-    assert policy.choose(p, experts, cmap)[0] == "b"  # a is now the expensive one
+    assert policy.choose(p, experts, cmap).expert == "b"  # a is now the expensive one
 
 
 def test_quality_predictor_changes_the_decision(small_router, small_data):

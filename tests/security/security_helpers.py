@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
-import pytest
+from conftest import wait_until
 
 HELLO = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -18,15 +16,4 @@ def err(r: httpx.Response) -> dict:
     return body["error"]
 
 
-def wait(cond, timeout: float, every: float = 0.3, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except (httpx.HTTPError, AssertionError, KeyError, ValueError) as e:
-            last = e
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+wait = wait_until

@@ -131,3 +131,37 @@ def test_readiness_needs_every_routable_category_in_memory():
     assert ready and body["categories"] == {"coding": "coder", "math": "general"}
     ready, body = readiness(w, {"tutor": 1.0, "coder": 0.0})  # coder evicted to disk or failed
     assert not ready and body["status"] == "not_ready" and "coding" in body["detail"]
+
+
+def test_deployment_errors_are_typed_and_only_the_ingress_picks_the_status():
+    """Decision 2: the pool and router deployments answer with an ErrorReport (kind + code, no
+    HTTP); the ingress turns it into the status and OpenAI body a client of vLLM would expect."""
+    from coe.api.errors import from_report
+    from coe.errors import ErrorKind, ErrorReport, ExpertTransientError
+    from coe.serve.ingress import _item_error
+    from coe.serve.pool_deployment import _err, _load_failed, _transient
+    from coe.serve.router_deployment import route_error
+    from routers.errors import NoEligibleExpert, UnknownModel
+
+    item = _transient(ExpertTransientError("a", "CUDA out of memory", retry_after_s=1.2))
+    assert set(item) == {"type", "error"} and "status" not in item["error"]  # nothing HTTP crosses
+    got = _item_error(item)
+    assert (got.status, got.code, got.type, got.retry_after) == (503, "expert_unavailable", "server_error", 2)
+    got = _item_error(_load_failed("expert 'a' could not be loaded: missing /srv/models/a/model.safetensors"))
+    assert got.status == 503 and got.code == "expert_load_failed" and "/srv/models" not in got.message
+    got = _item_error(_err(ErrorKind.TRANSIENT, "queue_full", "queue of 'a' is full; retry in 3 s", None, 3))
+    assert (got.status, got.type, got.retry_after) == (429, "rate_limit_error", 3)
+    got = _item_error(_err(ErrorKind.REQUEST, "context_length_exceeded", "too long", "max_tokens"))
+    assert (got.status, got.type, got.param) == (400, "invalid_request_error", "max_tokens")
+    got = _item_error(_err(ErrorKind.REQUEST, "model_not_found", "expert 'x' is not registered"))
+    assert got.status == 404
+
+    assert from_report(route_error(UnknownModel("x", ["coe"]), {})).status == 404
+    none = NoEligibleExpert("coe", {"a": "failed: bad file"})
+    assert route_error(none, {}).kind is ErrorKind.PERMANENT and from_report(route_error(none, {})).status == 503
+    too_long = NoEligibleExpert("coe", {"a": "context 512 < 900 tokens"})
+    assert from_report(route_error(too_long, {"max_tokens": 900})).status == 400
+    crash = from_report(route_error(RuntimeError("boom"), {}))
+    assert crash.status == 500 and crash.type == "server_error"
+    with pytest.raises(ValueError):  # a report is closed: an HTTP field smuggled in is refused
+        ErrorReport.model_validate({"kind": "request", "message": "x", "status": 400})

@@ -264,3 +264,31 @@ async def test_starving_expert_preempts_one_session_while_the_other_keeps_admitt
         hold_a.cancel()
         hold_b.cancel()
         await pool.close()
+
+
+async def test_engines_handed_in_outlive_the_pool_that_served_them(byte_model_dir):
+    """The serving bench's way of running several pool set-ups over one set of started engines:
+    the pool builds engines through the factory it is given, and ``close(close_engines=False)``
+    leaves them loaded for the next pool, which serves the same greedy output from them."""
+    from coe.engines import create_engine
+
+    built = []
+
+    def factory(expert, **pool_settings):
+        built.append(create_engine(expert, **pool_settings))
+        return built[-1]
+
+    ex = make_expert("b", byte_model_dir)
+    first = ExpertPool(PoolConfig(hbm_budget_bytes=10**12, dram_budget_bytes=10**12), engine_factory=factory)
+    await first.add_expert(ex)
+    before, _ = await ask(first, "b")
+    await first.close(close_engines=False)
+    (engine,) = built
+    assert engine.tier is not Tier.DISK  # still loaded: nothing was shut down
+
+    second = ExpertPool(PoolConfig(hbm_budget_bytes=10**12, dram_budget_bytes=10**12),
+                        engine_factory=lambda expert, **_: engine)
+    await second.add_expert(ex)
+    assert second.engine("b") is engine and (await ask(second, "b"))[0] == before
+    await second.close()
+    assert engine.tier is Tier.DISK and len(built) == 1

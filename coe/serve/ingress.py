@@ -114,6 +114,9 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
         h["x-coe-fallback-from"] = str(fallback_from)
     if info.conversation:
         h["x-coe-conversation"] = info.conversation.split(":", 1)[0]
+    if info.replica:  # the pool replica (and its Ray node) that generated the answer
+        h["x-coe-replica"] = info.replica
+        h["x-coe-node"] = info.node or ""
     return h
 
 
@@ -339,6 +342,7 @@ class Ingress:
             first = await gen.__anext__()
             if first.get("type") == "error":
                 raise _item_error(first)
+            info.replica, info.node = first.get("replica"), first.get("node")  # who serves it (debugging a cluster)
             pending: list[dict] = []
             try:
                 second = await gen.__anext__()

@@ -1,13 +1,14 @@
 """``ExpertPoolDeployment``: a thin Ray Serve shell over one plain :class:`coe.pool.ExpertPool`.
 
-One replica per GPU (or CPU replicas). Requests arrive with ``multiplexed_model_id=<expert>``;
-Ray Serve's multiplexed routing sends them to a replica that already holds that expert (any tier),
+One replica per node (DESIGN decision 1). Requests arrive with ``multiplexed_model_id=<expert>``;
+Serve's request router (``coe.serve.pool_routing``, fed by ``record_routing_stats``) sends them to
+the replica that holds that expert hot, else one that holds it in any tier, else the least loaded,
 so the pool's tier manager, not a home-made dispatcher, decides what sits in HBM. The multiplexed
 "model" object is only a ticket for the expert in this replica's pool; when Serve evicts it (more
 than ``pool.max_experts_per_replica`` experts asked of this replica) the expert leaves the pool.
 
 Responses are plain dicts (cheap to pickle, no FastAPI below the ingress): a stream starts with
-``{"type": "start", "prompt_tokens": n}`` or a single ``{"type": "error", ...}`` and continues
+``{"type": "start", "prompt_tokens": n, "replica": id, "node": id}`` or a single ``{"type": "error", ...}`` and continues
 with ``{"type": "chunk", ...}``.
 """
 
@@ -65,6 +66,7 @@ class ExpertPoolDeployment:
         self._started = asyncio.Lock()
         self._add_locks: dict[str, asyncio.Lock] = {}
         self._replica = _replica_tag()
+        self._node = _node_id()
         self._ray_gauges = _pool_gauges()
         self._gauge_task: asyncio.Task | None = None
         if self._ray_gauges:  # each move observed where it happens, per expert and per src->dst
@@ -233,7 +235,8 @@ class ExpertPoolDeployment:
                 return
             max_tokens = min(max_tokens, max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
-        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens}
+        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+               "replica": self._replica, "node": self._node}
         t0 = time.monotonic()
         try:
             async for chunk in self.pool.generate(name, messages, params):
@@ -270,6 +273,14 @@ class ExpertPoolDeployment:
                 log.debug("hint_demand failed: %s", e)
         return dict(self.pool.residency_hint())
 
+    async def record_routing_stats(self) -> dict:
+        """Serve's controller polls this (``pool.routing_stats_period_s``) and pushes what changed
+        to every handle's request router (``coe.serve.pool_routing``): node, and per expert its tier,
+        status and queue depth. Through Ray, never Redis (decision 3)."""
+        from coe.serve.pool_routing import replica_stats
+
+        return replica_stats(self._replica, self._node, self.pool.state(), self.pool.residency_hint())
+
     async def stats(self) -> dict:
         """This replica's snapshot (the ingress renders it at ``/metrics``)."""
         from coe.metrics import pool_snapshot
@@ -298,6 +309,16 @@ def _replica_tag() -> str:
         return ctx.replica_tag if hasattr(ctx, "replica_tag") else str(ctx.replica_id.unique_id)
     except Exception:
         return f"pid{os.getpid()}"
+
+
+def _node_id() -> str:
+    """The Ray node this replica runs on (what a user sees in ``ray status`` / the dashboard)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
 
 
 def _pool_gauges() -> dict | None:

@@ -1,0 +1,167 @@
+"""Which ExpertPool replica serves a request: Ray Serve's request-router API, fed by residency
+that every pool replica reports through Ray.
+
+Why a custom request router and not plain ``@serve.multiplexed`` routing: Serve's multiplexing
+knows which replicas *hold* an expert (its multiplexed model ids), not in which tier. With one
+pool replica per node (DESIGN decision 1) an expert is often held by several nodes — in HBM on
+one, asleep in DRAM on another — and a request should go to the node where it is hot.
+
+How it works (docs/serving.md, "Several nodes"):
+
+* every pool replica answers Serve's ``record_routing_stats`` (polled by the Serve controller
+  every ``pool.routing_stats_period_s``) with :func:`replica_stats`: its node, and per expert the
+  tier, status and queue depth. The controller pushes changes to every handle's request router;
+  nothing goes through Redis (decision 3);
+* :class:`ResidencyRequestRouter` (one per process that holds a pool handle: the ingress, the
+  router) ranks replicas for a request whose ``multiplexed_model_id`` is an expert: (1) replicas
+  holding it in HBM and ready, (2) replicas holding it in any tier (from the stats or Serve's own
+  multiplexed ids, which arrive sooner), and only when none holds it — or after
+  ``spill_after_s`` when every holder is full — (3) the replicas holding the fewest experts, then
+  (4) the rest. Within a rank Serve picks the replica with the shortest queue that accepts;
+* a multiplexed model id ``replica:<id>`` (not a valid expert name) targets one replica: the
+  router deployment uses it to send each replica its share of the demand hint and to read its
+  residency (:func:`replica_target`);
+* the latest view of every replica is kept per process (:func:`cluster_view`), so the router
+  deployment merges residency from every replica without a call of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+
+#: multiplexed-model-id prefix that targets one replica (expert names cannot contain ":")
+TARGET_PREFIX = "replica:"
+#: the class path Serve's ``RequestRouterConfig`` takes
+ROUTER_PATH = "coe.serve.pool_routing:ResidencyRequestRouter"
+#: how long a request waits for a replica that holds its expert before any replica may take it
+DEFAULT_SPILL_AFTER_S = 2.0
+
+
+def replica_target(replica_id: str) -> str:
+    """The multiplexed model id that sends a call to the replica ``replica_id`` (its unique id)."""
+    return TARGET_PREFIX + replica_id
+
+
+def replica_stats(replica: str, node: str, state: dict[str, Any], residency: dict[str, float]) -> dict[str, Any]:
+    """What a pool replica reports to Serve's request routers (small: it is broadcast on change).
+
+    ``state`` is :meth:`coe.pool.ExpertPool.state`, ``residency`` its ``residency_hint``."""
+    return {
+        "replica": replica,
+        "node": node,
+        "experts": {
+            name: {"tier": st.tier, "status": st.status, "queue": st.queue_depth + st.in_flight,
+                   "residency": round(float(residency.get(name, 0.0)), 4)}
+            for name, st in state.items()
+        },
+    }
+
+
+@dataclass
+class ReplicaView:
+    """One pool replica as the request router last saw it."""
+
+    replica: str
+    node: str
+    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    multiplexed: frozenset[str] = frozenset()
+
+    def tier(self, expert: str) -> str | None:
+        e = self.experts.get(expert)
+        return str(e.get("tier")) if e else None
+
+    def is_hot(self, expert: str) -> bool:
+        e = self.experts.get(expert)
+        return bool(e) and e.get("tier") == "hbm" and e.get("status") == "ready"
+
+    def holds(self, expert: str) -> bool:
+        e = self.experts.get(expert)
+        if e is not None:
+            return e.get("status") not in ("failed", "removing")
+        return expert in self.multiplexed
+
+    def queue_depth(self) -> int:
+        return sum(int(e.get("queue") or 0) for e in self.experts.values())
+
+
+_VIEWS: dict[tuple[str, str], dict[str, ReplicaView]] = {}
+
+
+def cluster_view(deployment: str = "ExpertPool", app: str | None = None) -> dict[str, ReplicaView]:
+    """Every pool replica this process's handles know of, by replica id (empty before the first
+    call through a pool handle in this process has created its request router)."""
+    for (a, d), view in _VIEWS.items():
+        if d == deployment and (app is None or a == app):
+            return dict(view)
+    return {}
+
+
+def merged_residency(view: dict[str, ReplicaView]) -> dict[str, float]:
+    """Per expert, the best residency any replica reports (the router's residency term)."""
+    out: dict[str, float] = {}
+    for r in view.values():
+        for name, e in r.experts.items():
+            out[name] = max(out.get(name, 0.0), float(e.get("residency") or 0.0))
+    return out
+
+
+def _view_of(r: RunningReplica) -> ReplicaView:
+    stats = r.routing_stats or {}
+    return ReplicaView(replica=r.replica_id.unique_id, node=str(stats.get("node") or r.node_id or ""),
+                       experts=dict(stats.get("experts") or {}), multiplexed=frozenset(r.multiplexed_model_ids))
+
+
+class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+    """Send a request to the pool replica that holds its expert hot (see the module docstring)."""
+
+    def initialize_state(self, spill_after_s: float = DEFAULT_SPILL_AFTER_S, **_: Any) -> None:
+        self._spill_after_s = float(spill_after_s)
+        self._key = (self._deployment_id.app_name, self._deployment_id.name)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        _VIEWS[self._key] = {v.replica: v for v in map(_view_of, replicas)}
+
+    def on_replica_actor_died(self, replica_id: Any) -> None:
+        super().on_replica_actor_died(replica_id)
+        _VIEWS.get(self._key, {}).pop(replica_id.unique_id, None)
+
+    def rank(self, candidates: list[RunningReplica], expert: str, waited_s: float) -> list[list[RunningReplica]]:
+        """The ranks for a request for ``expert`` that has waited ``waited_s`` for a replica."""
+        views = {r.replica_id: _view_of(r) for r in candidates}
+        hot = [r for r in candidates if views[r.replica_id].is_hot(expert)]
+        holding = [r for r in candidates if r not in hot and views[r.replica_id].holds(expert)]
+        if (hot or holding) and waited_s < self._spill_after_s:
+            return [hot, holding]
+        others = [r for r in candidates if r not in hot and r not in holding]
+        fewest = min((len(views[r.replica_id].experts) for r in others), default=0)
+        least = [r for r in others if len(views[r.replica_id].experts) == fewest]
+        return [hot, holding, least, [r for r in others if r not in least]]
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is None:
+            return [candidate_replicas]
+        pending_request.routing_context.should_backoff = True  # nothing fits now: wait a little, try again
+        model = pending_request.metadata.multiplexed_model_id
+        if not model:  # stats, sync(None): any replica, the shortest queue
+            return [candidate_replicas]
+        if model.startswith(TARGET_PREFIX):
+            want = model[len(TARGET_PREFIX):]
+            target = [r for r in candidate_replicas if r.replica_id.unique_id == want]
+            return [target] if target else [candidate_replicas]  # gone: any replica answers (it says which)
+        ctx = pending_request.routing_context
+        if not ctx.multiplexed_start_matching_time:
+            ctx.multiplexed_start_matching_time = time.time()
+        ranks = self.rank(candidate_replicas, model, time.time() - ctx.multiplexed_start_matching_time)
+        return [r for r in ranks if r]

@@ -277,7 +277,7 @@ class ExpertPoolDeployment:
         """Serve's controller polls this (``pool.routing_stats_period_s``) and pushes what changed
         to every handle's request router (``coe.serve.pool_routing``): node, and per expert its tier,
         status and queue depth. Through Ray, never Redis (decision 3)."""
-        from coe.serve.pool_routing import replica_stats
+        from coe.serve.pool_view import replica_stats
 
         return replica_stats(self._replica, self._node, self.pool.state(), self.pool.residency_hint())
 

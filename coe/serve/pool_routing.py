@@ -9,7 +9,7 @@ one, asleep in DRAM on another — and a request should go to the node where it 
 How it works (docs/serving.md, "Several nodes"):
 
 * every pool replica answers Serve's ``record_routing_stats`` (polled by the Serve controller
-  every ``pool.routing_stats_period_s``) with :func:`replica_stats`: its node, and per expert the
+  every ``pool.routing_stats_period_s``) with :func:`coe.serve.pool_view.replica_stats`: its node, and per expert the
   tier, status and queue depth. The controller pushes changes to every handle's request router;
   nothing goes through Redis (decision 3);
 * :class:`ResidencyRequestRouter` (one per process that holds a pool handle: the ingress, the
@@ -20,15 +20,14 @@ How it works (docs/serving.md, "Several nodes"):
   (4) the rest. Within a rank Serve picks the replica with the shortest queue that accepts;
 * a multiplexed model id ``replica:<id>`` (not a valid expert name) targets one replica: the
   router deployment uses it to send each replica its share of the demand hint and to read its
-  residency (:func:`replica_target`);
-* the latest view of every replica is kept per process (:func:`cluster_view`), so the router
+  residency (:func:`coe.serve.pool_view.replica_target`);
+* the latest view of every replica is kept per process (:func:`coe.serve.pool_view.cluster_view`), so the router
   deployment merges residency from every replica without a call of its own.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.request_router import (
@@ -39,80 +38,12 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-#: multiplexed-model-id prefix that targets one replica (expert names cannot contain ":")
-TARGET_PREFIX = "replica:"
+from coe.serve.pool_view import TARGET_PREFIX, ReplicaView, forget, publish
+
 #: the class path Serve's ``RequestRouterConfig`` takes
 ROUTER_PATH = "coe.serve.pool_routing:ResidencyRequestRouter"
 #: how long a request waits for a replica that holds its expert before any replica may take it
 DEFAULT_SPILL_AFTER_S = 2.0
-
-
-def replica_target(replica_id: str) -> str:
-    """The multiplexed model id that sends a call to the replica ``replica_id`` (its unique id)."""
-    return TARGET_PREFIX + replica_id
-
-
-def replica_stats(replica: str, node: str, state: dict[str, Any], residency: dict[str, float]) -> dict[str, Any]:
-    """What a pool replica reports to Serve's request routers (small: it is broadcast on change).
-
-    ``state`` is :meth:`coe.pool.ExpertPool.state`, ``residency`` its ``residency_hint``."""
-    return {
-        "replica": replica,
-        "node": node,
-        "experts": {
-            name: {"tier": st.tier, "status": st.status, "queue": st.queue_depth + st.in_flight,
-                   "residency": round(float(residency.get(name, 0.0)), 4)}
-            for name, st in state.items()
-        },
-    }
-
-
-@dataclass
-class ReplicaView:
-    """One pool replica as the request router last saw it."""
-
-    replica: str
-    node: str
-    experts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    multiplexed: frozenset[str] = frozenset()
-
-    def tier(self, expert: str) -> str | None:
-        e = self.experts.get(expert)
-        return str(e.get("tier")) if e else None
-
-    def is_hot(self, expert: str) -> bool:
-        e = self.experts.get(expert)
-        return bool(e) and e.get("tier") == "hbm" and e.get("status") == "ready"
-
-    def holds(self, expert: str) -> bool:
-        e = self.experts.get(expert)
-        if e is not None:
-            return e.get("status") not in ("failed", "removing")
-        return expert in self.multiplexed
-
-    def queue_depth(self) -> int:
-        return sum(int(e.get("queue") or 0) for e in self.experts.values())
-
-
-_VIEWS: dict[tuple[str, str], dict[str, ReplicaView]] = {}
-
-
-def cluster_view(deployment: str = "ExpertPool", app: str | None = None) -> dict[str, ReplicaView]:
-    """Every pool replica this process's handles know of, by replica id (empty before the first
-    call through a pool handle in this process has created its request router)."""
-    for (a, d), view in _VIEWS.items():
-        if d == deployment and (app is None or a == app):
-            return dict(view)
-    return {}
-
-
-def merged_residency(view: dict[str, ReplicaView]) -> dict[str, float]:
-    """Per expert, the best residency any replica reports (the router's residency term)."""
-    out: dict[str, float] = {}
-    for r in view.values():
-        for name, e in r.experts.items():
-            out[name] = max(out.get(name, 0.0), float(e.get("residency") or 0.0))
-    return out
 
 
 def _view_of(r: RunningReplica) -> ReplicaView:
@@ -130,11 +61,11 @@ class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        _VIEWS[self._key] = {v.replica: v for v in map(_view_of, replicas)}
+        publish(*self._key, {v.replica: v for v in map(_view_of, replicas)})
 
     def on_replica_actor_died(self, replica_id: Any) -> None:
         super().on_replica_actor_died(replica_id)
-        _VIEWS.get(self._key, {}).pop(replica_id.unique_id, None)
+        forget(*self._key, replica_id.unique_id)
 
     def rank(self, candidates: list[RunningReplica], expert: str, waited_s: float) -> list[list[RunningReplica]]:
         """The ranks for a request for ``expert`` that has waited ``waited_s`` for a replica."""

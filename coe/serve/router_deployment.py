@@ -79,7 +79,7 @@ class RouterDeployment:
         """Tell every pool replica the demand (each keeps what it holds, as a prefetch hint) and
         merge their residency: per expert the best any replica reports (decision 1). The replica
         list is the one Serve gives this process's pool handle (``coe.serve.pool_routing``)."""
-        from coe.serve.pool_routing import cluster_view, replica_target
+        from coe.serve.pool_view import cluster_view, replica_target
 
         replicas = sorted(cluster_view())  # this process holds handles of its own app only
         if len(replicas) <= 1:  # one replica, or the handle has not seen the list yet

@@ -4,7 +4,8 @@ Run as a script (its own process: the suite's session Ray lives in the pytest pr
 process can join one Ray only). It starts ``ray.cluster_utils.Cluster`` with two nodes on
 loopback, each advertising the custom resource ``coe_pool: 1``, deploys ``build_app`` with two pool
 replicas (``pool.node_resource: coe_pool``, at most one per node), waits for ``/readyz``, prints one
-JSON line ``{"port", "nodes", "replicas": {replica_id: node_id}}`` and serves until stdin closes.
+JSON line ``{"port", "nodes", "replicas": {replica_id: node_id}}`` and serves until stdin closes;
+a line ``view`` on stdin is answered with every replica's reported residency (one JSON line).
 
     python tests/serve/multinode_cluster.py CONFIG_JSON
 """
@@ -30,7 +31,7 @@ def main(config_json: str) -> None:
 
     from coe.config import ServeConfig
     from coe.serve.app import build_app
-    from coe.serve.pool_routing import cluster_view
+    from coe.serve.pool_view import cluster_view
 
     cfg = ServeConfig.model_validate_json(config_json)
     node = {"num_cpus": 1, "resources": {cfg.pool.node_resource: 1}, "object_store_memory": 80 * 1024 * 1024}
@@ -63,7 +64,10 @@ def main(config_json: str) -> None:
             time.sleep(0.2)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps({"port": cfg.port, "nodes": nodes, "replicas": replicas}), flush=True)
-        sys.stdin.read()  # the test closes stdin when it is done
+        for line in sys.stdin:  # "view": what the pool handle of this process knows; EOF: stop
+            if line.strip() == "view":
+                print(json.dumps({r: {"node": v.node, "experts": v.experts} for r, v in cluster_view().items()}),
+                      flush=True)
     finally:
         try:
             serve.shutdown()

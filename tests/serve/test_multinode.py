@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TINY_CONTEXT, _free_port
+from conftest import TINY_CONTEXT, _free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -61,7 +61,7 @@ def cluster(redis_url: str, tiny_model_dir: Path):
         line = proc.stdout.readline()
         if not line:
             pytest.fail(f"the two-node cluster did not start (exit {proc.wait(timeout=30)})")
-        info = json.loads(line)
+        info = json.loads(line) | {"proc": proc}
         with httpx.Client(base_url=f"http://127.0.0.1:{info['port']}", timeout=60) as http:
             yield info, http
     finally:
@@ -98,6 +98,11 @@ def test_requests_go_to_the_replica_holding_the_expert_hot(cluster):
     time.sleep(2.0)  # a few routing-stats periods: the routers learn that `hot` has it in HBM
     served = [_ask(http, "tiny-hot").headers["x-coe-replica"] for _ in range(10)]
     assert served == [hot] * 10, f"requests for tiny-hot went to {served}; it is hot on {hot}"
-    # the other replica holds it too (started on add), just not hot: residency, not membership, decided
-    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
-    assert models["tiny-hot"]["status"] == "ready"
+    # the other replica holds it too (started on add), only not in HBM: residency decided, not membership
+    proc = info["proc"]
+    proc.stdin.write("view\n")
+    proc.stdin.flush()
+    view = json.loads(proc.stdout.readline())
+    other = next(r for r in view if r != hot)
+    assert view[hot]["experts"]["tiny-hot"]["tier"] == "hbm"
+    assert view[other]["experts"]["tiny-hot"]["tier"] != "hbm", view

@@ -38,7 +38,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from coe.serve.pool_view import TARGET_PREFIX, ReplicaView, forget, publish
+from coe.serve.pool_view import TARGET_PREFIX, ReplicaView, forget, publish, rank_replicas
 
 #: the class path Serve's ``RequestRouterConfig`` takes
 ROUTER_PATH = "coe.serve.pool_routing:ResidencyRequestRouter"
@@ -67,18 +67,6 @@ class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         super().on_replica_actor_died(replica_id)
         forget(*self._key, replica_id.unique_id)
 
-    def rank(self, candidates: list[RunningReplica], expert: str, waited_s: float) -> list[list[RunningReplica]]:
-        """The ranks for a request for ``expert`` that has waited ``waited_s`` for a replica."""
-        views = {r.replica_id: _view_of(r) for r in candidates}
-        hot = [r for r in candidates if views[r.replica_id].is_hot(expert)]
-        holding = [r for r in candidates if r not in hot and views[r.replica_id].holds(expert)]
-        if (hot or holding) and waited_s < self._spill_after_s:
-            return [hot, holding]
-        others = [r for r in candidates if r not in hot and r not in holding]
-        fewest = min((len(views[r.replica_id].experts) for r in others), default=0)
-        least = [r for r in others if len(views[r.replica_id].experts) == fewest]
-        return [hot, holding, least, [r for r in others if r not in least]]
-
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is None:
@@ -94,5 +82,7 @@ class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
         ctx = pending_request.routing_context
         if not ctx.multiplexed_start_matching_time:
             ctx.multiplexed_start_matching_time = time.time()
-        ranks = self.rank(candidate_replicas, model, time.time() - ctx.multiplexed_start_matching_time)
-        return [r for r in ranks if r]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranks = rank_replicas([_view_of(r) for r in candidate_replicas], model,
+                              time.time() - ctx.multiplexed_start_matching_time, self._spill_after_s)
+        return [[by_id[i] for i in rank] for rank in ranks]

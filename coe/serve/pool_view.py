@@ -62,6 +62,25 @@ class ReplicaView:
         return sum(int(e.get("queue") or 0) for e in self.experts.values())
 
 
+def rank_replicas(views: list[ReplicaView], expert: str, waited_s: float, spill_after_s: float) -> list[list[str]]:
+    """Replica ids for a request for ``expert``, best rank first (Serve then takes, within the
+    first rank that has room, the replica with the shortest queue):
+
+    1. holding it in HBM and ready; 2. holding it in another tier (or loading it);
+    only when no replica holds it, or after ``spill_after_s`` of waiting for full holders:
+    3. those holding the fewest experts; 4. the rest."""
+    hot = [v for v in views if v.is_hot(expert)]
+    holding = [v for v in views if v not in hot and v.holds(expert)]
+    if (hot or holding) and waited_s < spill_after_s:
+        ranks = [hot, holding]
+    else:
+        others = [v for v in views if v not in hot and v not in holding]
+        fewest = min((len(v.experts) for v in others), default=0)
+        least = [v for v in others if len(v.experts) == fewest]
+        ranks = [hot, holding, least, [v for v in others if v not in least]]
+    return [[v.replica for v in r] for r in ranks if r]
+
+
 _VIEWS: dict[tuple[str, str], dict[str, ReplicaView]] = {}
 
 

@@ -43,6 +43,7 @@ from coe.config import ServeConfig
 from coe.engines.features import engine_kind, engines_supporting, unsupported
 from coe.generate_request import GenerateRequest
 from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
+from coe.serve.pool_view import cluster_view, merged_residency
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
@@ -617,6 +618,11 @@ class Ingress:
                     states[name] = st.split(".")[-1].lower()
                 if e.get("phase") or e.get("error"):
                     phases[name] = str(e.get("phase") or e.get("error"))
+        for rep in cluster_view().values():  # several nodes: the best tier any pool replica reports
+            for name, e in rep.experts.items():
+                t = str(e.get("tier"))
+                if TIER_ORDER.get(t, 0) > TIER_ORDER.get(tiers.get(name, ""), 0):
+                    tiers[name] = t
         return tiers, states, phases
 
     @app.get("/healthz")
@@ -647,6 +653,9 @@ class Ingress:
                 residency = await asyncio.wait_for(self.pool.sync.remote(None), 5.0)
             except Exception as e:
                 log.warning("readiness: the expert pool did not answer: %s", e)
+            if residency is not None:  # several nodes: what every other pool replica reported too
+                for name, v in merged_residency(cluster_view()).items():
+                    residency[name] = max(residency.get(name, 0.0), v)
         ready, body = readiness(self.warm, residency)
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -27,6 +27,7 @@ How it works (docs/serving.md, "Several nodes"):
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -69,20 +70,23 @@ class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        # Serve takes the first replica with the shortest queue in a rank: shuffled, so that equally
+        # loaded replicas share the work
+        anyone = random.sample(candidate_replicas, len(candidate_replicas))
         if pending_request is None:
-            return [candidate_replicas]
+            return [anyone]
         pending_request.routing_context.should_backoff = True  # nothing fits now: wait a little, try again
         model = pending_request.metadata.multiplexed_model_id
         if not model:  # stats, sync(None): any replica, the shortest queue
-            return [candidate_replicas]
+            return [anyone]
         if model.startswith(TARGET_PREFIX):
             want = model[len(TARGET_PREFIX):]
             target = [r for r in candidate_replicas if r.replica_id.unique_id == want]
-            return [target] if target else [candidate_replicas]  # gone: any replica answers (it says which)
+            return [target] if target else [anyone]  # gone: any replica answers (it says which)
         ctx = pending_request.routing_context
         if not ctx.multiplexed_start_matching_time:
             ctx.multiplexed_start_matching_time = time.time()
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        ranks = rank_replicas([_view_of(r) for r in candidate_replicas], model,
+        by_id = {r.replica_id.unique_id: r for r in anyone}
+        ranks = rank_replicas([_view_of(r) for r in anyone], model,
                               time.time() - ctx.multiplexed_start_matching_time, self._spill_after_s)
         return [[by_id[i] for i in rank] for rank in ranks]

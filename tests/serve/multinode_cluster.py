@@ -5,7 +5,7 @@ process can join one Ray only). It starts ``ray.cluster_utils.Cluster`` with two
 loopback, each advertising the custom resource ``coe_pool: 1``, deploys ``build_app`` with two pool
 replicas (``pool.node_resource: coe_pool``, at most one per node), waits for ``/readyz``, prints one
 JSON line ``{"port", "nodes", "replicas": {replica_id: node_id}}`` and serves until stdin closes;
-a line ``view`` on stdin is answered with every replica's reported residency (one JSON line).
+a line ``view`` on stdin is answered with every replica's experts and their tiers (one JSON line).
 
     python tests/serve/multinode_cluster.py CONFIG_JSON
 """
@@ -31,7 +31,6 @@ def main(config_json: str) -> None:
 
     from coe.config import ServeConfig
     from coe.serve.app import build_app
-    from coe.serve.pool_view import cluster_view
 
     cfg = ServeConfig.model_validate_json(config_json)
     node = {"num_cpus": 1, "resources": {cfg.pool.node_resource: 1}, "object_store_memory": 80 * 1024 * 1024}
@@ -54,20 +53,25 @@ def main(config_json: str) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("coe did not become ready on the two-node cluster in 150 s")
             time.sleep(0.5)
-        # this driver's pool handle learns every replica (and its node) from Serve, as the
-        # ingress's and the router's handles do
         pool = serve.get_deployment_handle("ExpertPool", app_name=cfg.app_name)
-        replicas: dict[str, str] = {}
-        while len(replicas) < cfg.pool.num_replicas and time.monotonic() < deadline:
-            pool.stats.remote().result(timeout_s=10)
-            replicas = {r: v.node for r, v in cluster_view().items() if v.node}
-            time.sleep(0.2)
+
+        def reports() -> dict[str, dict]:
+            """Every pool replica's own report (``record_routing_stats``, asked directly, so that
+            what the test checks does not depend on the request router under test)."""
+            seen: dict[str, dict] = {}
+            for _ in range(100):
+                rep = pool.record_routing_stats.remote().result(timeout_s=10)
+                seen[rep["replica"]] = rep
+                if len(seen) == cfg.pool.num_replicas:
+                    break
+            return seen
+
+        replicas = {r: rep["node"] for r, rep in reports().items()}
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         print(json.dumps({"port": cfg.port, "nodes": nodes, "replicas": replicas}), flush=True)
-        for line in sys.stdin:  # "view": what the pool handle of this process knows; EOF: stop
+        for line in sys.stdin:  # "view": every replica's experts and tiers, one JSON line; EOF: stop
             if line.strip() == "view":
-                print(json.dumps({r: {"node": v.node, "experts": v.experts} for r, v in cluster_view().items()}),
-                      flush=True)
+                print(json.dumps({r: rep["experts"] for r, rep in reports().items()}), flush=True)
     finally:
         try:
             serve.shutdown()

@@ -104,5 +104,5 @@ def test_requests_go_to_the_replica_holding_the_expert_hot(cluster):
     proc.stdin.flush()
     view = json.loads(proc.stdout.readline())
     other = next(r for r in view if r != hot)
-    assert view[hot]["experts"]["tiny-hot"]["tier"] == "hbm"
-    assert view[other]["experts"]["tiny-hot"]["tier"] != "hbm", view
+    assert view[hot]["tiny-hot"]["tier"] == "hbm"
+    assert view[other]["tiny-hot"]["tier"] != "hbm", view

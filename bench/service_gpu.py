@@ -154,6 +154,17 @@ class Result:
     tokens: int
     expert: str | None
     error: str | None = None
+    #: what the HTTP path added to this request, from the service's ``x-coe-timing`` stamps:
+    #: (pool enqueue - ingress receipt) + (client receives first token - pool's first token)
+    added_s: float | None = None
+
+
+def added_by_http(stamps: dict[str, Any] | None, client_first_at: float) -> float | None:
+    """Seconds the HTTP path added to one request, from the service's wall-clock stamps (same
+    machine): ingress receipt -> pool enqueue, plus pool first token -> client."""
+    if not stamps or None in (stamps.get("received"), stamps.get("enqueued"), stamps.get("first_token")):
+        return None
+    return (stamps["enqueued"] - stamps["received"]) + (client_first_at - stamps["first_token"])
 
 
 async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> Result:
@@ -161,21 +172,24 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
 
     t0 = time.perf_counter()
     ttft = None
+    added = None
     n = 0
     expert = None
     try:
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True})
+            temperature=0.0, stream=True, stream_options={"include_usage": True},
+            extra_headers={"x-coe-timing": "1"})
         expert = raw.headers.get("x-coe-expert")
         stream = raw.parse()
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
+                    added = added_by_http((chunk.model_extra or {}).get("coe_timing"), time.time())
             if chunk.usage is not None:
                 n = chunk.usage.completion_tokens
-        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert)
+        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert, None, added)
     except openai.APIStatusError as e:
         return Result(model, False, e.status_code, ttft, time.perf_counter() - t0, n, expert, str(e)[:300])
     except Exception as e:  # connection errors etc.
@@ -252,13 +266,7 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     sys.path.insert(0, str(REPO / "bench"))
     from serve_gpu import make_trace
 
-    from coe.ray_local import LOOPBACK, single_machine_mode
-
-    # coe serve's Ray listens on loopback only (single-machine mode): join it there, not at the
-    # node address Ray records in its current-cluster file
-    single_machine_mode()
-    port = Path("/tmp/ray/ray_current_cluster").read_text().strip().rsplit(":", 1)[1]
-    ray.init(address=f"{LOOPBACK}:{port}", namespace="coe", log_to_driver=False)
+    join_service_ray()
     vocab = SHAPE_VOCAB[args.shape]
     low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
                                                               prompt_tokens=128, seed=11)]
@@ -267,6 +275,11 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     http_low, _ = asyncio.run(replay_http(base, low, names, args.max_tokens))
     pl, hl = summarize(pool_low), summarize(http_low)
     res["low_load"] = {"rate": args.low_rate, "pool": pl, "http": hl}
+    added = [r.added_s for r in http_low if r.added_s is not None]
+    if added:  # the issue's measure: per-request stamps, ingress receipt -> enqueue + first token -> client
+        res["low_load"]["per_request_added_ms"] = {"n": len(added), "p50": round(1000 * pct(added, 50), 2),
+                                                   "p99": round(1000 * pct(added, 99), 2),
+                                                   "max": round(1000 * max(added), 2)}
     if pl["ttft_p50_s"] is not None and hl["ttft_p50_s"] is not None:
         res["low_load"]["added_ms_p50"] = round(1000 * (hl["ttft_p50_s"] - pl["ttft_p50_s"]), 1)
         res["low_load"]["added_ms_p99"] = round(1000 * (hl["ttft_p99_s"] - pl["ttft_p99_s"]), 1)
@@ -281,6 +294,51 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
                       if p["output_tok_s"] and h["output_tok_s"] else None}
     ray.shutdown()
     return res
+
+
+def join_service_ray() -> None:
+    """Connect this process to the Ray that ``coe serve`` started (loopback only, single machine)."""
+    import ray
+
+    from coe.ray_local import LOOPBACK, single_machine_mode
+
+    single_machine_mode()
+    current = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`, not always by ray.init
+    address = f"{LOOPBACK}:{current.read_text().strip().rsplit(':', 1)[1]}" if current.exists() else "auto"
+    ray.init(address=address, namespace="coe", log_to_driver=False)
+
+
+def dashboard_view() -> dict[str, Any]:
+    """What the Ray dashboard shows of the service: the Serve application's status (dashboard API,
+    with Ray's token) and the ``ray_coe_*`` series on Ray's Prometheus export (the dashboard's
+    Metrics view reads those)."""
+    import httpx
+    import ray
+
+    from coe.ray_local import token_path
+
+    out: dict[str, Any] = {}
+    headers = {"Authorization": f"Bearer {token_path().read_text().strip()}"} if token_path().exists() else {}
+    try:
+        apps = httpx.get("http://127.0.0.1:8265/api/serve/applications/", headers=headers, timeout=10).json()
+        out["serve_applications"] = {name: {"status": a.get("status"),
+                                            "deployments": {d: v.get("status") for d, v in
+                                                            (a.get("deployments") or {}).items()}}
+                                     for name, a in (apps.get("applications") or {}).items()}
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        out["serve_applications_error"] = f"{type(e).__name__}: {e}"[:300]
+    try:
+        join_service_ray()
+        ports = {n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")}
+        names: set[str] = set()
+        for port in ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            names |= {ln.split("{")[0].split(" ")[0] for ln in text.splitlines() if ln.startswith("ray_coe")}
+        out["ray_metric_names"] = sorted(names)
+        ray.shutdown()
+    except Exception as e:  # noqa: BLE001
+        out["ray_metrics_error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -299,7 +357,13 @@ def summarize(rs: list[Result]) -> dict[str, Any]:
         "latency_p50_s": pct([r.total_s for r in ok], 50),
         "tokens": sum(r.tokens for r in ok),
         "experts_answering": sorted({r.expert for r in ok if r.expert}),
+        "http_added_ms_p50": _ms(pct([r.added_s for r in ok], 50)),
+        "http_added_ms_p99": _ms(pct([r.added_s for r in ok], 99)),
     }
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(1000 * s, 2)
 
 
 # ------------------------------------------------------------------------------------------- e2e
@@ -471,6 +535,8 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             (out / "metrics.txt").write_text(metrics)
             res["metric_names"] = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
                                           if ln.startswith("coe")})
+            res["dashboard"] = dashboard_view()
+            save()
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
         finally:

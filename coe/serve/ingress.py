@@ -431,6 +431,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
+        received_at = time.time()
         rid = request_id_of(request)
         timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
         deadline = time.monotonic() + timeout_s
@@ -465,7 +466,9 @@ class Ingress:
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket),
+            timing = ({"received": received_at, "enqueued": first.get("enqueued_at")}
+                      if request.headers.get("x-coe-timing") == "1" else None)
+            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket, timing),
                                      media_type="text/event-stream", headers=headers)
         try:
             async for item in items:
@@ -492,7 +495,10 @@ class Ingress:
 
     async def _sse(self, gen, builder: ChoicesBuilder, info: CoeInfo, cid: str, include_usage: bool,
                    t0: float, key: StoredKey | None = None,
-                   ticket: Reservation | None = None) -> AsyncIterator[str]:
+                   ticket: Reservation | None = None, timing: dict | None = None) -> AsyncIterator[str]:
+        """The SSE stream. With ``timing`` (request header ``x-coe-timing: 1``) the chunk carrying
+        the first token also carries ``coe_timing``: wall-clock seconds at ingress receipt, pool
+        enqueue and the pool's first token, so a client can measure what the HTTP path adds."""
         created = int(time.time())
         model = info.expert
         status = "ok"
@@ -526,7 +532,11 @@ class Ingress:
                     lp = ({"content": [x.model_dump() for x in logprobs_out(item.get("logprobs"))]}
                           if builder.want_logprobs and item.get("logprobs") else None)
                     if item.get("text") or lp:
-                        yield chunk(st.index, {"content": item.get("text") or ""}, None, lp)
+                        extra = {}
+                        if timing is not None and item.get("text") and "first_token" not in timing:
+                            timing["first_token"] = item.get("at")
+                            extra["coe_timing"] = timing
+                        yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
                     if item.get("finish_reason"):
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:

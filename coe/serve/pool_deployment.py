@@ -235,14 +235,17 @@ class ExpertPoolDeployment:
                 return
             max_tokens = min(max_tokens, max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
-        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+        # wall-clock stamps (same machine as the ingress) let a client split its latency into
+        # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead);
+        # replica and node name who served it (``x-coe-replica``/``x-coe-node``)
+        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "enqueued_at": time.time(),
                "replica": self._replica, "node": self._node}
         t0 = time.monotonic()
         try:
             async for chunk in self.pool.generate(name, messages, params):
                 yield {"type": "chunk", "text": chunk.text, "finish_reason": chunk.finish_reason,
                        "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-                       "index": chunk.index,
+                       "index": chunk.index, "at": time.time(),
                        "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None}
                 if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)

@@ -32,7 +32,6 @@ import time
 from typing import Any
 
 from ray.serve.request_router import (
-    FIFOMixin,
     MultiplexMixin,
     PendingRequest,
     RequestRouter,
@@ -53,8 +52,12 @@ def _view_of(r: RunningReplica) -> ReplicaView:
                        experts=dict(stats.get("experts") or {}), multiplexed=frozenset(r.multiplexed_model_ids))
 
 
-class ResidencyRequestRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    """Send a request to the pool replica that holds its expert hot (see the module docstring)."""
+class ResidencyRequestRouter(MultiplexMixin, RequestRouter):
+    """Send a request to the pool replica that holds its expert hot (see the module docstring).
+
+    Without Serve's ``FIFOMixin`` on purpose: it may hand a replica chosen for one request to
+    another waiting request (for another expert, or aimed at another replica); the base class
+    gives each chosen replica to exactly the request it was chosen for."""
 
     def initialize_state(self, spill_after_s: float = DEFAULT_SPILL_AFTER_S, **_: Any) -> None:
         self._spill_after_s = float(spill_after_s)

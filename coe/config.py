@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from coe.affinity import AffinityConfig
+from coe.feedback import FeedbackConfig
 from coe.limits import RequestLimits
 from coe.pool import PoolConfig
 
@@ -34,6 +35,10 @@ class RouterConfig(BaseModel):
     max_batch_size: int = Field(default=16, ge=1)
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     residency_refresh_s: float = Field(default=1.0, gt=0)
+    warm_hint: bool = Field(default=True, description="tell the pool the likely expert as soon as stage 1 is "
+                                                      "confident, so a switch starts before stage 2 and queueing end")
+    warm_hint_min_prob: float = Field(default=0.6, ge=0.0, le=1.0,
+                                      description="top-category probability from which stage 1 counts as confident")
 
 
 class PoolDeploymentConfig(BaseModel):
@@ -118,6 +123,7 @@ class ServeConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     conversation: AffinityConfig = Field(default_factory=AffinityConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     def with_env(self) -> "ServeConfig":
         """Fill unset fields from the environment (``COE_REDIS_URL``, ``COE_NAMESPACE``)."""

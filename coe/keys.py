@@ -64,6 +64,8 @@ class KeyLimits(BaseModel):
     budget_period: Literal["hour", "day", "week", "month"] = "month"
     experts: list[str] | None = Field(None, description="experts this key may use (None = all)")
     categories: list[str] | None = Field(None, description="categories this key may use (None = all)")
+    feedback: bool = Field(True, description="may score its own answers with POST /v1/feedback (on by default, as "
+                                             "for any user of a chat API; off for keys of untrusted end users)")
 
     def restricts_models(self) -> bool:
         return self.experts is not None or self.categories is not None

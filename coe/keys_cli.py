@@ -31,6 +31,8 @@ Budget = Annotated[Optional[int], typer.Option("--budget", help="Tokens per budg
 Period = Annotated[Optional[str], typer.Option("--period", help="Budget period: hour | day | week | month.")]
 Experts = Annotated[Optional[str], typer.Option(help="Comma-separated experts the key may use.")]
 Categories = Annotated[Optional[str], typer.Option(help="Comma-separated categories the key may use.")]
+Feedback = Annotated[Optional[bool], typer.Option(
+    "--feedback/--no-feedback", help="Whether the key may score its answers (POST /v1/feedback); default: may.")]
 
 
 def _fail(msg: str) -> None:
@@ -48,8 +50,9 @@ def _store(redis_url: str | None, namespace: str) -> RedisKeyStore:
         raise
 
 
-def _limit_changes(rpm, tpm, budget, period, experts, categories, clear: bool = False) -> dict[str, Any]:
-    ch: dict[str, Any] = {}
+def _limit_changes(rpm, tpm, budget, period, experts, categories, clear: bool = False,
+                   feedback: bool | None = None) -> dict[str, Any]:
+    ch: dict[str, Any] = {} if feedback is None else {"feedback": feedback}
     for k, v in (("rpm", rpm), ("tpm", tpm), ("token_budget", budget), ("budget_period", period)):
         if v is not None:
             ch[k] = None if v == 0 else v
@@ -63,7 +66,8 @@ def _limits_text(lim: KeyLimits) -> str:
     parts = [f"rpm {lim.rpm}" if lim.rpm else "", f"tpm {lim.tpm}" if lim.tpm else "",
              f"budget {lim.token_budget}/{lim.budget_period}" if lim.token_budget else "",
              f"experts {','.join(lim.experts)}" if lim.experts is not None else "",
-             f"categories {','.join(lim.categories)}" if lim.categories is not None else ""]
+             f"categories {','.join(lim.categories)}" if lim.categories is not None else "",
+             "" if lim.feedback else "no feedback"]
     return "; ".join(p for p in parts if p) or "none"
 
 
@@ -71,13 +75,14 @@ def _limits_text(lim: KeyLimits) -> str:
 def add(name: str = typer.Argument(..., help="A label for the key (who or what uses it)."),
         role: str = typer.Option("user", help="user: the /v1 API; admin: also admin routes."),
         rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None, period: Period = None,
-        experts: Experts = None, categories: Categories = None,
+        experts: Experts = None, categories: Categories = None, feedback: Feedback = None,
         redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
     """Create a key and print it once; only its SHA-256 is stored."""
     if role not in ("user", "admin"):
         _fail(f"--role must be 'user' or 'admin', got {role!r}")
     try:
-        limits = KeyLimits.model_validate(_limit_changes(rpm, tpm, budget, period, experts, categories))
+        limits = KeyLimits.model_validate(_limit_changes(rpm, tpm, budget, period, experts, categories,
+                                                         feedback=feedback))
         key, rec = _store(redis_url, namespace).add(name, role, limits)  # type: ignore[arg-type]
     except (ValueError, redis.RedisError) as e:
         _fail(" ".join(str(e).split()))
@@ -90,12 +95,12 @@ def add(name: str = typer.Argument(..., help="A label for the key (who or what u
 @app.command("limits")
 def limits(name_or_id: str = typer.Argument(..., help="The key's name or id."),
            rpm: Rpm = None, tpm: Tpm = None, budget: Budget = None, period: Period = None,
-           experts: Experts = None, categories: Categories = None,
+           experts: Experts = None, categories: Categories = None, feedback: Feedback = None,
            redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
     """Change a key's limits (0 or an empty list removes one); running replicas apply it within a second."""
     try:
         rec = _store(redis_url, namespace).set_limits(
-            name_or_id, **_limit_changes(rpm, tpm, budget, period, experts, categories))
+            name_or_id, **_limit_changes(rpm, tpm, budget, period, experts, categories, feedback=feedback))
     except KeyError as e:
         _fail(str(e.args[0]))
     except (ValueError, redis.RedisError) as e:

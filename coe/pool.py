@@ -474,6 +474,34 @@ class ExpertPool:
         if name is not None:
             self._prefetch_task = asyncio.get_running_loop().create_task(self.tiers.prefetch(name))
 
+    def prefetch_hint(self, name: str, request_id: str | None = None) -> bool:
+        """The router's hint that a request for ``name`` is on its way (stage 1 was confident; see
+        :mod:`coe.serve.warm_hint`): start moving it up now, as a prefetch — within the budgets,
+        without waiting, never evicting an expert with queued or running work, and not while a
+        session is acquiring space (the copy could take it). Recorded as a ``hint`` event; returns
+        whether a move was started."""
+        self.tiers.metrics.event(name, f"hint {request_id or '-'}")
+        slot = self._slots.get(name)
+        if (self._closed or slot is None or slot.removing or slot.session is not None
+                or self.tiers.tier_of(name) is Tier.HBM or self.tiers.error_of(name) is not None
+                or self.tiers.backoff_of(name) is not None
+                or (self._prefetch_task is not None and not self._prefetch_task.done())
+                or any(s.session is not None and s.acquired is None for s in self._slots.values())):
+            return False
+        # the tier manager must know what is queued before it picks victims
+        self.tiers.hint_demand({n: len(s.queue) + s.in_flight + self._router_demand.get(n, 0)
+                                for n, s in self._slots.items()})
+        self._prefetch_task = asyncio.get_running_loop().create_task(self._hinted_prefetch(name))
+        return True
+
+    async def _hinted_prefetch(self, name: str) -> None:
+        try:
+            await self.tiers.prefetch(name, hinted=True)
+        except (ExpertTransientError, ExpertLoadError, ExpertNotServed) as exc:  # the request will report it
+            log.debug("hinted prefetch of %s: %s", name, exc)
+        finally:
+            self._kick()
+
     def hint_demand(self, demand: Mapping[str, int]) -> None:
         """Router's forecast of requests per expert (e.g. routed but not yet queued)."""
         self._router_demand = {k: int(v) for k, v in demand.items() if k in self._slots}

@@ -432,13 +432,15 @@ class TierManager:
         """Queued demand per expert (router hints + queue depths); used by the ``demand`` policy."""
         self.demand = {k: int(v) for k, v in demand.items() if k in self._entries}
 
-    async def prefetch(self, name: str) -> Tier:
+    async def prefetch(self, name: str, *, hinted: bool = False) -> Tier:
         """Best effort: move ``name`` up as far as budgets allow without waiting or evicting anything
-        leased or at least as demanded. Returns the tier it reached. No-op under ``lru``."""
+        leased or at least as demanded. Returns the tier it reached. No-op under ``lru``, unless
+        ``hinted`` (the router says a request for it is on its way): then it runs under any policy
+        and evicts only experts with no demand at all (nothing queued, running or routed)."""
         e = self._entry(name)
-        if self.policy != "demand" or e.pinned or e.error is not None:
+        if (self.policy != "demand" and not hinted) or e.pinned or e.error is not None:
             return e.engine.tier
-        prot = self.demand.get(name, 0)
+        prot = 1 if hinted else self.demand.get(name, 0)
         try:
             if not await self._promote(e, Tier.HBM, wait=False, protect_demand=prot):
                 await self._promote(e, Tier.DRAM, wait=False, protect_demand=prot)

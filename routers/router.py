@@ -298,15 +298,26 @@ class Router:
                                fallback_reason=reason, forced=kind, excluded=excluded,
                                route_ms=(time.perf_counter() - t0) * 1e3)
 
-    def route_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[RoutingDecision | Exception]:
+    def route_batch(self, requests: Sequence[Mapping[str, Any]],
+                    on_stage1: Callable[[int, dict[str, float]], None] | None = None,
+                    ) -> list[RoutingDecision | Exception]:
         """Route many requests (``route`` keyword dicts) with one batched embedding pass — for
         ``@serve.batch``. A request that fails (unknown model, nothing eligible) yields its
-        exception in its slot instead of failing the batch."""
+        exception in its slot instead of failing the batch. ``on_stage1(i, probs)`` is called for
+        each routed request as soon as stage 1 has its category probabilities, before any stage 2
+        (the service uses it to warm the likely expert); its failures are logged, never raised."""
         t0 = time.perf_counter()
         need = [i for i, r in enumerate(requests)
                 if not (r.get("model") in r.get("experts", {}) and r.get("model") != AUTO_MODEL)]
         embs = self.embed([requests[i]["prompt"] for i in need]) if need else None
         by_index = {i: embs[k] for k, i in enumerate(need)} if embs is not None else {}
+        if on_stage1 is not None and embs is not None and len(embs):
+            P = self.classifier.predict_proba(embs)
+            for k, i in enumerate(need):
+                try:
+                    on_stage1(i, dict(zip(self.categories, map(float, P[k]))))
+                except Exception:  # noqa: BLE001 - a hint must never fail routing
+                    log.debug("on_stage1 failed", exc_info=True)
         out: list[RoutingDecision | Exception] = []
         for i, r in enumerate(requests):
             try:

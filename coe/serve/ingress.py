@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
 from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
+from coe.api.feedback import FeedbackRequest
 from coe.api.request_id import RequestIdMiddleware, request_id_of
 from coe.api.assemble import ChoicesBuilder, logprobs_out
 from coe.api.protocol import (
@@ -215,6 +216,12 @@ class Ingress:
         self.affinity = ConversationAffinity(self.cfg.conversation)
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
+        from coe.feedback import FeedbackStore
+
+        # who answered each request, for POST /v1/feedback (bounded, expiring: coe/feedback.py)
+        self.feedback = (FeedbackStore(self.cfg.redis_url, self.cfg.namespace, self.cfg.feedback)
+                         if self.cfg.feedback.enabled else None)
+        self._background: set[asyncio.Task] = set()
         self._categories: list[str] | None = None
         self.started_at = time.time()
         rc = self.cfg.router
@@ -275,7 +282,7 @@ class Ingress:
     # ---- routing -----------------------------------------------------------------------------
     async def _route(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None,
                      features: list[str] = (), permitted: set[str] | None = None,
-                     session: str | None = None) -> tuple[CoeInfo, Any]:
+                     session: str | None = None, request_id: str | None = None) -> tuple[CoeInfo, Any]:
         snap = self.watcher.snapshot
         if max_tokens is not None and model in snap.experts and max_tokens >= snap.experts[model].max_context:
             e = snap.experts[model]
@@ -290,7 +297,7 @@ class Ingress:
             res = await self.router.route.remote({
                 "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
                 "prompt_tokens": None, "min_version": snap.version,
-                "allowed": sorted(allowed) if allowed is not None else None,
+                "allowed": sorted(allowed) if allowed is not None else None, "request_id": request_id,
             })
         finally:
             self._routing -= 1
@@ -447,8 +454,9 @@ class Ingress:
             feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
             ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             info, _spec = await self._within(deadline, timeout_s, self._route(
-                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session))
+                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
+            self._remember(rid, info, messages, key)
         except APIError as e:
             self._refused(key, ticket, e.status)
             raise
@@ -570,6 +578,51 @@ class Ingress:
                                      builder.completion_tokens)
             if ticket is not None:
                 await asyncio.to_thread(ticket.settle, builder.prompt_tokens + builder.completion_tokens)
+
+    # ---- feedback (coe/feedback.py, docs/api.md "Feedback") ---------------------------------------
+    def _remember(self, rid: str, info: CoeInfo, messages: list[dict[str, Any]], key: StoredKey | None) -> None:
+        """Keep which expert answers ``rid`` (in the background: the answer never waits for Redis;
+        the write is done long before the answer is, so feedback right after it finds the record)."""
+        if self.feedback is None:
+            return
+        store = self.feedback
+
+        def write() -> None:
+            try:
+                store.remember(rid, info.expert, info.category, routing_text(messages), key.id if key else None)
+            except Exception as e:  # noqa: BLE001 - feedback on this request will be a 404
+                log.warning("could not keep request %s for feedback: %s", rid, e)
+
+        task = asyncio.create_task(asyncio.to_thread(write))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @app.post("/v1/feedback")
+    async def give_feedback(self, body: FeedbackRequest, request: Request) -> JSONResponse:
+        """Score an answered request (0..1 or thumbs); the router's quality predictor learns it."""
+        import redis
+
+        from coe.feedback import FeedbackLimit, UnknownRequest
+
+        if self.feedback is None:
+            raise APIError(501, "feedback is switched off in this service (feedback.enabled: false)",
+                           "invalid_request_error", None, "feedback_disabled")
+        key = await asyncio.to_thread(self._identity, request)
+        if key is not None and not key.limits.feedback:
+            raise APIError(403, "this API key may not give feedback (coe keys limits NAME --feedback)",
+                           "permission_error", None, "feedback_not_permitted")
+        try:
+            rec, replaced = await asyncio.to_thread(self.feedback.add, body.rid, body.value,
+                                                    key.id if key else None, key is not None and key.role == "admin")
+        except UnknownRequest as e:
+            raise APIError(404, str(e), "invalid_request_error", "request_id", "request_not_found") from None
+        except FeedbackLimit as e:
+            raise APIError(429, str(e), "rate_limit_error", None, "feedback_limit", e.retry_after_s) from None
+        except redis.RedisError as e:  # Redis unreachable: nothing was stored, the client may retry
+            raise APIError(503, f"feedback could not be stored now ({type(e).__name__}); retry", "server_error",
+                           None, "feedback_store_unavailable", 2) from None
+        return JSONResponse({"object": "coe.feedback", "request_id": rec.request_id, "expert": rec.expert,
+                             "category": rec.category, "score": rec.score, "replaced": replaced})
 
     @app.post("/v1/route")
     async def route(self, req: RouteRequest) -> JSONResponse:

@@ -195,6 +195,7 @@ class ExpertPoolDeployment:
         from coe import errors as ce
 
         name = serve.get_multiplexed_model_id()
+        self.pool.tiers.metrics.event(name, f"request {request.request_id or '-'}")
         await self._ensure_started()
         err = await self._ensure_expert(name)
         if err:
@@ -265,6 +266,25 @@ class ExpertPoolDeployment:
             yield _err(503, str(e), "model", "expert_load_failed")
         except ce.ExpertTransientError as e:  # retried inside the pool; the registry is not touched
             yield _transient(e)
+
+    async def prefetch_hint(self, name: str, request_id: str | None = None) -> bool:
+        """Router -> pool, fire and forget: a request for ``name`` is on its way (stage 1 was
+        confident). The expert joins this replica's pool if needed and starts moving up as a
+        prefetch (``ExpertPool.prefetch_hint``); never an error: the request reports problems."""
+        try:
+            if name not in self.pool.experts():  # (in the pool already: no await before the hint counts)
+                await self._ensure_started()
+                if await self._ensure_expert(name):
+                    return False
+            return self.pool.prefetch_hint(name, request_id)
+        except Exception as e:  # noqa: BLE001 - a hint must never take anything down
+            log.debug("prefetch hint for %s failed: %s", name, e)
+            return False
+
+    def recent_events(self, n: int = 200) -> list[tuple[float, str, str]]:
+        """The pool's last ``n`` events (monotonic time, expert, what): hints, request arrivals,
+        tier moves, evictions, in the order they happened in this replica."""
+        return [tuple(e) for e in self.pool.tiers.metrics.events[-n:]]
 
     async def sync(self, demand: dict[str, int] | None = None) -> dict[str, float]:
         """Router -> pool: recent demand per expert (prefetch hint); pool -> router: residency."""

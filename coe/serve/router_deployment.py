@@ -3,7 +3,10 @@
 Concurrent requests are batched with ``@serve.batch`` (one encoder pass for the batch, through
 ``Router.route_batch``). The router keeps its own registry snapshot (pub/sub + poll), and every
 ``residency_refresh_s`` it tells every pool replica what was asked for (demand, a prefetch hint)
-and learns what each holds resident, merged over the replicas (a routing bonus). Answers are dicts: ``{"decision": {...}}`` or ``{"error": {...}}``.
+and learns what each holds resident, merged over the replicas (a routing bonus). Answers are dicts:
+``{"decision": {...}}`` or ``{"error": {...}}``.
+Feedback records in Redis join the quality predictor as they arrive (:mod:`coe.serve.feedback_watch`),
+and a confident stage 1 warms the likely expert before stage 2 ends (:mod:`coe.serve.warm_hint`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class RouterDeployment:
 
         self.cfg = ServeConfig.model_validate(config)
         self.router = await asyncio.to_thread(load_router, self.cfg.router.path)
+        self.feedback_watcher = await self._follow_feedback()
         self._route_batch.set_max_batch_size(self.cfg.router.max_batch_size)
         self._route_batch.set_batch_wait_timeout_s(self.cfg.router.batch_wait_timeout_s)
         self.pool = pool
@@ -65,6 +69,40 @@ class RouterDeployment:
         await self.watcher.start()
         await asyncio.to_thread(self._publish_categories)
         self._sync_task = asyncio.create_task(self._sync_loop()) if pool is not None else None
+        from coe.serve.warm_hint import WarmHinter
+
+        self.hinter = (WarmHinter(pool, asyncio.get_running_loop(), self.cfg.router.warm_hint_min_prob)
+                       if pool is not None and self.cfg.router.warm_hint else None)
+
+    async def _follow_feedback(self):
+        """Serve the trained router plus the feedback records in Redis, rebuilt on each change
+        (:mod:`coe.serve.feedback_watch`); None when feedback is off."""
+        if not self.cfg.feedback.enabled:
+            return None
+        from coe.feedback_quality import FeedbackRouter
+        from coe.serve.feedback_watch import FeedbackWatcher
+
+        self.with_feedback = FeedbackRouter(self.router)
+
+        async def rebuild(records: dict) -> None:
+            self.router = await asyncio.to_thread(self.with_feedback.build, records)
+            log.info("router: %d feedback record(s) in the quality predictor", len(records))
+
+        w = FeedbackWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.feedback, self.cfg.registry_poll_s,
+                            on_change=rebuild)
+        try:
+            await w.start()
+        except Exception as e:  # Redis away at start: serve without feedback until it is back
+            log.warning("feedback records unavailable at start: %s", e)
+        return w
+
+    def feedback_status(self) -> dict:
+        """How many feedback records this replica's quality predictor holds (tests, operators)."""
+        w = self.feedback_watcher
+        q = self.router.quality
+        return {"enabled": w is not None, "records": len(w.records) if w else 0, "version": w.version if w else None,
+                "quality_records": len(q.experts) if q is not None else 0,
+                "warm_hints_sent": self.hinter.sent if self.hinter else None}
 
     async def _sync_loop(self) -> None:
         while True:
@@ -131,8 +169,16 @@ class RouterDeployment:
                  allowed=set(r["allowed"]) if r.get("allowed") is not None else None)
             for r in requests
         ]
+        router = self.router  # one router for the whole batch, even if feedback swaps it meanwhile
+        on_stage1 = None
+        if self.hinter is not None:
+            pol = router.policy.config
+            residency = dict(self.residency)
+
+            def on_stage1(i: int, probs: dict[str, float]) -> None:
+                self.hinter(requests[i], probs, snap, pol.map_capability, residency, pol.residency_weight)
         try:
-            results: list[Any] = await asyncio.to_thread(self.router.route_batch, kwargs)
+            results: list[Any] = await asyncio.to_thread(router.route_batch, kwargs, on_stage1)
         except Exception as e:  # the batch itself failed (encoder error …): every request gets it
             results = [e] * len(requests)
         out = [{"error": route_error(d, r)} if isinstance(d, Exception) else {"decision": d.model_dump(mode="json")}

@@ -112,6 +112,9 @@ def test_coe_keys_cli_writes_redis(store, redis_url):
             rec.limits.categories) == (30, 20000, 1000000, "day", ["math", "coding"])
     assert coe("limits", "team-a", "--rpm", "0").returncode == 0
     assert KeyRing(store, env={}).check(key).limits.rpm is None
+    assert KeyRing(store, env={}).check(key).limits.feedback  # may score its answers unless told not to
+    assert coe("limits", "team-a", "--no-feedback").returncode == 0
+    assert not KeyRing(store, env={}).check(key).limits.feedback
     listed = coe("list", "--json")
     assert '"team-a"' in listed.stdout and key not in listed.stdout
     assert coe("limits", "team-a", "--period", "fortnight").returncode == 2  # one-line error

@@ -1,4 +1,5 @@
-"""Stage 1: task before topic, calibration tooling, and the shipped default artifact."""
+"""Stage 1: task before topic (also through the category map and the policy), calibration tooling,
+and the shipped default artifact."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 
 from routers.calibration import calibration_report, ece, propose_threshold
 from routers.cli import app
-from routers.router import Router
+from expert_registry.spec import Expert
+from routers.router import DEFAULT_CATEGORIES, Router
 
 # (prompt, expected) pairs that share a topic but differ in task: the task decides (docs/taxonomy.md)
 CONTRAST = [
@@ -70,3 +72,32 @@ def test_shipped_default_is_the_artifact_and_reproducible():
     r = Router.default()
     assert r.path == shipped_dir()
     assert main(["--check"]) == 0
+
+
+# ---- task and topic through the category map and the policy (issue 14, item 3) ----------------------
+def one_expert_per_category() -> tuple[dict[str, Expert], dict[str, list[str]]]:
+    experts = {f"{c}-expert": Expert(name=f"{c}-expert", model="/m", capabilities={c: 0.8})
+               for c in DEFAULT_CATEGORIES}
+    return experts, {c: [f"{c}-expert"] for c in DEFAULT_CATEGORIES}
+
+
+def test_contrast_pairs_reach_the_task_expert_end_to_end(default_router):
+    experts, cmap = one_expert_per_category()
+    got = {p: default_router.route(p, "coe", experts, cmap).expert for p, _ in CONTRAST}
+    wrong = {p[:50]: (f"{want}-expert", got[p]) for p, want in CONTRAST if got[p] != f"{want}-expert"}
+    assert not wrong
+
+
+def test_a_topic_expert_can_win_a_task_prompt_about_its_topic(default_router):
+    experts, cmap = one_expert_per_category()
+    prompt = "Act as a math teacher and explain to me, a nervous student, what a fraction is."
+    assert default_router.route(prompt, "coe", experts, cmap).expert == "roleplay-expert"  # the task decides
+    # a math tutor that declares it can role-play, mapped to both: chosen for the role-play about math
+    experts["math-tutor"] = Expert(name="math-tutor", model="/m", capabilities={"math": 0.9, "roleplay": 0.9})
+    cmap = {**cmap, "roleplay": ["roleplay-expert", "math-tutor"], "math": ["math-expert", "math-tutor"]}
+    d = default_router.route(prompt, "coe", experts, cmap)
+    assert d.expert == "math-tutor" and d.category == "roleplay"
+    # being mapped to a category makes an expert compete there on declared capability, not by name
+    assert default_router.route("Pretend you are a pirate and greet me.", "coe", experts, cmap).expert == "math-tutor"
+    experts["roleplay-expert"] = experts["roleplay-expert"].model_copy(update={"capabilities": {"roleplay": 0.95}})
+    assert default_router.route("Pretend you are a pirate and greet me.", "coe", experts, cmap).expert == "roleplay-expert"

@@ -26,6 +26,7 @@ e2e)
   exit $rc ;;
 tests)
   shift
+  export COE_GPU_OUT="$OUT/service"
   timeout "${TESTS_TIMEOUT:-500}" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra" tests "$@" 2>&1 | tee "$OUT/gpu_tests.log"
   exit "${PIPESTATUS[0]}" ;;
 *) sed -n 2,6p "$0"; exit 2 ;;

@@ -15,13 +15,18 @@ writes what it saw under ``--out``:
 6. scrape ``/metrics`` and stop the service with SIGINT.
 
 Run: ``python bench/service_gpu.py e2e --shape 3b --experts 6 --hbm-experts 2 --out DIR``.
-Nothing here is a timed test: it records what happened, with machine and date, in ``DIR/*.json``.
+Nothing here is a timed test: it records what happened, with machine and date, in ``DIR/*.json``,
+and what a run must show in its ``checks`` (every request answered, the hot-added expert answered,
+the removed one gone, the device's peak within the HBM budget); ``tests/serve/test_service_gpu.py``
+runs it under ``pytest -m gpu`` and asserts on them. ``--plan`` prints the service config and the
+``coe-registry add`` commands it would run, and exits: no service, no GPU (a CPU test checks it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -38,6 +43,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHAPE_VOCAB = {"8b": 128256, "3b": 128256, "1b": 128256, "tiny": 4096}
+# a request that names an expert whose engine is still starting waits this long (X-Coe-Wait-Timeout):
+# on one GPU the engines start one after another, a few minutes for six 3B engines
+WAIT_FOR_START_S = 600
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -179,7 +187,7 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
             temperature=0.0, stream=True, stream_options={"include_usage": True},
-            extra_headers={"x-coe-timing": "1"})
+            extra_headers={"x-coe-timing": "1", "x-coe-wait-timeout": str(WAIT_FOR_START_S)})
         expert = raw.headers.get("x-coe-expert")
         stream = raw.parse()
         async for chunk in stream:
@@ -421,6 +429,8 @@ def service_config(args: argparse.Namespace, weight_bytes: int, path: Path) -> P
             "hbm_budget_bytes": _hbm_budget(weight_bytes, args.hbm_experts, args.experts),
             "max_batch_size": args.max_batch_size}},
         "router": {"num_cpus": 1},
+        # requests wait for engines that are still starting (WAIT_FOR_START_S) within their deadline
+        "limits": {"request_timeout_s": WAIT_FOR_START_S + 300, "loading_wait_max_s": WAIT_FOR_START_S},
     }
     cfg.update(json.loads(args.config_json or "{}"))
     path.write_text(yaml.safe_dump(cfg))
@@ -454,6 +464,65 @@ async def traffic(base: str, models: list[str], n: int, rate: float, max_tokens:
     return list(out)
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, in one line; None when the run can go ahead."""
+    if args.experts < 2:
+        return "--experts must be at least 2 (one is removed while the others take traffic)"
+    if not 1 <= args.hbm_experts <= args.experts:
+        return f"--hbm-experts must be between 1 and --experts ({args.experts}), got {args.hbm_experts}"
+    if args.engine == "vllm" and args.device == "cpu":
+        return "--engine vllm needs --device cuda (dry-run on the CPU with --engine hf --weights random)"
+    if args.engine == "hf" and args.weights == "dummy":
+        return "--weights dummy is vLLM's loader; --engine hf needs --weights random"
+    if args.num_cpus < 3:  # Ray's logical CPUs: pool 1 + router 1 + ingress 0.1, or the app never deploys
+        return f"--num-cpus must be at least 3 (the pool and the router take one each), got {args.num_cpus}"
+    if args.requests < 1 or args.rate < 0 or args.max_tokens < 1:
+        return "--requests and --max-tokens must be positive, --rate not negative"
+    return None
+
+
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The service config and every ``coe-registry add`` the run makes, without running anything."""
+    import tempfile
+
+    import yaml
+
+    from coe.engines.vllm_models import SHAPES, llama_param_count
+
+    folder = Path(args.workdir) / f"llama-{args.shape}"
+    weight_bytes = llama_param_count(SHAPES[args.shape]) * (4 if args.dtype == "float32" else 2)
+    from coe.config import ServeConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        path = service_config(args, weight_bytes, Path(d) / "coe.yaml")
+        ServeConfig.from_yaml(path)  # what `coe serve --config` reads: a typo fails here, not on the GPU
+        cfg = yaml.safe_load(path.read_text())
+    names = [f"x{i}" for i in range(args.experts)]
+    return {"config": cfg, "weight_bytes": weight_bytes, "hbm_budget_bytes": cfg["pool"]["options"]["hbm_budget_bytes"],
+            "adds": [add_args(n, folder, args, CATEGORIES[i % len(CATEGORIES)]) for i, n in enumerate(names)],
+            "hot_add": add_args("hot", folder, args, "math"), "removed": names[-1]}
+
+
+CATEGORIES = ["math", "coding", "writing", "reasoning", "stem", "humanities", "extraction", "roleplay"]
+
+
+def checks(res: dict[str, Any]) -> dict[str, bool]:
+    """What a run must show (``tests/serve/test_service_gpu.py`` asserts each)."""
+    live = res.get("live_changes") or {}
+    groups = [res.get("mixed"), res.get("routed"), live.get("background")]
+    first = res.get("first_requests") or []
+    budget, peak = res.get("hbm_budget_bytes"), res.get("memory_peak_above_baseline_bytes")
+    return {
+        "no_error": "error" not in res,
+        "every_request_succeeded": bool(first) and all(r.get("ok") for r in first)
+        and all(g is not None and g.get("requests", 0) > 0 and g.get("ok") == g.get("requests") for g in groups),
+        "hot_added_expert_answered": bool((live.get("hot_first") or {}).get("ok"))
+        and (live.get("hot_first") or {}).get("expert") == "hot",
+        "removed_expert_gone": bool(live.get("removed_gone")),
+        "device_peak_within_budget": budget is not None and peak is not None and peak <= budget,
+    }
+
+
 def e2e(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
 
@@ -474,6 +543,9 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
     res["weight_bytes"] = weight_bytes
     cfg = service_config(args, weight_bytes, work / "coe.yaml")
     res["config"] = cfg.read_text()
+    import yaml
+
+    res["hbm_budget_bytes"] = (yaml.safe_load(res["config"])["pool"]["options"] or {}).get("hbm_budget_bytes")
     svc = Service(home=work / "home", port=args.port, log=out / "serve.log")
     steps = res["steps"]
     path = out / f"service_gpu_{args.shape}_{args.experts}x.json"
@@ -489,7 +561,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
         res["memory_baseline_bytes"] = mem.baseline
         try:
             steps["serve_start_s"] = round(svc.start(cfg, args.num_cpus), 1)
-            cats = ["math", "coding", "writing", "reasoning", "stem", "humanities", "extraction", "roleplay"]
+            cats = CATEGORIES
             names = [f"x{i}" for i in range(args.experts)]
             for i, n in enumerate(names):
                 t = time.perf_counter()
@@ -512,18 +584,61 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             res["routed"] = summarize(routed)
 
             # hot add + remove while traffic runs
+            async def watch(name: str, t0: float, seen: list, stop: asyncio.Event) -> None:
+                """What /v1/models says of ``name`` while it starts (status and phase changes)."""
+                async with httpx.AsyncClient(timeout=10) as c:
+                    while not stop.is_set():
+                        try:
+                            cards = (await c.get(f"{svc.base}/v1/models")).json().get("data", [])
+                            card = next((m for m in cards if m.get("id") == name), None)
+                            now = (card.get("status"), card.get("phase")) if card else (None, None)
+                            if not seen or seen[-1][1:] != list(now):
+                                seen.append([round(time.perf_counter() - t0, 2), *now])
+                        except Exception:  # noqa: BLE001 - a missed sample is not a failure
+                            pass
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(stop.wait(), 0.5)
+
+            async def gone(name: str, timeout_s: float) -> tuple[bool, int | None]:
+                """Whether ``name`` left /v1/models, and what a request naming it gets then."""
+                end = time.monotonic() + timeout_s
+                async with httpx.AsyncClient(timeout=30) as c:
+                    while time.monotonic() < end:
+                        cards = (await c.get(f"{svc.base}/v1/models")).json().get("data", [])
+                        if all(m.get("id") != name for m in cards):
+                            r = await c.post(f"{svc.base}/v1/chat/completions", json={
+                                "model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+                            return True, r.status_code
+                        await asyncio.sleep(0.5)
+                return False, None
+
             async def live() -> dict[str, Any]:
                 bg = asyncio.create_task(traffic(svc.base, names[:-1], 24, 2.0, 16, shape["vocab_size"], 4))
                 await asyncio.sleep(1.0)
                 t0 = time.perf_counter()
+                seen: list = []
+                stop = asyncio.Event()
+                watcher = asyncio.create_task(watch("hot", t0, seen, stop))
                 await asyncio.to_thread(svc.cli, *add_args("hot", folder, args, "math"))
                 added = time.perf_counter() - t0
+                listed = (await asyncio.to_thread(svc.cli, "list", "--json", check=False)).stdout
                 first = await traffic(svc.base, ["hot"], 1, 0, 8, shape["vocab_size"], 5)
                 add_to_first = time.perf_counter() - t0
+                stop.set()
+                await watcher
                 await asyncio.to_thread(svc.cli, "remove", names[-1], "--force")
+                removed, status_after = await gone(names[-1], 60)
                 rs = await bg
+                try:
+                    hot_listed = next((e for e in json.loads(listed) if e.get("name") == "hot"), None)
+                except ValueError:
+                    hot_listed = None
                 return {"add_cli_s": round(added, 2), "add_to_first_token_s": round(add_to_first, 1),
-                        "hot_first": first[0].__dict__, "background": summarize(rs)}
+                        "hot_first": first[0].__dict__, "hot_seen_in_models": seen,
+                        "hot_in_registry_list": {k: (hot_listed or {}).get(k) for k in ("status", "service_status",
+                                                                                         "service_phase")},
+                        "removed": names[-1], "removed_gone": removed and status_after == 404,
+                        "removed_request_status": status_after, "background": summarize(rs)}
 
             res["live_changes"] = asyncio.run(live())
             save()
@@ -544,6 +659,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             res["memory_peak_above_baseline_bytes"] = mem.peak - mem.baseline
             res["memory_samples"] = mem.samples[-400:]
             res["serve_exit"] = svc.stop()
+    res["checks"] = checks(res)
     save()
     print(json.dumps({k: v for k, v in res.items() if k not in ("memory_samples", "first_requests")},
                      indent=1, default=str)[:6000])
@@ -554,7 +670,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("e2e", help="coe serve + coe-registry + openai client on the GPU")
-    e.add_argument("--shape", default="3b")
+    e.add_argument("--shape", default="3b", choices=sorted(SHAPE_VOCAB))
     e.add_argument("--experts", type=int, default=6)
     e.add_argument("--hbm-experts", type=int, default=2)
     e.add_argument("--weights", choices=["dummy", "random"], default="dummy")
@@ -576,8 +692,15 @@ def main() -> None:
     e.add_argument("--low-requests", type=int, default=20)
     e.add_argument("--serve-requests", type=int, default=300)
     e.add_argument("--out", default="bench/results")
+    e.add_argument("--plan", action="store_true", help="print the config and the coe-registry commands; run nothing")
     args = p.parse_args()
     if args.cmd == "e2e":
+        bad = check_args(args)
+        if bad:
+            p.error(bad)
+        if args.plan:
+            print(json.dumps(plan(args), indent=1))
+            return
         e2e(args)
 
 

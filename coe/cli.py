@@ -260,6 +260,7 @@ def _deploy(cfg, started: dict, status) -> None:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, detached=False)
         started["serve"] = True
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    started["drain"] = (cfg.app_name, cfg.shutdown.drain_timeout_s)
     console.print(f"[green]✓[/] app deployed in {time.perf_counter() - t:.1f} s")
 
 
@@ -340,6 +341,41 @@ def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> No
         console.print(line, soft_wrap=True)
 
 
+def drain_app(app_name: str, timeout_s: float | None) -> list[dict]:
+    """Drain every ingress replica of ``app_name`` (``Ingress.drain`` through Serve's broadcast):
+    new requests get 503 ``shutting_down`` at once, ``/readyz`` 503, requests in flight get
+    ``timeout_s`` (None: the app's ``shutdown.drain_timeout_s``) to finish. Returns each
+    replica's report. Needs a connected Ray."""
+    from ray import serve
+
+    from coe.api.drain import CUT_GRACE_S
+
+    handle = serve.get_deployment_handle("Ingress", app_name)
+    wait_s = (timeout_s if timeout_s is not None else 3600.0) + CUT_GRACE_S + 10.0
+    return list(handle.broadcast("drain", timeout_s).results(timeout_s=wait_s))
+
+
+def _drain(app_name: str, timeout_s: float) -> None:
+    """SIGTERM/SIGINT: drain before anything stops (docs/serving.md, "Stopping"). A second
+    Ctrl-C stops waiting."""
+    console.print(f"[dim]draining: new requests get 503; requests in flight have up to {timeout_s:g} s "
+                  "(Ctrl-C again stops now)[/]")
+    t = time.perf_counter()
+    try:
+        with _ray_output_to_log():
+            reports = drain_app(app_name, timeout_s)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]![/] drain interrupted: requests still in flight are cut")
+        return
+    except Exception as e:  # noqa: BLE001 - the app never came up, or Ray is gone: stop anyway
+        err_console.print(f"[yellow]![/] drain skipped: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return
+    done = sum(int(r.get("in_flight_at_start") or 0) for r in reports)
+    cut = sum(int(r.get("cut_requests") or 0) for r in reports)
+    console.print(f"[green]✓[/] drained in {time.perf_counter() - t:.1f} s: {done} request(s) were in flight"
+                  + (f", {cut} cut at the {timeout_s:g} s limit (they ended with an error event)" if cut else ""))
+
+
 def _stop_serve() -> None:
     from ray import serve
 
@@ -363,6 +399,8 @@ def _shutdown(started: dict) -> None:
     the controller it kills itself as a failed task (asynchronously, on stdout or stderr): all of
     Ray's output during the stop goes to the log, and the outcome is printed after it."""
     console.print("[bold]Shutting down…")
+    if started.get("drain"):
+        _drain(*started["drain"])
     supervisor = started.pop("redis_supervisor", None)
     if supervisor is not None:  # first, or it would restart the Redis we are about to stop
         supervisor.stop()
@@ -383,6 +421,31 @@ def _shutdown(started: dict) -> None:
             console.print(f"[green]✓[/] {label} stopped")
         else:
             err_console.print(f"[yellow]![/] {label} shutdown: {err}")
+
+
+@app.command()
+def drain(
+    app_name: str = typer.Option("coe", "--app", help="The Serve application (config `app_name`)."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds in-flight requests get (default: the app's "
+                                                       "shutdown.drain_timeout_s)."),
+    address: str = typer.Option("auto", help="The Ray cluster to connect to."),
+) -> None:
+    """Drain a running coe app without stopping it: new requests get 503 shutting_down, /readyz
+    turns 503, requests in flight finish (the KubeRay manifest runs this as the head pod's preStop
+    hook; `coe serve` does the same itself on SIGTERM/Ctrl-C)."""
+    import logging
+
+    import ray
+
+    # joins the running cluster as it is configured (its own auth mode): no _quiet_ray() here
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        reports = drain_app(app_name, timeout)
+    finally:
+        ray.shutdown()
+    for r in reports:
+        console.print(f"ingress replica: {r.get('in_flight_at_start', 0)} in flight, drained in "
+                      f"{r.get('drained_in_s')} s, {r.get('cut_requests', 0)} cut")
 
 
 @app.command()

@@ -105,6 +105,28 @@ class SecurityConfig(BaseModel):
                                    "inside the pool; off: such experts are refused (marked failed, with the reason)")
 
 
+class ShutdownConfig(BaseModel):
+    """What ``coe serve`` does on SIGTERM / Ctrl-C (docs/serving.md, "Stopping").
+
+    The default drain is Kubernetes' default grace period (``terminationGracePeriodSeconds: 30``):
+    a pod that drains for as long as Kubernetes waits is never killed mid-answer by the kubelet.
+    Ray Serve's ``graceful_shutdown_timeout_s`` of every coe deployment is set a little above it
+    (:meth:`ray_graceful_timeout_s`), so Ray never kills a replica that is still draining."""
+
+    model_config = ConfigDict(extra="forbid")
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, le=3600,
+        description="after SIGTERM/SIGINT: new requests get 503 shutting_down at once, /readyz turns 503, "
+                    "requests in flight get this long to finish; a stream still running then ends with an "
+                    "error event and [DONE]")
+
+    def ray_graceful_timeout_s(self) -> float:
+        """Ray Serve's per-replica grace: the drain plus the time cut streams get to end cleanly."""
+        from coe.api.drain import CUT_GRACE_S
+
+        return self.drain_timeout_s + CUT_GRACE_S
+
+
 class ServeConfig(BaseModel):
     """Everything ``coe serve`` and ``build_app`` need."""
 
@@ -124,6 +146,7 @@ class ServeConfig(BaseModel):
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     conversation: AffinityConfig = Field(default_factory=AffinityConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
 
     def with_env(self) -> "ServeConfig":
         """Fill unset fields from the environment (``COE_REDIS_URL``, ``COE_NAMESPACE``)."""

@@ -71,3 +71,19 @@ class ExpertTransientError(CoeError):
         self.name = name
         self.reason = reason
         self.retry_after_s = float(retry_after_s)
+
+
+class ExpertStarting(CoeError):
+    """The expert's engine is still starting after it was added (``loading`` with a phase), and
+    the request waited as long as it was allowed to (``limits.loading_wait_s`` or the client's
+    ``X-Coe-Wait-Timeout``). Not a failure: the start goes on; the ingress answers 503 with
+    ``Retry-After``, or sends a routed request to the next-best expert at once."""
+
+    def __init__(self, name: str, phase: str, started_s: float, retry_after_s: float):
+        what = f"{phase}, " if phase else ""
+        super().__init__(f"expert {name!r} is still loading ({what}{started_s:.0f} s since it was added); "
+                         f"retry in {retry_after_s:.0f} s")
+        self.name = name
+        self.phase = phase
+        self.started_s = float(started_s)
+        self.retry_after_s = float(retry_after_s)

@@ -25,3 +25,7 @@ class GenerateRequest(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     max_tokens_explicit: bool = False
     request_id: str | None = None
+    #: how long to wait for an expert whose engine is still starting (None: the service's
+    #: ``limits.loading_wait_s``; 0: answer ``expert_loading`` at once, so a routed request can go to
+    #: the next-best expert)
+    loading_wait_s: float | None = Field(None, ge=0)

@@ -57,6 +57,12 @@ class RequestLimits(BaseModel):
                                 "max(64, 4 x max_batch_size))")
     retry_after_min_s: int = Field(1, ge=0)
     retry_after_max_s: int = Field(30, ge=1)
+    loading_wait_s: float = Field(
+        120.0, ge=0, description="a request that names an expert whose engine is still starting (after "
+                                 "`coe-registry add`) waits this long for it, then gets 503 + Retry-After; a "
+                                 "client may ask for another wait with the X-Coe-Wait-Timeout header (seconds)")
+    loading_wait_max_s: float = Field(
+        600.0, ge=0, description="the longest wait X-Coe-Wait-Timeout may ask for")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -153,6 +159,19 @@ def request_timeout(limits: RequestLimits, header: str | None) -> float:
     if asked is None or not math.isfinite(asked) or asked <= 0:
         return limits.request_timeout_s
     return min(asked, limits.request_timeout_s)
+
+
+def loading_wait(limits: RequestLimits, header: str | None) -> float:
+    """How long a request waits for an expert whose engine is still starting: the server's
+    ``loading_wait_s``, or what the client asked with ``X-Coe-Wait-Timeout`` (0 = do not wait),
+    capped by ``loading_wait_max_s``; junk values are ignored."""
+    try:
+        asked = float(header) if header else None
+    except ValueError:
+        asked = None
+    if asked is None or not math.isfinite(asked) or asked < 0:
+        return min(limits.loading_wait_s, limits.loading_wait_max_s)
+    return min(asked, limits.loading_wait_max_s)
 
 
 # ------------------------------------------------------------------------------------- text checks

@@ -146,6 +146,7 @@ def pool_snapshot(replica: str, state: dict[str, Any], metrics: dict[str, Any]) 
             "status": str(get("status")),
             "phase": get("phase"),
             "error": get("error"),
+            "loading_s": get("loading_s"),
             "queue_depth": int(get("queue_depth", 0) or 0),
             "in_flight": int(get("in_flight", 0) or 0),
         }

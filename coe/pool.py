@@ -41,6 +41,7 @@ from coe.errors import (
     ExpertExistsInPool,
     ExpertLoadError,
     ExpertNotServed,
+    ExpertStarting,
     ExpertTransientError,
     PoolClosed,
     QueueFull,
@@ -99,6 +100,9 @@ class PoolConfig(BaseModel):
     retry_backoff_s: float = Field(2.0, gt=0, description="first wait after a transient failure; doubles per failure")
     retry_backoff_max_s: float = Field(120.0, gt=0, description="longest wait between retries")
     start_on_add: bool = Field(True, description="start an added expert's engine in the background (to DRAM)")
+    start_delay_s: dict[str, float] = Field(
+        default_factory=dict, description="for tests only (leave empty): expert -> seconds its engine start is "
+                                          "held before it reads anything, like a slow disk; counted in load_timeout_s")
 
 
 class ExpertState(BaseModel):
@@ -109,6 +113,7 @@ class ExpertState(BaseModel):
     in_flight: int
     error: str | None = None
     retry_in_s: float | None = None  # unavailable: when the pool tries again
+    loading_s: float | None = None  # loading after add: seconds since the expert was added
 
 
 @dataclass
@@ -132,6 +137,8 @@ class _Slot:
     session_end: asyncio.Event = field(default_factory=asyncio.Event)
     removing: bool = False
     loading: bool = False
+    starting: bool = False  # its first engine start (begun at add) has not ended yet
+    added_at: float = field(default_factory=time.monotonic)
     served: int = 0
     running: set = field(default_factory=set)  # asyncio.Tasks of admitted requests
     closing: bool = False  # the policy closed this session: no admission, release when drained
@@ -181,6 +188,7 @@ class ExpertPool:
             c.policy, load_timeout_s=c.load_timeout_s, wake_timeout_s=c.wake_timeout_s,
             retry_backoff_s=c.retry_backoff_s, retry_backoff_max_s=c.retry_backoff_max_s,
         )
+        self.tiers.start_delay_s = dict(c.start_delay_s)
         self._background: set[asyncio.Task] = set()
         self._slots: dict[str, _Slot] = {}
         self._router_demand: dict[str, int] = {}
@@ -208,15 +216,54 @@ class ExpertPool:
         except Exception as exc:  # missing / unreadable files: refuse now, with the reason
             raise ExpertLoadError(expert.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
         self.tiers.register(expert.name, engine)
-        self._slots[expert.name] = _Slot(expert.name, engine)
+        self._slots[expert.name] = slot = _Slot(expert.name, engine, starting=c.start_on_add)
         self._ensure_loop()
         if c.start_on_add:
-            self._spawn(self._warm(expert.name), f"coe-start-{expert.name}")
+            self._spawn(self._start(slot), f"coe-start-{expert.name}")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _start(self, slot: _Slot) -> None:
+        """The background start after add; while it runs the expert is ``loading`` (with its phase)
+        and :meth:`wait_started` holds requests that name it."""
+        try:
+            await self._warm(slot.name)
+        finally:
+            slot.starting = False
+            self._kick()
+
+    def starting(self, name: str) -> bool:
+        """Whether ``name``'s engine is still starting after it was added (not failed, not backing
+        off after a transient failure: those answer at once)."""
+        s = self._slot(name)
+        return (s.starting and not s.removing and s.engine.tier is Tier.DISK
+                and self.tiers.error_of(name) is None and self.tiers.backoff_of(name) is None)
+
+    async def wait_started(self, name: str, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the start begun at add to finish. Raises what ended it
+        instead (:class:`ExpertLoadError` for missing or corrupt files, :class:`ExpertTransientError`
+        for out of memory or a timeout, :class:`ExpertNotServed` when the expert is removed), or
+        :class:`ExpertStarting` when the wait runs out first: a waiting request never outlives a
+        start that failed."""
+        end = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            s = self._slot(name)
+            if s.removing:
+                raise ExpertNotServed(f"expert {name!r} is being removed from this pool")
+            err = self.tiers.error_of(name) or self.tiers.backoff_of(name)
+            if err is not None:
+                raise err
+            if not self.starting(name):
+                return
+            now = time.monotonic()
+            if now >= end:
+                waited = now - s.added_at
+                # a start that has run t seconds likely needs about as long again (1..30 s)
+                raise ExpertStarting(name, self.tiers.phase_of(name), waited, min(30.0, max(1.0, waited)))
+            await asyncio.sleep(min(0.05, end - now))
 
     async def _warm(self, name: str) -> None:
         """Start ``name``'s engine in the background (to DRAM); after a transient failure, try
@@ -526,12 +573,17 @@ class ExpertPool:
         out: dict[str, ExpertState] = {}
         for n, s in self._slots.items():
             err, off, phase = self.tiers.error_of(n), self.tiers.backoff_of(n), self.tiers.phase_of(n)
+            starting = s.starting and s.engine.tier is Tier.DISK
             status = ("failed" if err else "removing" if s.removing else "unavailable" if off
-                      else "loading" if phase or s.loading else "ready")
+                      else "loading" if phase or s.loading or starting else "ready")
+            if status == "loading" and starting and not phase:
+                phase = "queued to start"  # the background start has not begun its first step yet
             out[n] = ExpertState(tier=s.engine.tier.value, status=status, phase=phase or None,
                                  queue_depth=len(s.queue), in_flight=s.in_flight,
                                  error=(err or off).reason if (err or off) else None,
-                                 retry_in_s=round(off.retry_after_s, 3) if off else None)
+                                 retry_in_s=round(off.retry_after_s, 3) if off else None,
+                                 loading_s=round(time.monotonic() - s.added_at, 1)
+                                 if status == "loading" and starting else None)
         return out
 
     def metrics(self) -> dict[str, Any]:

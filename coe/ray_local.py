@@ -65,6 +65,11 @@ def init_local_ray(**kwargs: Any) -> Any:
     ``dashboard_host`` is always 127.0.0.1."""
     single_machine_mode()
     secure_token()
+    # Serve's HTTP proxy answers its own errors (start-up 404, queue-full 429 …) in coe's JSON
+    # shape (coe/serve/proxy_errors.py); its processes inherit this environment
+    from coe.serve.proxy_errors import CALLBACK, ENV_PROXY_CALLBACK
+
+    os.environ.setdefault(ENV_PROXY_CALLBACK, CALLBACK)
     import ray
 
     kwargs["dashboard_host"] = LOOPBACK

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 POLICIES = ("lru", "demand")
 
 
+_START_PHASES = ("starting engine", "reading weights")  # an engine start (DISK->DRAM) in flight
+
+
 @dataclass(eq=False)
 class _Entry:
     name: str
@@ -117,6 +120,9 @@ class TierManager:
         self.wake_timeout_s = wake_timeout_s
         self.retry_backoff_s = retry_backoff_s
         self.retry_backoff_max_s = retry_backoff_max_s
+        #: expert -> seconds each engine start is held before it reads anything (a slow disk, for
+        #: tests of what a user sees while a start takes long; counted in ``load_timeout_s``)
+        self.start_delay_s: dict[str, float] = {}
         self._entries: dict[str, _Entry] = {}
         self._cond = asyncio.Condition()
         # One engine starts on the device at a time: vLLM profiles free memory while it starts, and
@@ -176,7 +182,12 @@ class TierManager:
         return dict(self._entry(name).charge)
 
     def phase_of(self, name: str) -> str:
-        return self._entry(name).phase
+        """What a move in flight is doing; during an engine start, the engine's own step
+        (``Engine.load_phase``: "reading weights", "copying weights to host", ...) when it says one."""
+        e = self._entry(name)
+        if e.phase in _START_PHASES:
+            return getattr(e.engine, "load_phase", "") or e.phase
+        return e.phase
 
     # ---------------------------------------------------------------- accounting
     def _set(self, e: _Entry, tier: Tier, nbytes: int) -> None:
@@ -365,10 +376,10 @@ class TierManager:
                 if mem.load_bytes and not await self._make_room(Tier.HBM, e, mem.load_bytes, wait, protect_demand):
                     self._settle(e)
                     return False
-            e.phase = "starting engine" if mem.load_bytes else "loading weights"
+            e.phase = "starting engine" if mem.load_bytes else "reading weights"
             self.metrics.event(e.name, "disk->dram start")
             try:
-                self.metrics.record(e.name, await self._timed(eng.load(), self.load_timeout_s, "loading"))
+                self.metrics.record(e.name, await self._timed(self._start(e), self.load_timeout_s, "loading"))
             except BaseException:
                 with contextlib.suppress(Exception):
                     await eng.unload()  # a half-started engine (a timeout) must not keep memory
@@ -379,6 +390,12 @@ class TierManager:
                 self._settle(e)
             self.metrics.event(e.name, "disk->dram done")
         return True
+
+    async def _start(self, e: _Entry) -> SwapRecord:
+        delay = self.start_delay_s.get(e.name, 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return await e.engine.load()
 
     async def _wake(self, e: _Entry, wait: bool, protect_demand: int | None) -> bool:
         """DRAM→HBM: reserve the whole awake footprint first, then move."""

@@ -87,6 +87,10 @@ Namespace = Annotated[str, typer.Option(
     "--namespace", "-n", envvar="COE_NAMESPACE", show_envvar=True,
     help="Registry namespace, so several deployments can share one Redis.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+ServiceUrl = Annotated[Optional[str], typer.Option(
+    "--service", envvar="COE_URL", show_envvar=True,
+    help="The coe service to ask for each expert's live status (loading and its phase, ready, failed). "
+         "Default: http://127.0.0.1:8000.")]
 
 
 @contextlib.contextmanager
@@ -233,11 +237,13 @@ def parse_bytes(text: str, what: str = "--kv-cache") -> int:
 
 
 def _engine_settings(kv_cache: str | None, gpu_memory_utilization: float | None, eager: bool | None,
-                     quantization: str | None, max_num_seqs: int | None, load_format: str | None) -> dict[str, Any]:
+                     quantization: str | None, max_num_seqs: int | None, load_format: str | None,
+                     tool_call_parser: str | None = None) -> dict[str, Any]:
     """The engine options the user gave, as ``engine_settings`` fields (validated with the spec)."""
     raw = {"kv_cache_bytes": parse_bytes(kv_cache) if kv_cache is not None else None,
            "gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": eager,
-           "quantization": quantization, "max_num_seqs": max_num_seqs, "load_format": load_format}
+           "quantization": quantization, "max_num_seqs": max_num_seqs, "load_format": load_format,
+           "tool_call_parser": tool_call_parser}
     return {k: v for k, v in raw.items() if v is not None}
 
 
@@ -286,6 +292,8 @@ _EagerOpt = Annotated[Optional[bool], typer.Option(
 _QuantOpt = Annotated[Optional[str], typer.Option(help="awq | gptq | fp8 | bitsandbytes | compressed-tensors")]
 _SeqsOpt = Annotated[Optional[int], typer.Option(help="Requests the engine batches at once.")]
 _LoadFmtOpt = Annotated[Optional[str], typer.Option(help="auto | safetensors | dummy (random weights, real shapes)")]
+_ToolParserOpt = Annotated[Optional[str], typer.Option(
+    help="vLLM tool-call parser for tool_choice 'auto' (hermes, llama3_json, mistral, …; vLLM's names).")]
 _TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="Free-form tag (repeatable).")]
 _FileOpt = Annotated[Optional[Path], typer.Option("--from-file", "-f", help="YAML spec; options override it.")]
 _NoCheckOpt = Annotated[bool, typer.Option(
@@ -303,6 +311,7 @@ def add(
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
     kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
     quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
+    tool_call_parser: _ToolParserOpt = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
     redis_url: RedisUrl = None, namespace: Namespace = "default",
 ) -> None:
@@ -321,7 +330,7 @@ def add(
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
             engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
-                                             load_format))
+                                             load_format, tool_call_parser))
         for key in ("generation", "capabilities", "engine_settings"):  # options refine the file's dicts
             if key in opts and isinstance(data.get(key), dict):
                 opts[key] = {**data[key], **opts[key]}
@@ -359,6 +368,7 @@ def update(
     params_b: _ParamsOpt = None, trust_remote_code: _TrustOpt = None, tag: _TagOpt = None,
     kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
     quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
+    tool_call_parser: _ToolParserOpt = None,
     status: Annotated[Optional[str], typer.Option(help="ready | failed")] = None,
     status_reason: Annotated[Optional[str], typer.Option(help="Why it failed.")] = None,
     from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
@@ -383,7 +393,7 @@ def update(
             stop=stop, capability=capability or [], cost_per_1k_tokens=cost_per_1k_tokens,
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
             engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
-                                             load_format),
+                                             load_format, tool_call_parser),
             status=status, status_reason=status_reason))
         if not data:
             raise InvalidExpert("nothing to update: give at least one option (see --help)")
@@ -435,25 +445,39 @@ def _warn_remote_code(name: str, asked: bool) -> None:
 @app.command("list")
 def list_(json_out: JsonOut = False,
           long: Annotated[bool, typer.Option("--long", "-l", help="Also engine, model and tags.")] = False,
-          redis_url: RedisUrl = None, namespace: Namespace = "default") -> None:
+          redis_url: RedisUrl = None, namespace: Namespace = "default", service: ServiceUrl = None) -> None:
     """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields);
-    stored entries that cannot be read are skipped, with a warning each."""
+    stored entries that cannot be read are skipped, with a warning each. The status column is the
+    running service's (`loading: <phase>` while an added expert's engine starts, then `ready`),
+    asked over HTTP; without a service it is the stored one, and the table says so."""
+    from expert_registry.live import live_view
+
     with _user_errors():
         snap = _open(redis_url, namespace).snapshot()
+    live = live_view(service)
     for bad, why in snap.invalid.items():  # skipped, never fatal; shown so that someone fixes them
         err.print(f"[bold yellow]warning:[/] skipped unreadable entry '{bad}': {why}")
     if json_out:
-        typer.echo(json.dumps([e.model_dump(mode="json") for e in snap.experts.values()], indent=2))
+        typer.echo(json.dumps([dict(e.model_dump(mode="json"), service_status=live.status(e.name),
+                                    service_phase=(live.experts.get(e.name) or {}).get("phase"))
+                               for e in snap.experts.values()], indent=2))
         return
-    out.print(_experts_table(snap, namespace, long), soft_wrap=False)  # the table fits the terminal
+    out.print(_experts_table(snap, namespace, long, live), soft_wrap=False)  # the table fits the terminal
 
 
-def _experts_table(snap: Any, namespace: str, long: bool) -> Table:
-    """One row per expert with the values as stored. Short columns never wrap; the long ones
-    (categories, model) wrap at spaces or end in an ellipsis, so 80 columns stay readable."""
+def _experts_table(snap: Any, namespace: str, long: bool, live: Any = None) -> Table:
+    """One row per expert with the values as stored (the status as the service sees it, when one
+    answered). Short columns never wrap; the long ones (categories, model) wrap at spaces or end in
+    an ellipsis, so 80 columns stay readable."""
+    where = (f"status from the service at {live.url}" if live is not None and live.error is None
+             else f"{live.error}: status as stored" if live is not None else "status as stored")
     table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})",
+                  caption=where, caption_justify="left",
                   title_justify="left", box=box.SIMPLE_HEAD if long else box.HEAVY_HEAD, show_edge=not long)
     for col in ("name", "status", "size", "ctx"):
+        if col == "status":  # "loading: reading weights (12 s)" folds inside its cell
+            table.add_column(col, overflow="fold", max_width=18)
+            continue
         table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=32 if col == "name" else None)
     table.add_column("categories", overflow="fold", min_width=11)
     if long:
@@ -462,7 +486,9 @@ def _experts_table(snap: Any, namespace: str, long: bool) -> Table:
         table.add_column("tags", overflow="fold")
     for e in snap.experts.values():
         caps = ("\n" if long else " ").join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
-        status = e.status if e.status == "ready" else f"[red]{e.status}[/red]"
+        shown = (live.status(e.name) if live is not None and e.status == "ready" else None) or e.status
+        status = (shown if shown == "ready" else f"[yellow]{shown}[/yellow]" if shown.startswith("loading")
+                  else f"[red]{shown}[/red]")
         row = [e.name, status, _fmt_bytes(e.size_bytes), str(e.max_context), caps or "-"]
         if long:
             # the last path part keeps the table readable; `show` prints the full path

@@ -46,7 +46,7 @@ class GenerationDefaults(BaseModel):
 
 #: Version of the stored entry's shape. A reader refuses (by name) an entry written by a newer coe
 #: instead of failing on its unknown fields or dropping it; entries without one are version 1.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: engine_settings.tool_call_parser
 
 QUANTIZATIONS = ("awq", "gptq", "fp8", "bitsandbytes", "compressed-tensors")
 
@@ -69,6 +69,10 @@ class EngineSettings(BaseModel):
     max_num_seqs: int | None = Field(None, ge=1, le=4096, description="requests the engine batches at once")
     load_format: Literal["auto", "safetensors", "dummy"] | None = Field(
         None, description="'dummy': random weights of the real shapes (tests, GPU dry runs)")
+    tool_call_parser: str | None = Field(
+        None, pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$",
+        description="vLLM's tool-call parser for tool_choice 'auto' (its --tool-call-parser names: hermes, "
+                    "llama3_json, mistral, pythonic …); without one, 'auto' with tools is refused for this expert")
 
     def merged_over(self, defaults: "EngineSettings") -> "EngineSettings":
         """These settings with every unset field taken from ``defaults``."""

@@ -194,7 +194,7 @@ def _stage2_eval(router, path: Path) -> dict[str, Any]:
     return {"n_prompts": len(prompts), "n_records": len(recs), "best_single_expert": best,
             "routed": float(np.mean(routed)), "best_single": float(np.nanmean(single_arr)) if (~np.isnan(single_arr)).any() else None,
             "oracle": float(np.mean(oracle)), "share_routed_away_from_best": moved / max(1, len(prompts)),
-            "margin": router.quality.margin, "k": router.quality.k, "tau": router.quality.tau,
+            "z": router.quality.z, "margin": router.quality.margin, "k": router.quality.k, "tau": router.quality.tau,
             "prior_weight": router.quality.prior_weight}
 
 
@@ -281,7 +281,7 @@ def quality_add(
     records: Path = typer.Argument(..., help="JSONL eval records {prompt, expert, score}"),
     router_dir: Optional[Path] = typer.Option(None, "--router", help="router folder to update (default: the default router, needs --out)"),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="write the updated router here instead of in place"),
-    retune: bool = typer.Option(True, help="re-choose k, tau, prior weight and the decision margin"),
+    retune: bool = typer.Option(True, help="re-choose k, tau, prior weight and the routing confidence z"),
 ) -> None:
     """Append evaluation records to a router's quality predictor without retraining stage 1."""
     from routers.data import read_eval_records
@@ -297,5 +297,5 @@ def quality_add(
         _fail(e)
     q = updated.quality
     out.print(f"added {len(recs)} records -> {path}: {len(q.experts)} records over {q.n_prompts} prompts, "
-              f"{len(q.known_experts)} experts (k={q.k}, tau={q.tau:g}, prior {q.prior_weight:g}, margin {q.margin:g})",
+              f"{len(q.known_experts)} experts (k={q.k}, tau={q.tau:g}, prior {q.prior_weight:g}, z {q.z:g})",
               highlight=False)

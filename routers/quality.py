@@ -8,9 +8,19 @@ on the ``k`` most similar recorded prompts, shrunk toward the expert's overall m
     q    = (sum_i w_i * score_i + m * mean) / (sum_i w_i + m)
 
 The weights are *absolute*, not normalised among the neighbours, so when every neighbour is far
-the prior dominates - that is the confidence. ``k``, ``tau`` and ``m`` are not guessed: :meth:`fit`
+the prior dominates - that is the confidence. ``k``, ``tau`` and ``m`` are not guessed: :meth:`tuned`
 picks them by leave-one-prompt-out Brier score on the records themselves (a prompt never predicts
 itself), which is what makes the numbers calibrated predictions rather than similarity scores.
+
+Routing (:meth:`choose`) keeps the best-on-average expert ``b`` unless another expert's advantage
+is positive with confidence: route to ``argmax_e LB_e`` when ``LB_e > 0``, where
+``LB_e = q_e - q_b - z * sqrt(se_e^2 + se_b^2)`` and ``se = sqrt(q (1 - q) / n_eff)``, ``n_eff``
+being how many observations really stand behind the estimate (Kish's effective size of the
+weighted neighbours, scaled by their share against the prior, plus ``m``). Argmax over many noisy
+estimates favours the most over-estimated one (the winner's curse); a fixed margin guards against
+it everywhere alike, the bound only where the neighbourhood is thin. ``z`` is chosen by
+cross-validation over clusters of prompts (so paraphrases are held out together). On the public
+judgments this rule never lost to the best single model where a fixed margin did (bench/RESULTS.md).
 
 Why cosine needs care: the router's features are several separately normalised blocks (4 layers ×
 384), so their norm is 2, not 1; this class renormalises every vector so the dot product is a true
@@ -35,6 +45,9 @@ OLD_FORMAT = "coe-router-quality/1"
 K_GRID = (5, 10, 20, 40)
 TAU_GRID = (0.02, 0.05, 0.1, 0.2)
 PRIOR_GRID = (0.5, 2.0, 8.0)
+Z_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 1e9)  # 1e9: never leave the best-on-average expert
+RADIUS_NEIGHBOUR = 10  # the radius is set by how far the records' 10th neighbours are (see radius)
+DEFAULT_Z = 1.0  # before tuning, or with too few complete prompts to cross-validate
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -109,6 +122,15 @@ class QualityPredictor:
 
     # -- prediction ---------------------------------------------------------------------------------
     @property
+    def radius(self) -> float:
+        """Cosine below which a recorded prompt is no neighbour at all (``-1``: none set). Set by
+        :meth:`tuned` to the 1st percentile, over the records' prompts, of the cosine to their 10th
+        nearest other prompt: a query farther from every record than that is in a
+        domain the records do not cover, and gets each expert's mean (so the best single expert).
+        Without it, a kernel tuned on dense records lends far neighbours real weight."""
+        return float(self.fit_info.get("radius", -1.0))
+
+    @property
     def known_experts(self) -> list[str]:
         return list(self._index)
 
@@ -121,10 +143,12 @@ class QualityPredictor:
         return None if idx is None else float(self.scores[idx].mean())
 
     def _predict_matrix(self, sims: np.ndarray, experts: Sequence[str], k: int, tau: float, m: float,
-                        exclude_self: bool = False) -> np.ndarray:
+                        exclude_self: bool = False, with_se: bool = False):
         """Predictions ``(n_queries, len(experts))`` from query-to-prompt cosines ``sims``
-        ``(n_queries, n_prompts)``; NaN for an expert without records."""
+        ``(n_queries, n_prompts)``; NaN for an expert without records. ``with_se``: also the
+        standard error of each prediction (see the module docstring), as a second matrix."""
         out = np.full((len(sims), len(experts)), np.nan)
+        se = np.full((len(sims), len(experts)), np.nan)
         for j, name in enumerate(experts):
             recs = self._index.get(name)
             if recs is None or len(recs) == 0:
@@ -137,16 +161,41 @@ class QualityPredictor:
             w = np.exp((st - 1.0) / tau)
             if exclude_self:
                 w[st > 1.0 - 1e-6] = 0.0  # leave-one-prompt-out: a prompt never predicts itself
+            w[st < self.radius] = 0.0  # farther than the records' own neighbours: no evidence
             prior = float(sc.mean())
-            out[:, j] = ((w * sc[top]).sum(1) + m * prior) / (w.sum(1) + m)
-        return out
+            sw = w.sum(1)
+            out[:, j] = ((w * sc[top]).sum(1) + m * prior) / (sw + m)
+            if with_se:
+                kish = sw ** 2 / np.maximum((w ** 2).sum(1), 1e-300)
+                n_eff = kish * sw / (sw + m) + m
+                q = out[:, j]
+                se[:, j] = np.sqrt(np.clip(q * (1 - q), 0.0, None) / np.maximum(n_eff, 1e-12))
+        return (out, se) if with_se else out
 
-    def predict_many(self, queries: np.ndarray, experts: Sequence[str]) -> np.ndarray:
-        """Predicted quality ``(n, len(experts))`` for many query embeddings (NaN: no records)."""
+    def predict_many(self, queries: np.ndarray, experts: Sequence[str], with_se: bool = False):
+        """Predicted quality ``(n, len(experts))`` for many query embeddings (NaN: no records);
+        ``with_se``: ``(quality, standard error)``."""
         if not len(self.embeddings):
-            return np.full((len(np.atleast_2d(queries)), len(experts)), np.nan)
+            nan = np.full((len(np.atleast_2d(queries)), len(experts)), np.nan)
+            return (nan, nan.copy()) if with_se else nan
         sims = _unit(queries) @ self.embeddings.T
-        return self._predict_matrix(sims, experts, self.k, self.tau, self.prior_weight)
+        return self._predict_matrix(sims, experts, self.k, self.tau, self.prior_weight, with_se=with_se)
+
+    @staticmethod
+    def route_rows(Q: np.ndarray, SE: np.ndarray, base: int | np.ndarray, z: float, margin: float = 0.0) -> np.ndarray:
+        """Column picked per row: ``base`` (an index, or one per row) unless another column's lower
+        bound ``Q - Q[base] - margin - z * sqrt(SE^2 + SE[base]^2)`` is positive, then the one with
+        the highest bound. NaN (no records) never wins."""
+        n = len(Q)
+        b = np.broadcast_to(np.asarray(base), (n,)).astype(np.int64)
+        r = np.arange(n)
+        qb, sb = Q[r, b][:, None], SE[r, b][:, None]
+        lb = Q - qb - margin - z * np.sqrt(SE ** 2 + sb ** 2)
+        lb = np.where(np.isnan(lb), -np.inf, lb)
+        lb[r, b] = 0.0
+        pick = lb.argmax(1)
+        pick[lb[r, pick] <= 0] = b[lb[r, pick] <= 0]
+        return pick
 
     def predict(self, query: np.ndarray, experts: Sequence[str]) -> dict[str, float | None]:
         """Predicted quality in [0, 1] of each named expert for one query embedding; ``None``
@@ -173,44 +222,47 @@ class QualityPredictor:
         pred = self._predict_matrix(sims, experts, self.k + 1, self.tau, self.prior_weight, exclude_self=True)
         return experts, pred, tgt
 
-    def choose_margin(self, grid: Sequence[float] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3),
-                      folds: int = 5, seed: int = 0) -> float:
-        """The margin by which an expert's predicted quality must beat the best-on-average expert's
-        before routing leaves the latter. Argmax over several noisy estimates favours whichever is
-        most over-estimated (the winner's curse); the margin guards against it. Chosen by k-fold
-        cross-validation over *clusters* of prompts (k-means on the embeddings), so paraphrases of
-        one question are held out together - leave-one-prompt-out would let them vouch for each
-        other. Only prompts scored for every expert count; the smallest best margin wins."""
+    def cluster_folds(self, folds: int = 5, seed: int = 0) -> np.ndarray:
+        """A fold per distinct prompt: k-means clusters of the embeddings dealt to ``folds`` folds,
+        so paraphrases of one question (which the records cannot name) are held out together."""
         from sklearn.cluster import KMeans
 
-        experts, _, tgt = self.loo_matrix()
+        n_clusters = int(min(50, max(folds, self.n_prompts // 20)))
+        lab = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(self.embeddings)
+        return (np.random.default_rng(seed).permutation(n_clusters) % folds)[lab]
+
+    def choose_z(self, grid: Sequence[float] = Z_GRID, folds: int = 5, repeats: int = 3) -> float:
+        """The confidence ``z`` of the routing rule (module docstring), by k-fold cross-validation
+        over :meth:`cluster_folds`, repeated with ``repeats`` different clusterings (one split's
+        luck is the main noise here): each fold's prompts are predicted from the other folds'
+        records and routed; the ``z`` with the best mean recorded score wins (the smallest among
+        ties). Only prompts scored for every expert count; with fewer than 50: ``DEFAULT_Z``."""
+        experts = self.known_experts
+        tgt = self._target_matrix(experts)
         full = np.flatnonzero(~np.isnan(tgt).any(1))
         if len(full) < 50 or len(experts) < 2:
-            return 0.0
-        n_clusters = int(min(50, max(folds, len(self.embeddings) // 20)))
-        lab = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(self.embeddings)
-        fold_of_cluster = np.random.default_rng(seed).permutation(n_clusters) % folds
-        fold = fold_of_cluster[lab]
-        rec_fold = fold[self.prompt_index]
-        P = np.full_like(tgt, np.nan)
-        for f in range(folds):
-            keep = rec_fold != f
-            sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
-                                   self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep])
-            rows = np.flatnonzero(fold == f)
-            if len(rows):
-                P[rows] = sub.predict_many(self.embeddings[rows], experts)
-        P, T = P[full], tgt[full]
-        P = np.where(np.isnan(P), -1.0, P)
+            return DEFAULT_Z
+        T = tgt[full]
         best = int(np.argmax(T.mean(0)))
-        scores = {}
-        for mg in grid:
-            pick = P.argmax(1)
-            pick[P[np.arange(len(P)), pick] - P[:, best] <= mg] = best
-            scores[mg] = float(T[np.arange(len(T)), pick].mean())
-        self.fit_info["margin_cv"] = {str(k): round(v, 4) for k, v in scores.items()}
-        top = max(scores.values())
-        return float(min(mg for mg, v in scores.items() if v >= top - 1e-12))
+        totals = dict.fromkeys(grid, 0.0)
+        for seed in range(repeats):
+            fold = self.cluster_folds(folds, seed)
+            rec_fold = fold[self.prompt_index]
+            P, V = np.full_like(tgt, np.nan), np.full_like(tgt, np.nan)
+            for f in range(folds):
+                keep = rec_fold != f
+                sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
+                                       self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep],
+                                       fit_info={"radius": self.radius})
+                rows = np.flatnonzero(fold == f)
+                if len(rows):
+                    P[rows], V[rows] = sub.predict_many(self.embeddings[rows], experts, with_se=True)
+            for z in grid:
+                totals[z] += float(T[np.arange(len(T)), self.route_rows(P[full], V[full], best, z)].mean()) / repeats
+        self.fit_info["z_cv"] = {str(k): round(v, 4) for k, v in totals.items()}
+        self.fit_info["z_cv_best_single"] = round(float(T[:, best].mean()), 4)
+        top = max(totals.values())
+        return float(min(z for z, v in totals.items() if v >= top - 1e-12))
 
     # -- calibration ------------------------------------------------------------------------------------
     def tuned(self, k_grid: Sequence[int] = K_GRID, tau_grid: Sequence[float] = TAU_GRID,
@@ -223,6 +275,11 @@ class QualityPredictor:
         experts = self.known_experts
         tgt = self._target_matrix(experts)
         have = ~np.isnan(tgt)
+        other = np.where(sims > 1.0 - 1e-6, -1.0, sims)  # exact duplicates are no neighbours
+        nth = min(RADIUS_NEIGHBOUR, self.n_prompts - 1)
+        radius = float(np.quantile(np.partition(other, -nth, axis=1)[:, -nth], 0.01))
+        self = QualityPredictor(self.embeddings, self.experts, self.scores, self.k, self.tau, self.prior_weight,
+                                self.encoder_id, self.prompt_index, {"radius": radius})
         best: tuple[float, int, float, float] | None = None
         table = []
         prior_brier = None
@@ -236,32 +293,48 @@ class QualityPredictor:
         prior_brier = float(np.mean((np.broadcast_to(means, tgt.shape)[have] - tgt[have]) ** 2))
         _, k, tau, m = best  # type: ignore[misc]
         info = {"method": "leave-one-prompt-out Brier", "brier": round(best[0], 5),  # type: ignore[index]
+                "radius": radius,
                 "brier_expert_mean_only": round(prior_brier, 5), "n_prompts": self.n_prompts,
                 "n_records": len(self.experts), "grid": table}
         out = QualityPredictor(self.embeddings, self.experts, self.scores, k, tau, m, self.encoder_id,
                                self.prompt_index, info)
-        out.fit_info["margin"] = out.choose_margin()
+        out.fit_info["z"] = out.choose_z()
         return out
 
     @property
+    def z(self) -> float:
+        """Confidence of the routing rule: chosen by :meth:`choose_z` when tuned, else ``DEFAULT_Z``."""
+        return float(self.fit_info.get("z", DEFAULT_Z))
+
+    @property
     def margin(self) -> float:
-        """Decision margin chosen by :meth:`choose_margin` when tuned (0 otherwise)."""
-        return float(self.fit_info.get("margin", 0.0))
+        """Extra fixed margin an advantage must clear (0 unless set in ``fit_info``; kept for
+        artifacts of format 1-2, which chose a margin instead of ``z``)."""
+        return float(self.fit_info.get("margin", 0.0)) if "z" not in self.fit_info else 0.0
 
     def best_expert(self) -> str | None:
         """The expert with the best mean recorded score (the 'always this one' baseline)."""
         means = {e: self.mean(e) for e in self.known_experts}
         return max(means, key=lambda e: means[e]) if means else None
 
+    def base_expert(self, experts: Sequence[str]) -> str | None:
+        """Among ``experts``, the one with the best mean recorded score (None: none has records)."""
+        known = [e for e in experts if e in self._index]
+        return max(known, key=lambda e: self.mean(e) or 0.0) if known else None
+
+    def choose_many(self, queries: np.ndarray, experts: Sequence[str]) -> list[str | None]:
+        """:meth:`choose` for many query embeddings at once (one prediction pass)."""
+        base = self.base_expert(experts)
+        if base is None:
+            return [None] * len(np.atleast_2d(queries))
+        Q, SE = self.predict_many(queries, experts, with_se=True)
+        pick = self.route_rows(Q, SE, list(experts).index(base), self.z, self.margin)
+        return [experts[i] for i in pick]
+
     def choose(self, query: np.ndarray, experts: Sequence[str]) -> str | None:
-        """Pure quality routing among ``experts``: the best-on-average one unless another is
-        predicted better by more than :attr:`margin`."""
-        pred = {e: q for e, q in self.predict(query, experts).items() if q is not None}
-        if not pred:
-            return None
-        top = max(pred, key=lambda e: pred[e])
-        base = max(pred, key=lambda e: self.mean(e) or 0.0)
-        return top if pred[top] - pred[base] > self.margin else base
+        """Pure quality routing among ``experts``: the best-on-average one unless another's
+        advantage is positive with confidence :attr:`z` (module docstring)."""
+        return self.choose_many(np.asarray(query).reshape(1, -1), experts)[0]
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:

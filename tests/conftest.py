@@ -229,6 +229,21 @@ def smollm_dir(smollm2_gguf: Path, coe_home: Path) -> Path:
     return ensure_converted(smollm2_gguf)
 
 
+def record(name: str, data: dict) -> None:
+    """Write a figure a test measured to ``$COE_BENCH_OUT/<name>.json`` (with machine and date), so
+    that a number quoted in the docs has its raw record; nothing is written when the variable is unset."""
+    out = os.environ.get("COE_BENCH_OUT")
+    if not out:
+        return
+    import json
+    import platform
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "host": platform.node(),
+            "cpus": os.cpu_count(), "python": platform.python_version()}
+    (Path(out) / f"{name}.json").write_text(json.dumps({**meta, **data}, indent=1) + "\n")
+
+
 def make_expert(name: str, model: str | Path, **kw):
     from expert_registry.spec import Expert
 
@@ -240,6 +255,8 @@ def make_expert(name: str, model: str | Path, **kw):
 # (``build_app``) on a local Ray with 2 CPUs, a private Redis, tiny random-weight experts and the real
 # SmolLM2 for one answer. Ray and Serve are shut down at the end of the session.
 TINY_CONTEXT = 512
+# experts whose engine start the served pool holds this long (its start_delay_s hook: a slow disk)
+SLOW_STARTS = {"tiny-slow": 8.0, "tiny-vanish": 4.0}
 
 
 def _free_port() -> int:
@@ -293,7 +310,9 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
     cfg = ServeConfig(host="127.0.0.1", port=port, redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
                       pool={"device": "cpu", "num_cpus": 0.5,
                             # small per-expert queues so that tests/reliability can fill one (429 + Retry-After)
-                            "options": {"max_wait_ms": 50, "max_queue_per_expert": 8, "max_batch_size": 4}})
+                            "options": {"max_wait_ms": 50, "max_queue_per_expert": 8, "max_batch_size": 4,
+                                        # tests/serve/test_loading.py: these experts' starts are slow
+                                        "start_delay_s": SLOW_STARTS}})
     # workers inherit this process's environment (COE_HOME, HF_HUB_OFFLINE from tests/conftest.py)
     from coe.ray_local import init_local_ray
 

@@ -3,7 +3,8 @@
 The pool streams ``{"type": "chunk", "index", "text", "logprobs", "finish_reason", ...}`` items;
 ``index`` is the choice (``n`` > 1), ``logprobs`` a list of :class:`coe.engines.base.TokenLogprob`
 dicts. A forced ``tool_choice`` constrains the output to JSON, which becomes ``tool_calls`` here
-(vLLM's server does the same for ``required`` and named tool choices).
+(vLLM's server does the same for ``required`` and named tool choices); with ``tool_choice`` auto the
+engine's tool-call parser found the calls, and the last item carries them (``tool_calls``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from coe.api.protocol import (
     ChatMessageOut,
     Choice,
+    ToolCall,
     ChoiceLogprobs,
     TokenLogprobOut,
     TopLogprob,
@@ -44,6 +46,7 @@ class ChoiceState:
     logprobs: list[TokenLogprobOut] = field(default_factory=list)
     finish: str | None = None
     completion_tokens: int = 0
+    tool_calls: list[ToolCall] | None = None  # parsed by the engine (tool_choice auto)
 
 
 class ChoicesBuilder:
@@ -63,6 +66,8 @@ class ChoicesBuilder:
             st.logprobs.extend(logprobs_out(item.get("logprobs")))
         st.completion_tokens = max(st.completion_tokens, int(item.get("completion_tokens") or 0))
         self.prompt_tokens = int(item.get("prompt_tokens") or self.prompt_tokens)
+        if item.get("tool_calls"):
+            st.tool_calls = [ToolCall.model_validate(tc) for tc in item["tool_calls"]]
         if item.get("finish_reason"):
             st.finish = item["finish_reason"]
         return st
@@ -75,6 +80,8 @@ class ChoicesBuilder:
         """The assistant message of a finished choice and its finish reason."""
         text = "".join(st.text)
         finish = st.finish or "stop"
+        if st.tool_calls:
+            return ChatMessageOut(content=text or None, tool_calls=st.tool_calls), "tool_calls"
         if self.forced_tool and finish == "stop":
             calls = parse_tool_calls(text, self.forced_tool)
             if calls is not None:

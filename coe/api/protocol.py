@@ -379,8 +379,19 @@ class ChatCompletionRequest(BaseModel):
             raise RequestFieldError("streaming n>1 with a forced tool_choice is not supported", "n")
 
     def features(self) -> list[str]:
-        """The non-neutral fields an engine must honour to serve this request (routing constraint)."""
-        return [f for f in self.non_neutral() if f not in REFUSED]
+        """The non-neutral fields an engine must honour to serve this request (routing constraint).
+        ``tool_choice=auto`` is one when tools come with tool_choice "auto" (OpenAI's default then):
+        the expert must parse tool calls out of free text, which needs its vLLM tool-call parser."""
+        from coe.engines.features import AUTO_TOOL_CHOICE
+
+        out = [f for f in self.non_neutral() if f not in REFUSED]
+        if self.auto_tools():
+            out.append(AUTO_TOOL_CHOICE)
+        return out
+
+    def auto_tools(self) -> bool:
+        """Tools given and the model may call them or answer in text (``tool_choice`` auto or unset)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def forced_tool_choice(self) -> str | None:
         """``"required"``, the forced function's name, or None when the model may answer in text."""
@@ -450,6 +461,8 @@ class ChatCompletionRequest(BaseModel):
             p["structured"] = structured
         if self.tools and self.tool_choice != "none":
             p["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        if self.auto_tools():
+            p["tools_auto"] = True
         kwargs = dict(self.chat_template_kwargs or {})
         if self.reasoning_effort is not None:
             kwargs["reasoning_effort"] = self.reasoning_effort
@@ -579,6 +592,8 @@ class ModelCard(BaseModel):
     tier: str | None = None  # expert: hbm | dram | disk | unloaded
     status: str | None = None  # expert: ready | failed | removing …
     status_reason: str | None = None
+    phase: str | None = None  # expert loading: what its engine start is doing ("reading weights", ...)
+    loading_s: float | None = None  # expert loading after its add: seconds so far
     max_context: int | None = None
     capabilities: dict[str, float] | None = None
 

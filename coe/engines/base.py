@@ -97,6 +97,8 @@ class SamplingParams(BaseModel):
     truncate_prompt_tokens: int | None = Field(None, ge=1)
     structured: StructuredOutput | None = None
     tools: list[dict[str, Any]] | None = None
+    tools_auto: bool = Field(False, description="tools with tool_choice 'auto': the engine parses its output "
+                                                "into tool calls (vLLM's tool-call parser of the expert)")
     chat_template_kwargs: dict[str, Any] | None = None
 
     def with_defaults(self, generation: Any) -> "SamplingParams":
@@ -154,7 +156,7 @@ class TokenLogprob(BaseModel):
     top: list[tuple[str, float]] = Field(default_factory=list)
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class GenerationChunk(BaseModel):
@@ -169,6 +171,7 @@ class GenerationChunk(BaseModel):
     index: int = 0  # which of the request's ``n`` choices this delta belongs to
     more: bool = False  # n > 1: this choice finished but others still run (the stream goes on)
     logprobs: list[TokenLogprob] | None = None  # for the tokens of this delta, when asked for
+    tool_calls: list[ToolCall] | None = None  # tool_choice "auto": the calls parsed from the whole output
 
 
 def as_messages(messages: Sequence[ChatMessage | Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -207,6 +210,9 @@ class Engine(ABC):
     """An expert's model behind the tier protocol and a streaming generate."""
 
     name: str
+    #: the step an engine start (:meth:`load`) is at, for ``/v1/models`` and ``coe-registry list``
+    #: ("reading weights", "copying weights to host", ...); "" when no start is running
+    load_phase: str = ""
 
     @property
     @abstractmethod

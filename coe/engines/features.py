@@ -33,10 +33,19 @@ VLLM_FEATURES: frozenset[str] = frozenset({
     "reasoning_effort",
 })
 
+#: the feature of a request with tools and tool_choice "auto" (or unset): the model may call a tool
+#: in its own text format, which the expert's tool-call parser must read (reported as 'tool_choice')
+AUTO_TOOL_CHOICE = "tool_choice=auto"
+
 ENGINE_FEATURES: dict[str, frozenset[str]] = {
     "hf": CORE,
-    "vllm": CORE | VLLM_FEATURES,
+    "vllm": CORE | VLLM_FEATURES | {AUTO_TOOL_CHOICE},
 }
+
+
+def field_name(feature: str) -> str:
+    """The request field a feature is about (``tool_choice=auto`` -> ``tool_choice``)."""
+    return feature.split("=", 1)[0]
 
 
 def engine_kind(expert: Any, device: str) -> str:
@@ -54,6 +63,31 @@ def unsupported(kind: str, needed: Iterable[str]) -> list[str]:
     """The fields of ``needed`` that engine ``kind`` cannot honour (in the order given)."""
     have = ENGINE_FEATURES.get(kind, CORE)
     return [f for f in needed if f not in have]
+
+
+def tool_call_parser(expert: Any, defaults: Any = None) -> str | None:
+    """The vLLM tool-call parser an expert runs with: its own ``engine_settings``, else the pool's
+    ``engine_defaults``."""
+    own = getattr(getattr(expert, "engine_settings", None), "tool_call_parser", None)
+    return own or getattr(defaults, "tool_call_parser", None)
+
+
+def expert_unsupported(expert: Any, device: str, needed: Iterable[str], defaults: Any = None) -> tuple[str, str] | None:
+    """``(field, why)`` for the first field of ``needed`` this expert cannot honour, else None.
+    Beyond its engine's field list: tool_choice "auto" with tools (:data:`AUTO_TOOL_CHOICE`, see
+    ``ChatCompletionRequest.features``) needs the expert's vLLM tool-call parser
+    (``engine_settings.tool_call_parser``) to read calls out of its text."""
+    needed = list(needed)
+    kind = engine_kind(expert, device)
+    miss = unsupported(kind, needed)
+    if miss:
+        return field_name(miss[0]), (f"engine '{kind}'; engines that support it: "
+                                     f"{', '.join(engines_supporting(miss[0])) or 'none'}")
+    if AUTO_TOOL_CHOICE in needed and not tool_call_parser(expert, defaults):
+        return "tool_choice", ("tool_choice 'auto' with tools needs the expert's engine_settings.tool_call_parser "
+                               "(vLLM's parser name, e.g. hermes or llama3_json), which is not set; send "
+                               "tool_choice 'required' or a named function instead")
+    return None
 
 
 def engines_supporting(field: str) -> list[str]:

@@ -221,6 +221,8 @@ class HFEngine(Engine):
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:400]
             bad = diagnose_files(self._src())
             raise ExpertLoadError(self.name, f"{bad} ({reason})" if bad else reason) from exc
+        finally:
+            self.load_phase = ""
         self._tier = Tier.DRAM
         return SwapRecord(Tier.DISK, Tier.DRAM, self._nbytes, time.perf_counter() - t0)
 
@@ -230,11 +232,13 @@ class HFEngine(Engine):
         src = self._src()
         if not Path(src.path).exists():
             raise FileNotFoundError(f"{src.path} does not exist")
+        self.load_phase = "converting GGUF" if src.kind == "gguf" and self._folder is None else "reading tokenizer"
         with _LOAD_LOCK:
             folder = self._model_folder()
             _ = self.tokenizer
         dtype = _DTYPES[self._dtype_name()]
         t0 = time.perf_counter()
+        self.load_phase = "reading weights"
         with _LOAD_LOCK:
             # safetensors whenever the folder has them: never fall back to a pickle-based .bin by accident
             has_st = any(Path(folder).glob("*.safetensors"))
@@ -243,6 +247,7 @@ class HFEngine(Engine):
                 trust_remote_code=bool(getattr(self.expert, "trust_remote_code", False)),
             )
         model.eval()
+        self.load_phase = "copying weights to host memory"
         t1 = time.perf_counter()
         # Lay out every distinct tensor (tied weights share one slot) in one flat buffer.
         seen: dict[tuple[int, torch.dtype, tuple[int, ...]], int] = {}
@@ -272,6 +277,7 @@ class HFEngine(Engine):
             copied.add(s.offset)
         t2 = time.perf_counter()
         if self.device.type == "cuda":
+            self.load_phase = "pinning host memory"
             self._pin(host)
         t3 = time.perf_counter()
         self._host, self._slots, self._nbytes, self._model = host, slots, offset, model

@@ -298,8 +298,10 @@ class VLLMEngine(Engine):
             return SwapRecord(self.tier, self.tier, 0, 0.0)
         t0 = time.perf_counter()
         try:
+            self.load_phase = "reading tokenizer"
             _ = self.tokenizer
             used0 = device_used_bytes(self.device)
+            self.load_phase = "starting engine (weights to the device, KV cache)"
             self._llm = await asyncio.to_thread(self._build) if self.build_in_thread else self._build()
             self._state = "awake"
             t1 = time.perf_counter()
@@ -308,6 +310,7 @@ class VLLMEngine(Engine):
             info: dict[str, Any] = {"engine_start_s": t1 - t0}
             if self.dummy_init_seed is not None and self.load_format == "dummy":
                 await self._rpc("coe_randomize", int(self.dummy_init_seed))
+            self.load_phase = "copying weights to host"
             if self.switch_mode == "pinned":
                 info["capture"] = await self._rpc("coe_capture", self.host_alloc)
                 self._has_copy = True
@@ -315,6 +318,7 @@ class VLLMEngine(Engine):
                 info["save"] = await self._rpc("coe_save_file", self._reload_path())
                 self._file = self._reload_path()
             t2 = time.perf_counter()
+            self.load_phase = "going to sleep"
             await self._sleep(2 if self.switch_mode != "sleep" else 1)
             info["first_sleep_s"] = time.perf_counter() - t2
             asleep = await self._device_bytes(used0)
@@ -328,6 +332,8 @@ class VLLMEngine(Engine):
             if is_out_of_memory(exc):  # another engine may free memory: retried, not a broken expert
                 raise ExpertTransientError(self.name, reason) from exc
             raise ExpertLoadError(self.name, reason) from exc
+        finally:
+            self.load_phase = ""
         info["total_s"] = time.perf_counter() - t0
         self.last_load_info = info
         return SwapRecord(Tier.DISK, Tier.DRAM, self._nbytes, info["total_s"])
@@ -597,6 +603,7 @@ class VLLMEngine(Engine):
 
         params = params.with_defaults(getattr(self.expert, "generation", None))
         ids = encode_prompt(self.expert, self.tokenizer, messages, params.tools, params.chat_template_kwargs)
+        tools, params = self._tool_call_collector(messages, params)
         sp = self._vllm_params(params, logprobs)
         rid = f"{self.name}-{os.getpid()}-{next(_ids)}"
         self._in_flight += 1
@@ -633,6 +640,8 @@ class VLLMEngine(Engine):
                                                       more=finish is not None), lps))
                 for i, (chunk, lps) in enumerate(batch):  # only the request's very last chunk ends the stream
                     chunk.more = chunk.more and not (out.finished and i == len(batch) - 1)
+                    if tools is not None and (chunk := tools.feed(chunk)) is None:
+                        continue  # tool_choice auto: the answer goes out whole (coe/engines/vllm_tools.py)
                     yield chunk, lps
         finally:
             self._in_flight -= 1
@@ -641,6 +650,29 @@ class VLLMEngine(Engine):
             except Exception:  # pragma: no cover - engine already dead
                 log.debug("expert %s: closing a vLLM stream failed", self.name, exc_info=True)
             self._stats.completion_tokens += completion
+
+    def _tool_call_collector(self, messages: Sequence[ChatMessage | Mapping[str, Any]],
+                             params: SamplingParams) -> tuple[Any, SamplingParams]:
+        """tool_choice "auto" with tools: the expert's vLLM tool-call parser reads the answer."""
+        if not params.tools_auto:
+            return None, params
+        from coe.engines.base import as_messages
+        from coe.engines.vllm_tools import ToolCallCollector, tool_parser
+        from coe.errors import RequestError
+
+        name = self.settings.tool_call_parser
+        if not name:  # the ingress routes such requests only to experts with a parser
+            raise RequestError(f"expert {self.name!r} has no tool_call_parser: tool_choice 'auto' with tools is "
+                               "not supported", "tool_choice", "unsupported_parameter")
+        try:
+            parse, keep_special = tool_parser(name, self.tokenizer, as_messages(messages), params.tools or [])
+        except (KeyError, ValueError, RuntimeError) as e:  # unknown name, or it does not fit this model
+            raise RequestError(f"expert {self.name!r}: vLLM's tool-call parser {name!r} "
+                               f"(engine_settings.tool_call_parser) cannot be used: {e}", "tool_choice",
+                               "unsupported_parameter") from None
+        if keep_special:  # the parser looks for special tokens (e.g. Hermes' <tool_call>)
+            params = params.model_copy(update={"skip_special_tokens": False})
+        return ToolCallCollector(parse), params
 
     async def close(self) -> None:
         await self._shutdown()

@@ -57,8 +57,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     pool_actor: dict[str, Any] = {"num_cpus": pc.num_cpus, "num_gpus": num_gpus}
     if pc.node_resource:  # only nodes that advertise it take a pool replica
         pool_actor["resources"] = {pc.node_resource: 1}
+    # Ray waits this long for a stopping replica's requests before it kills it: the ingress's own
+    # drain (shutdown.drain_timeout_s, coe/api/drain.py) plus the time cut streams get to end cleanly
+    grace = cfg.shutdown.ray_graceful_timeout_s()
     pool = ExpertPoolDeployment.options(
         logging_config=quiet,
+        graceful_shutdown_timeout_s=grace,
         num_replicas=pc.num_replicas,
         max_ongoing_requests=pc.max_ongoing_requests,
         max_replicas_per_node=pc.max_replicas_per_node,
@@ -67,6 +71,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     ).bind(conf)
     router = RouterDeployment.options(
         logging_config=quiet,
+        graceful_shutdown_timeout_s=grace,
         num_replicas=cfg.router.num_replicas,
         # Serve's default (5) would cap batches at 5 and queue the rest unbounded in the ingress
         max_ongoing_requests=max(64, 4 * cfg.router.max_batch_size),
@@ -79,6 +84,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     check_bind(cfg.host, KeyRing(RedisKeyStore(cfg.redis_url, cfg.namespace)).configured)
     return Ingress.options(
         num_replicas=cfg.ingress.num_replicas,
+        graceful_shutdown_timeout_s=grace,
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
         # requests waiting in front of the ingress are bounded too: beyond, Serve answers 429 + Retry-After
         max_queued_requests=cfg.limits.max_queued_requests,

@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from coe import __version__
+from coe.api.drain import DrainMiddleware, DrainState, until_cut
 from coe.api.errors import APIError, bad_request, hide_paths, install_error_handlers, internal_error, upstream_error
 from coe.api.feedback import FeedbackRequest
 from coe.api.request_id import RequestIdMiddleware, request_id_of
@@ -41,12 +42,13 @@ from coe.api.protocol import (
 )
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
-from coe.engines.features import engine_kind, engines_supporting, unsupported
+from coe.engines.features import engine_kind, expert_unsupported
 from coe.generate_request import GenerateRequest
-from coe.limits import BodyLimitMiddleware, RequestLimits, RequestTimeout, request_timeout, with_deadline
+from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
+                        with_deadline)
 from coe.serve.pool_view import cluster_view, merged_residency
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
-from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction
+from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
 
 log = logging.getLogger("coe.serve.ingress")
@@ -57,7 +59,7 @@ install_error_handlers(app)
 
 # Limits and keys come from the ServeConfig, which the replica only sees in Ingress.__init__ (after this
 # module is imported), so the middlewares read them through these getters.
-_RUNTIME: dict[str, Any] = {"limits": RequestLimits()}
+_RUNTIME: dict[str, Any] = {"limits": RequestLimits(), "drain": DrainState()}
 
 
 def _keys() -> KeyRing:
@@ -71,12 +73,16 @@ app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max
                    idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
 # added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
+# while the service stops: 503 shutting_down before anything else is done (coe/api/drain.py)
+app.add_middleware(DrainMiddleware, state=lambda: _RUNTIME["drain"], route_path=route_path)
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
 # pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
-# failure (the expert is marked failed) or a transient one (retried inside the pool, decision 2)
-FALLBACK_CODES = ("expert_load_failed", "expert_unavailable")
+# failure (the expert is marked failed), a transient one (retried inside the pool, decision 2), or an
+# engine still starting after `coe-registry add` (routed requests do not wait for it)
+FALLBACK_CODES = ("expert_load_failed", "expert_unavailable", "expert_loading")
+FALLBACK_WHY = {"expert_unavailable": "is temporarily unavailable", "expert_loading": "is still loading"}
 
 
 # ---- request helpers (pure functions; unit-testable without Ray) ------------------------------
@@ -156,36 +162,35 @@ def to_generate_request(req: ChatCompletionRequest, request_id: str | None) -> G
 
 
 def feature_constraint(experts: dict[str, Any], device: str, model: str, features: list[str],
-                       permitted: set[str] | None) -> set[str] | None:
-    """The experts that may answer (engine honours every feature, the key permits it); None when
-    nothing constrains. A named expert that cannot, or nothing left at all, is a 4xx here."""
+                       permitted: set[str] | None, defaults: Any = None) -> set[str] | None:
+    """The experts that may answer (each feature honoured, see ``expert_unsupported``; the key
+    permits it); None when nothing constrains. A named expert that cannot, or nothing left at
+    all, is a 4xx here. ``defaults``: the pool's engine defaults (a tool-call parser set there
+    counts for every expert)."""
     if not features and permitted is None:
         return None
     allowed: set[str] = set()
-    missing: dict[str, tuple[str, str]] = {}
+    missing: dict[str, tuple[str, str, str]] = {}  # name -> (engine, field, why)
     for name, e in experts.items():
         if permitted is not None and name not in permitted:
             continue
-        kind = engine_kind(e, device)
-        miss = unsupported(kind, features)
+        miss = expert_unsupported(e, device, features, defaults)
         if miss:
-            missing[name] = (kind, miss[0])
+            missing[name] = (engine_kind(e, device), *miss)
         else:
             allowed.add(name)
     if model in experts and model not in allowed:
         if model in missing:
-            kind, field = missing[model]
-            raise APIError(400, f"'{field}' is not supported by expert '{model}' (engine '{kind}'); engines that "
-                                f"support it: {', '.join(engines_supporting(field)) or 'none'}",
+            kind, field, why = missing[model]
+            raise APIError(400, f"'{field}' is not supported by expert '{model}': {why}",
                            "invalid_request_error", field, "unsupported_parameter")
         raise APIError(403, f"this API key may not use expert '{model}'", "permission_error", "model",
                        "model_not_permitted")
     if not allowed and missing:
-        kind, field = next(iter(missing.values()))
+        kind, field, why = next(iter(missing.values()))
         raise APIError(400, f"'{field}' is not supported by any expert this request may use (their engines: "
-                            f"{', '.join(sorted({k for k, _ in missing.values()}))}; engines that support it: "
-                            f"{', '.join(engines_supporting(field)) or 'none'})", "invalid_request_error", field,
-                       "unsupported_parameter")
+                            f"{', '.join(sorted({k for k, _, _ in missing.values()}))}; {why})",
+                       "invalid_request_error", field, "unsupported_parameter")
     if not allowed:
         raise APIError(403, "this API key may not use any registered expert", "permission_error", "model",
                        "model_not_permitted")
@@ -233,6 +238,18 @@ class Ingress:
 
         self.warm = WarmUp()
         self._warm_task = asyncio.create_task(self._warm_up())
+        self.drain_state = DrainState(retry_after_s=max(1, self.limits.retry_after_min_s))
+        _RUNTIME["drain"] = self.drain_state
+
+    # ---- graceful shutdown (called by `coe serve` on SIGTERM/SIGINT and `coe drain`, through
+    # DeploymentHandle.broadcast so that every replica drains) -----------------------------------
+    async def drain(self, timeout_s: float | None = None) -> dict:
+        """Refuse new requests, wait for those in flight up to ``timeout_s`` (default: the
+        config's ``shutdown.drain_timeout_s``), cut the rest (coe/api/drain.py)."""
+        return await self.drain_state.drain(self.cfg.shutdown.drain_timeout_s if timeout_s is None else timeout_s)
+
+    async def drain_status(self) -> dict:
+        return self.drain_state.status()
 
     # ---- readiness ---------------------------------------------------------------------------
     async def _warm_up(self) -> None:
@@ -288,7 +305,8 @@ class Ingress:
             e = snap.experts[model]
             raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
-        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted)
+        allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
+                                     self.cfg.pool.options.engine_defaults)
         if self._routing >= self.max_routing_waiters:
             raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
                                 "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
@@ -369,12 +387,17 @@ class Ingress:
 
     async def _open_with_fallback(self, info: CoeInfo, greq: GenerateRequest, allowed: set[str] | None = None):
         """:meth:`_open_stream`; if the chosen expert fails to load (it is then marked failed in the
-        registry) and the router chose it (not named by the client), try the router's next-best
-        candidates. The answer says so: ``coe.fallback_reason``/``fallback_from``, ``x-coe-fallback-from``."""
+        registry), is unavailable for a while, or is still starting after its add, and the router
+        chose it (not named by the client), try the router's next-best candidates, none of which is
+        waited for. The answer says so: ``coe.fallback_reason``/``fallback_from``,
+        ``x-coe-fallback-from``. When every candidate is still starting, the request waits for the
+        chosen one as a request that names it would (``greq.loading_wait_s``)."""
+        routed = info.forced != "expert"
+        no_wait = greq.model_copy(update={"loading_wait_s": 0.0}) if routed else greq
         try:
-            return (*await self._open_stream(info, greq), info)
+            return (*await self._open_stream(info, no_wait), info)
         except APIError as e:
-            if e.code not in FALLBACK_CODES or info.forced == "expert":
+            if e.code not in FALLBACK_CODES or not routed:
                 raise
             err, failed = e, [info.expert]
         snap = self.watcher.snapshot
@@ -383,12 +406,12 @@ class Ingress:
             spec = snap.experts.get(alt) if alt else None
             if not alt or alt in failed or (spec is not None and spec.status != "ready"):
                 continue
-            what = "is temporarily unavailable" if err.code == "expert_unavailable" else "failed to load"
+            what = FALLBACK_WHY.get(err.code, "failed to load")
             reason = f"expert '{failed[0]}' {what} ({err.message}); answered by the next-best candidate '{alt}'"
             alt_info = CoeInfo.model_validate({**info.model_dump(), "expert": alt, "fallback_reason": reason,
                                                "fallback_from": failed[0]})
             try:
-                gen, first, pending = await self._open_stream(alt_info, greq)
+                gen, first, pending = await self._open_stream(alt_info, no_wait)
             except APIError as e2:
                 if e2.code not in FALLBACK_CODES:
                     raise
@@ -396,6 +419,8 @@ class Ingress:
                 continue
             log.warning("%s", reason)
             return gen, first, pending, alt_info
+        if err.code == "expert_loading":  # nothing else can answer now: wait for the chosen one
+            return (*await self._open_stream(info, greq), info)
         raise err
 
     async def _within(self, deadline: float, timeout_s: float, coro):
@@ -442,16 +467,20 @@ class Ingress:
         rid = request_id_of(request)
         timeout_s = request_timeout(self.limits, request.headers.get("x-coe-timeout"))
         deadline = time.monotonic() + timeout_s
+        # a starting expert is waited for until 1 s before the deadline at most: a 503 with
+        # Retry-After says more than the deadline's 504
+        wait_s = min(loading_wait(self.limits, request.headers.get("x-coe-wait-timeout")), max(0.0, timeout_s - 1.0))
         session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
         key = await asyncio.to_thread(self._identity, request)
         ticket = Reservation(None)
         try:
-            greq = to_generate_request(req, rid)
+            greq = to_generate_request(req, rid).model_copy(update={"loading_wait_s": wait_s})
             messages = normalise_messages(req.messages)
             permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
             # refusals that need no work come first: a field no allowed expert honours, a forbidden
             # expert (400/403, not counted against the key), then the key's limits (429)
-            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted)
+            feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted,
+                               self.cfg.pool.options.engine_defaults)
             ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
@@ -467,8 +496,8 @@ class Ingress:
             self._refused(key, ticket, known.status)
             raise known from None
         headers = coe_headers(info)
-        items = with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()), cancel=gen.cancel,
-                              limit_s=timeout_s)
+        items = until_cut(with_deadline(_chain(pending, gen), max(0.001, deadline - time.monotonic()),
+                                        cancel=gen.cancel, limit_s=timeout_s), self.drain_state)
         cid = f"chatcmpl-{rid}"
         builder = ChoicesBuilder(req.n or 1, bool(req.logprobs), req.forced_tool_choice())
         builder.prompt_tokens = int(first.get("prompt_tokens") or 0)
@@ -545,12 +574,15 @@ class Ingress:
                             timing["first_token"] = item.get("at")
                             extra["coe_timing"] = timing
                         yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
+                    if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
+                        yield chunk(st.index, {"tool_calls": [dict(tc.model_dump(), index=k) for k, tc in
+                                                              enumerate(st.tool_calls)]})
                     if item.get("finish_reason"):
                         yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # deadline passed or the pool replica died: end the stream cleanly
-                known = upstream_error(e)
+            except Exception as e:  # deadline passed, the pool replica died, the drain cut it: end cleanly
+                known = e if isinstance(e, APIError) else upstream_error(e)
                 if known is None:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
@@ -640,7 +672,7 @@ class Ingress:
         snap = self.watcher.snapshot
         if self._categories is None:
             self._categories = await self.router.categories.remote()
-        tiers, states, phases = await self._pool_view()
+        tiers, states, phases, since = await self._pool_view()
         ready = sorted(n for n, e in snap.experts.items() if e.status == "ready")
         cards = [ModelCard(id="coe", kind="router", experts=ready,
                            description="route each request to the best expert automatically")]
@@ -650,8 +682,11 @@ class Ingress:
         for name in sorted(snap.experts):
             e = snap.experts[name]
             status = e.status if e.status != "ready" else states.get(name, "ready")
+            loading = status == "loading"
             cards.append(ModelCard(id=name, kind="expert", tier=tiers.get(name, "unloaded"), status=status,
                                    status_reason=hide_paths(e.status_reason) or phases.get(name),
+                                   phase=phases.get(name) if loading else None,
+                                   loading_s=since.get(name) if loading else None,
                                    max_context=e.max_context,
                                    capabilities=dict(e.capabilities),
                                    created=int(e.created_at.timestamp())))
@@ -666,11 +701,13 @@ class Ingress:
             log.debug("pool stats unavailable: %s", e)
             return []
 
-    async def _pool_view(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-        """Best tier, a status and a loading phase per expert, from the pool's snapshot."""
+    async def _pool_view(self) -> tuple[dict[str, str], dict[str, str], dict[str, str], dict[str, float]]:
+        """Best tier, a status, a loading phase (or error) and seconds since its add while its
+        engine starts, per expert, from the pool's snapshot."""
         tiers: dict[str, str] = {}
         states: dict[str, str] = {}
         phases: dict[str, str] = {}
+        since: dict[str, float] = {}
         for snap in await self._pool_snapshots():
             for name, e in (snap.get("experts") or {}).items():
                 t = str(e.get("tier"))
@@ -681,12 +718,14 @@ class Ingress:
                     states[name] = st.split(".")[-1].lower()
                 if e.get("phase") or e.get("error"):
                     phases[name] = str(e.get("phase") or e.get("error"))
+                if e.get("loading_s") is not None:
+                    since[name] = float(e["loading_s"])
         for rep in cluster_view().values():  # several nodes: the best tier any pool replica reports
             for name, e in rep.experts.items():
                 t = str(e.get("tier"))
                 if TIER_ORDER.get(t, 0) > TIER_ORDER.get(tiers.get(name, ""), 0):
                     tiers[name] = t
-        return tiers, states, phases
+        return tiers, states, phases, since
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
@@ -703,13 +742,17 @@ class Ingress:
                              "registry_version": snap.version, "experts": len(snap.experts),
                              "registry": reg, "auth": "on" if _keys().configured else "off",
                              "keys": _keys().health(),
-                             "uptime_s": round(time.time() - self.started_at, 1)})
+                             "uptime_s": round(time.time() - self.started_at, 1),
+                             "draining": self.drain_state.draining})
 
     @app.get("/readyz")
     async def readyz(self) -> JSONResponse:
         """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
         from coe.serve.readiness import readiness
 
+        if self.drain_state.draining:  # a load balancer must stop sending at once
+            return JSONResponse({"status": "draining", "detail": "shutting down: new requests are refused",
+                                 **self.drain_state.status()}, status_code=503)
         residency = None
         if self.warm.done:
             try:

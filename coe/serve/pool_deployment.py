@@ -120,11 +120,25 @@ class ExpertPoolDeployment:
     async def _start_added(self, name: str) -> None:
         """Put a newly registered expert into this replica's pool; the pool starts its engine in
         the background (``loading`` with its phase in ``/v1/models``, then ``ready``)."""
+        from coe import errors as ce
+
         try:
             await self._ticket(name)
             err = await self._ensure_expert(name)
             if err:
                 log.info("starting %s: %s", name, err.get("message"))
+                return
+            while self.pool.config.start_on_add and name in self.pool.experts():
+                try:  # a start that fails for good marks the entry failed now, not at the first request
+                    await self.pool.wait_started(name, 3600.0)
+                    return
+                except ce.ExpertLoadError as e:
+                    await self._mark_failed(name, e.reason)
+                    return
+                except ce.ExpertTransientError as e:  # retried inside the pool; watch the next attempt
+                    await asyncio.sleep(max(0.5, e.retry_after_s))
+                except (ce.ExpertNotServed, ce.ExpertStarting):
+                    return
         except Exception as e:  # noqa: BLE001 - the first request retries and reports
             log.warning("starting %s in the background failed: %s", name, e)
 
@@ -177,6 +191,27 @@ class ExpertPoolDeployment:
             except Exception as e:  # a broken spec must not take the replica down
                 await self._mark_failed(name, f"{type(e).__name__}: {e}")
                 return _err(503, f"expert '{name}' could not be loaded: {e}", "model", "expert_load_failed")
+        return None
+
+    async def _until_started(self, name: str, wait_s: float | None) -> dict | None:
+        """An expert whose engine is still starting after its add: wait for it (up to ``wait_s``,
+        default ``limits.loading_wait_s``); an error dict when the wait runs out (503
+        ``expert_loading`` + Retry-After) or the start fails meanwhile (the start's own error)."""
+        from coe import errors as ce
+
+        try:
+            if not self.pool.starting(name):
+                return None
+            await self.pool.wait_started(name, self.cfg.limits.loading_wait_s if wait_s is None else wait_s)
+        except ce.ExpertStarting as e:
+            return _err(503, str(e), "model", "expert_loading", retry_after=max(1, int(e.retry_after_s + 0.999)))
+        except ce.ExpertLoadError as e:
+            await self._mark_failed(name, e.reason)
+            return _err(503, str(e), "model", "expert_load_failed")
+        except ce.ExpertTransientError as e:
+            return _transient(e)
+        except ce.ExpertNotServed as e:
+            return _err(404, f"expert '{name}' was removed: {e}", "model", "model_not_found")
         return None
 
     async def _mark_failed(self, name: str, reason: str) -> None:
@@ -236,6 +271,12 @@ class ExpertPoolDeployment:
                 return
             max_tokens = min(max_tokens, max_context - prompt_tokens)
         params = sampling.model_copy(update={"max_tokens": max_tokens}).with_defaults(gen)
+        # the request's own checks come first (a 400 does not depend on the engine having started);
+        # then an engine still starting after its add is waited for, or answered expert_loading
+        err = await self._until_started(name, request.loading_wait_s)
+        if err:
+            yield err
+            return
         # wall-clock stamps (same machine as the ingress) let a client split its latency into
         # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead);
         # replica and node name who served it (``x-coe-replica``/``x-coe-node``)
@@ -247,7 +288,8 @@ class ExpertPoolDeployment:
                 yield {"type": "chunk", "text": chunk.text, "finish_reason": chunk.finish_reason,
                        "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
                        "index": chunk.index, "at": time.time(),
-                       "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None}
+                       "logprobs": [lp.model_dump() for lp in chunk.logprobs] if chunk.logprobs else None,
+                       "tool_calls": [tc.model_dump() for tc in chunk.tool_calls] if chunk.tool_calls else None}
                 if chunk.finish_reason is not None and chunk.index == 0:
                     self._latency.observe(time.monotonic() - t0)
         except ce.RequestError as e:

@@ -1,5 +1,7 @@
 """Overload refusals come before routing: the ingress's own gate in front of the router (an extra
-ingress app on the session's router and pool, allowing one request to wait for the router)."""
+ingress app on the session's router and pool, allowing one request to wait for the router), and
+Ray Serve's own queue limit in front of the ingress (``max_queued_requests``), whose refusal the
+proxy makes: it reaches the client in the OpenAI error shape (coe/serve/proxy_errors.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ HELLO = [{"role": "user", "content": "Write two lines about the sea, please."}]
 
 @pytest.fixture(scope="module")
 def small_ingresses(serve_app, redis_url) -> Iterator[dict[str, str]]:
-    """``/gate``: at most one request waits for the router."""
+    """``/gate``: at most one request waits for the router. ``/queue``: the ingress takes one
+    request at a time and Serve queues one more in front of it; beyond, Serve's proxy refuses."""
     from ray import serve
 
     from coe.config import ServeConfig
@@ -31,7 +34,11 @@ def small_ingresses(serve_app, redis_url) -> Iterator[dict[str, str]]:
     try:
         serve.run(Ingress.options(name="GateIngress").bind(conf, router, pool), name="coe-gate",
                   route_prefix="/gate", blocking=False)
-        bases = {"gate": f"{serve_app.base}/gate"}
+        serve.run(Ingress.options(name="QueueIngress", max_ongoing_requests=1, max_queued_requests=1,
+                                  ray_actor_options={"num_cpus": 0.05},  # the session Ray has 2 CPUs
+                                  backpressure_config={"status_code": 429, "retry_after_s": 3})
+                  .bind(conf, router, pool), name="coe-queue", route_prefix="/queue", blocking=False)
+        bases = {"gate": f"{serve_app.base}/gate", "queue": f"{serve_app.base}/queue"}
         deadline = time.monotonic() + 180
         for base in bases.values():
             while True:
@@ -44,7 +51,7 @@ def small_ingresses(serve_app, redis_url) -> Iterator[dict[str, str]]:
                 time.sleep(0.5)
         yield bases
     finally:
-        for name in ("coe-gate",):
+        for name in ("coe-gate", "coe-queue"):
             try:
                 serve.delete(name)
             except Exception:  # never deployed
@@ -69,3 +76,18 @@ def test_requests_beyond_the_router_capacity_are_refused_at_once(small_ingresses
     for took, r in refused:
         assert r.json()["error"]["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
         assert took < 1.5  # no wait in front of the router
+
+
+def test_serves_own_queue_limit_answers_in_the_openai_shape(small_ingresses):
+    """Requests beyond the ingress's queue are refused by Ray Serve's proxy before coe sees them:
+    the client still gets an OpenAI error (429, ``overloaded``) with Retry-After, not Ray's text."""
+    out = _burst(small_ingresses["queue"], 10, max_tokens=8, ignore_eos=True)
+    assert any(s == 200 for s, _, _ in out), [s for s, _, _ in out]
+    refused = [r for s, _, r in out if s == 429]
+    assert refused, [s for s, _, _ in out]
+    for r in refused:
+        assert r.headers["content-type"].startswith("application/json"), r.text
+        body = r.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert body["error"]["code"] == "overloaded" and body["error"]["type"] == "rate_limit_error"
+        assert int(r.headers["retry-after"]) == 3  # the deployment's backpressure_config

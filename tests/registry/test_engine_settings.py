@@ -15,18 +15,20 @@ from .test_cli import ok, one_line_error
 def test_engine_settings_are_set_validated_and_shown(registry, tmp_path):
     folder = make_model_folder(tmp_path / "m")
     ok(cli(registry, "add", "v", "--model", str(folder), "--engine", "vllm", "--kv-cache", "2GiB", "--eager",
-           "--quantization", "fp8", "--max-num-seqs", "32"))
+           "--quantization", "fp8", "--max-num-seqs", "32", "--tool-call-parser", "hermes"))
     shown = yaml.safe_load(ok(cli(registry, "show", "v")).stdout)
     assert shown["schema_version"] == SCHEMA_VERSION
     assert shown["engine_settings"] == {"kv_cache_bytes": 2 << 30, "gpu_memory_utilization": None,
                                         "enforce_eager": True, "quantization": "fp8", "max_num_seqs": 32,
-                                        "load_format": None}
+                                        "load_format": None, "tool_call_parser": "hermes"}
     ok(cli(registry, "update", "v", "--no-eager", "--kv-cache", "512MiB"))
     es = registry.get("v").engine_settings
     assert (es.enforce_eager, es.kv_cache_bytes, es.quantization, es.max_num_seqs) == (False, 512 << 20, "fp8", 32)
 
     one_line_error(cli(registry, "update", "v", "--kv-cache", "2 parsecs"), "--kv-cache", "not a size")
     one_line_error(cli(registry, "update", "v", "--quantization", "int3"), "engine_settings.quantization")
+    one_line_error(cli(registry, "update", "v", "--tool-call-parser", "Not A Parser!"),
+                   "engine_settings.tool_call_parser")
     one_line_error(cli(registry, "update", "v", "--gpu-memory-utilization", "1.5"),
                    "engine_settings.gpu_memory_utilization")
     spec = tmp_path / "spec.yaml"

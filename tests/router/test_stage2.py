@@ -129,3 +129,106 @@ def test_cli_quality_add_then_eval_quality(tmp_path, small_router):
     bare = small_router.save(tmp_path / "bare")
     res = runner.invoke(app, ["eval", "--quality", str(f), "--router", str(bare)])
     assert res.exit_code == 2 and "no quality predictor" in res.output
+
+
+# -- behaviour of the routing rule on constructed records (real encoder, written prompts) -----------
+_LANGS = ["Python", "Rust", "Go", "Java", "C++", "TypeScript"]
+_CODE_TASKS = ["a function that merges two sorted lists", "a parser for a simple CSV line",
+               "a class for a thread-safe counter", "a binary search over a sorted array",
+               "unit tests for a date formatting helper", "a function that removes duplicate emails",
+               "an LRU cache with a fixed capacity", "a retry wrapper with exponential backoff",
+               "a function that validates an IPv4 address", "a breadth-first search on a grid"]
+_POEM_FORMS = ["a sonnet", "a haiku", "a limerick", "a free-verse poem", "a ballad", "a short elegy"]
+_POEM_SUBJECTS = ["the sea at night", "autumn leaves", "a grandmother's kitchen", "the first snow",
+                  "a lighthouse keeper", "lost love", "a city waking up", "an old dog asleep",
+                  "the moon over the desert", "a train leaving the station"]
+
+
+def _topic_prompts() -> tuple[list[str], list[str]]:
+    code = [f"Write {t} in {lang}." for lang in _LANGS for t in _CODE_TASKS]
+    poems = [f"Write {f} about {s}." for f in _POEM_FORMS for s in _POEM_SUBJECTS]
+    return code, poems
+
+
+def _split(xs: list[str], seed: int) -> tuple[list[str], list[str]]:
+    idx = np.random.default_rng(seed).permutation(len(xs))
+    return [xs[i] for i in idx[: len(xs) // 2]], [xs[i] for i in idx[len(xs) // 2:]]
+
+
+def _recs(prompts: list[str], probs: dict[str, float], rng) -> list[EvalRecord]:
+    return [EvalRecord(p, e, float(rng.random() < q)) for p in prompts for e, q in probs.items()]
+
+
+def test_routing_beats_either_expert_when_each_is_strong_on_its_own_topic(encoder):
+    """Expert ``coder`` is right on code 90% of the time and on poems 30%; ``poet`` the reverse,
+    and ``generalist`` 60% everywhere (the best single expert). Trained on half the prompts,
+    routing on the other half beats always-the-best and each specialist alone."""
+    rng = np.random.default_rng(0)
+    code, poems = _topic_prompts()
+    code_tr, code_te = _split(code, 1)
+    poem_tr, poem_te = _split(poems, 2)
+    probs_code = {"coder": 0.9, "poet": 0.3, "generalist": 0.6}
+    probs_poem = {"coder": 0.3, "poet": 0.9, "generalist": 0.6}
+    train = _recs(code_tr, probs_code, rng) + _recs(poem_tr, probs_poem, rng)
+    qp = QualityPredictor.from_records(train, encoder.encode)
+    assert qp.z < 3.0  # cross-validation found the topic signal worth acting on
+    test = [(p, probs_code) for p in code_te] + [(p, probs_poem) for p in poem_te]
+    X = encoder.encode([p for p, _ in test])
+    picks = qp.choose_many(X, ["coder", "poet", "generalist"])
+    # expected quality (the probabilities themselves: no sampling noise in the verdict)
+    routed = np.mean([probs[e] for (_, probs), e in zip(test, picks)])
+    alone = {e: np.mean([probs[e] for _, probs in test]) for e in ("coder", "poet", "generalist")}
+    assert routed >= max(alone.values()) + 0.2, (routed, alone)
+    assert all(e == "coder" for (p, _), e in zip(test, picks) if p in code_te[:10])
+
+
+def test_no_signal_keeps_the_best_single_expert(encoder):
+    """Scores independent of the prompt (``a`` right 75%, ``b`` 55%, ``c`` 50%): routing must stay
+    with ``a`` instead of chasing noise among neighbours."""
+    rng = np.random.default_rng(3)
+    code, poems = _topic_prompts()
+    prompts = code + poems
+    train, test = _split(prompts, 4)
+    qp = QualityPredictor.from_records(_recs(train, {"a": 0.75, "b": 0.55, "c": 0.5}, rng), encoder.encode)
+    assert qp.best_expert() == "a"
+    picks = qp.choose_many(encoder.encode(test), ["a", "b", "c"])
+    assert np.mean([e == "a" for e in picks]) >= 0.95, qp.fit_info.get("z_cv")
+
+
+def test_unseen_domain_falls_back_to_the_best_single_expert(encoder):
+    """Records about code and poems say nothing about cooking: there the predictor has no close
+    neighbours, its estimates shrink to each expert's mean with wide error bars, and routing keeps
+    the best-on-average expert even though a specialist exists elsewhere."""
+    rng = np.random.default_rng(5)
+    code, poems = _topic_prompts()
+    train = _recs(code, {"coder": 0.95, "poet": 0.2, "generalist": 0.62}, rng) + \
+        _recs(poems, {"coder": 0.2, "poet": 0.95, "generalist": 0.62}, rng)
+    qp = QualityPredictor.from_records(train, encoder.encode)
+    cooking = ["How long should I rest a roast chicken before carving it?",
+               "What can I use instead of buttermilk in pancakes?",
+               "Give me a weeknight dinner with lentils and spinach.",
+               "Why did my bread come out dense and flat?"]
+    best = qp.best_expert()
+    picks = qp.choose_many(encoder.encode(cooking), ["coder", "poet", "generalist"])
+    assert picks == [best] * len(cooking), (best, picks)
+
+
+def test_added_records_change_routing_of_the_returned_predictor(encoder, tmp_path):
+    """The public ``add`` (what ``coe router quality add`` and the service's feedback use) returns
+    a predictor that uses the new records at once, without retuning: after records saying ``poet``
+    fails on poems, poems go elsewhere; the original object is unchanged."""
+    rng = np.random.default_rng(7)
+    code, poems = _topic_prompts()
+    base = _recs(code, {"coder": 0.9, "poet": 0.3}, rng) + _recs(poems, {"coder": 0.3, "poet": 0.9}, rng)
+    qp = QualityPredictor.from_records(base, encoder.encode)
+    q = encoder.encode(["Write a sonnet about a rainy harbour town."])
+    assert qp.choose_many(q, ["coder", "poet"]) == ["poet"]
+    bad = [EvalRecord(p, "poet", 0.0) for p in poems] * 3 + [EvalRecord(p, "coder", 1.0) for p in poems] * 3
+    newer = qp.add(bad, encoder.encode)
+    assert newer.choose_many(q, ["coder", "poet"]) == ["coder"]
+    assert qp.choose_many(q, ["coder", "poet"]) == ["poet"] and (newer.k, newer.z) == (qp.k, qp.z)
+    # the tuned rule (z, radius) survives save/load: JSON + npz, no pickle
+    newer.save(tmp_path)
+    back = QualityPredictor.load(tmp_path)
+    assert (back.z, back.radius, back.k) == (newer.z, newer.radius, newer.k) and back.radius > 0
+    assert back.choose_many(q, ["coder", "poet"]) == ["coder"]

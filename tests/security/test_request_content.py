@@ -68,6 +68,9 @@ def test_template_failure_is_a_400_for_that_request_only(serve_app, http):
                 assert e["code"] == "invalid_prompt" and "roles must alternate" in e["message"]
                 assert "x-coe-fallback-from" not in r.headers
         assert reg.get("strict").status == "ready" and reg.get("tiny-b").status == "ready"
+        # routed requests go to the next-best expert while its engine still starts (docs/serving.md)
+        wait(lambda: next(m for m in http.get("/v1/models").json()["data"] if m["id"] == "strict")["status"]
+             == "ready", 60, what="strict's engine to start")
         r = http.post("/v1/chat/completions", json={"model": "coe/math", "messages": HELLO, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["coe"]["expert"] == "strict", r.text
     finally:

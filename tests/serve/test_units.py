@@ -90,6 +90,12 @@ def test_deploy_files_parse_into_the_service_config():
     for pod in pods:
         probe = pod["template"]["spec"]["containers"][0]["readinessProbe"]
         assert probe["httpGet"] == {"path": "/readyz", "port": 8000}
+        # the pod outlives the drain and Ray's grace for it; Ray's proxy answers its own errors as JSON
+        assert pod["template"]["spec"]["terminationGracePeriodSeconds"] > k8s.shutdown.ray_graceful_timeout_s()
+        env = pod["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "value": "coe.serve.proxy_errors:middlewares"} in env
+    pre_stop = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:2] == ["coe", "drain"]
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):

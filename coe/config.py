@@ -45,7 +45,23 @@ class PoolDeploymentConfig(BaseModel):
     """How many ExpertPool replicas, on what, and the ``PoolConfig`` each one builds."""
 
     model_config = ConfigDict(extra="forbid")
-    num_replicas: int = Field(default=1, ge=1, description="one per GPU in a GPU cluster")
+    num_replicas: int = Field(default=1, ge=1, description="one per node (decision 1): the number of pool nodes")
+    max_replicas_per_node: int | None = Field(
+        default=1, ge=1,
+        description="Serve's placement cap: 1 = one pool replica per node (decision 1); null lifts it (several "
+                    "replicas on one machine, e.g. one per GPU until per-GPU budgets inside a replica land)")
+    node_resource: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$",
+        description="a custom Ray resource the pool nodes advertise (`ray start --resources='{\"coe_pool\": 1}'`); "
+                    "each replica asks for 1 of it, so replicas land only on those nodes")
+    routing_stats_period_s: float = Field(
+        default=1.0, gt=0,
+        description="how often Serve's controller asks every pool replica for its residency and queue depth "
+                    "(record_routing_stats), which every handle's request router then uses")
+    spill_after_s: float = Field(
+        default=2.0, ge=0,
+        description="a request waits this long for a replica that holds its expert (all full) before any "
+                    "replica may take it and load the expert too")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_cpus: float = 0.5
     num_gpus: float | None = Field(default=None, description="None = 1 when device is cuda, else 0")

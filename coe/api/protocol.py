@@ -535,6 +535,8 @@ class CoeInfo(BaseModel):
     candidates: list[dict[str, Any]] = Field(default_factory=list)
     fallback_reason: str | None = None
     conversation: str | None = None  # "sticky" | "switched: why" | "new" (multi-turn affinity)
+    replica: str | None = None  # the ExpertPool replica that generated the answer (Serve's replica id)
+    node: str | None = None  # the Ray node id of that replica
 
 
 class TopLogprob(BaseModel):

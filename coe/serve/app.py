@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from coe.config import ServeConfig
 
@@ -27,6 +28,20 @@ def resolve_config(args: dict[str, Any] | ServeConfig | None) -> ServeConfig:
     return cfg
 
 
+def pool_router_config(cfg: ServeConfig) -> RequestRouterConfig:
+    """The pool's request router: a request goes to the replica holding its expert hot
+    (``coe.serve.pool_routing``), from the residency each replica reports every period."""
+    from coe.serve.pool_routing import ROUTER_PATH
+
+    pc = cfg.pool
+    return RequestRouterConfig(
+        request_router_class=ROUTER_PATH,
+        request_router_kwargs={"spill_after_s": pc.spill_after_s},
+        request_routing_stats_period_s=pc.routing_stats_period_s,
+        request_routing_stats_timeout_s=max(5.0, 5 * pc.routing_stats_period_s),
+    )
+
+
 def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     """Bind the three deployments with their replica counts and resources from the config."""
     from coe.serve.ingress import Ingress
@@ -39,6 +54,9 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
     device = pc.resolved_device()
     num_gpus = pc.num_gpus if pc.num_gpus is not None else (1.0 if device == "cuda" else 0.0)
     quiet = {"enable_access_log": False}  # internal calls (sync every second) would flood the log
+    pool_actor: dict[str, Any] = {"num_cpus": pc.num_cpus, "num_gpus": num_gpus}
+    if pc.node_resource:  # only nodes that advertise it take a pool replica
+        pool_actor["resources"] = {pc.node_resource: 1}
     # Ray waits this long for a stopping replica's requests before it kills it: the ingress's own
     # drain (shutdown.drain_timeout_s, coe/api/drain.py) plus the time cut streams get to end cleanly
     grace = cfg.shutdown.ray_graceful_timeout_s()
@@ -47,7 +65,9 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Application:
         graceful_shutdown_timeout_s=grace,
         num_replicas=pc.num_replicas,
         max_ongoing_requests=pc.max_ongoing_requests,
-        ray_actor_options={"num_cpus": pc.num_cpus, "num_gpus": num_gpus},
+        max_replicas_per_node=pc.max_replicas_per_node,
+        ray_actor_options=pool_actor,
+        request_router_config=pool_router_config(cfg),
     ).bind(conf)
     router = RouterDeployment.options(
         logging_config=quiet,

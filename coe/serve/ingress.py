@@ -48,6 +48,7 @@ from coe.errors import ErrorReport
 from coe.generate_request import GenerateRequest
 from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
                         with_deadline)
+from coe.serve.pool_view import cluster_view, merged_residency
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
@@ -123,6 +124,9 @@ def coe_headers(info: CoeInfo) -> dict[str, str]:
         h["x-coe-fallback-from"] = str(fallback_from)
     if info.conversation:
         h["x-coe-conversation"] = info.conversation.split(":", 1)[0]
+    if info.replica:  # the pool replica (and its Ray node) that generated the answer
+        h["x-coe-replica"] = info.replica
+        h["x-coe-node"] = info.node or ""
     return h
 
 
@@ -374,6 +378,7 @@ class Ingress:
             first = await gen.__anext__()
             if first.get("type") == "error":
                 raise _item_error(first)
+            info.replica, info.node = first.get("replica"), first.get("node")  # who serves it (debugging a cluster)
             pending: list[dict] = []
             try:
                 second = await gen.__anext__()
@@ -721,6 +726,11 @@ class Ingress:
                     phases[name] = str(e.get("phase") or e.get("error"))
                 if e.get("loading_s") is not None:
                     since[name] = float(e["loading_s"])
+        for rep in cluster_view().values():  # several nodes: the best tier any pool replica reports
+            for name, e in rep.experts.items():
+                t = str(e.get("tier"))
+                if TIER_ORDER.get(t, 0) > TIER_ORDER.get(tiers.get(name, ""), 0):
+                    tiers[name] = t
         return tiers, states, phases, since
 
     @app.get("/healthz")
@@ -755,6 +765,9 @@ class Ingress:
                 residency = await asyncio.wait_for(self.pool.sync.remote(None), 5.0)
             except Exception as e:
                 log.warning("readiness: the expert pool did not answer: %s", e)
+            if residency is not None:  # several nodes: what every other pool replica reported too
+                for name, v in merged_residency(cluster_view()).items():
+                    residency[name] = max(residency.get(name, 0.0), v)
         ready, body = readiness(self.warm, residency)
         return JSONResponse(body, status_code=200 if ready else 503)
 

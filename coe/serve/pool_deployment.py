@@ -1,15 +1,17 @@
 """``ExpertPoolDeployment``: a thin Ray Serve shell over one plain :class:`coe.pool.ExpertPool`.
 
-One replica per GPU (or CPU replicas). Requests arrive with ``multiplexed_model_id=<expert>``;
-Ray Serve's multiplexed routing sends them to a replica that already holds that expert (any tier),
+One replica per node (DESIGN decision 1). Requests arrive with ``multiplexed_model_id=<expert>``;
+Serve's request router (``coe.serve.pool_routing``, fed by ``record_routing_stats``) sends them to
+the replica that holds that expert hot, else one that holds it in any tier, else the least loaded,
 so the pool's tier manager, not a home-made dispatcher, decides what sits in HBM. The multiplexed
 "model" object is only a ticket for the expert in this replica's pool; when Serve evicts it (more
 than ``pool.max_experts_per_replica`` experts asked of this replica) the expert leaves the pool.
 
 Responses are plain dicts (cheap to pickle, no FastAPI below the ingress): a stream starts with
-``{"type": "start", "prompt_tokens": n}`` or a single ``{"type": "error", "error": report}`` and
-continues with ``{"type": "chunk", ...}``. ``report`` is a :class:`coe.errors.ErrorReport` (as a
-dict): the kind of error of decision 2 and its code, no HTTP status; the ingress maps it.
+``{"type": "start", "prompt_tokens": n, "replica": id, "node": id}`` or a single
+``{"type": "error", "error": report}`` and continues with ``{"type": "chunk", ...}``. ``report`` is a
+:class:`coe.errors.ErrorReport` (as a dict): the kind of error of decision 2 and its code, no HTTP
+status; the ingress maps it.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ExpertPoolDeployment:
         self._started = asyncio.Lock()
         self._add_locks: dict[str, asyncio.Lock] = {}
         self._replica = _replica_tag()
+        self._node = _node_id()
         self._ray_gauges = _pool_gauges()
         self._gauge_task: asyncio.Task | None = None
         if self._ray_gauges:  # each move observed where it happens, per expert and per src->dst
@@ -298,8 +301,10 @@ class ExpertPoolDeployment:
             yield err
             return
         # wall-clock stamps (same machine as the ingress) let a client split its latency into
-        # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead)
-        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "enqueued_at": time.time()}
+        # ingress -> pool and pool -> client (``x-coe-timing``; bench/service_gpu.py --overhead);
+        # replica and node name who served it (``x-coe-replica``/``x-coe-node``)
+        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "enqueued_at": time.time(),
+               "replica": self._replica, "node": self._node}
         t0 = time.monotonic()
         try:
             async for chunk in self.pool.generate(name, messages, params):
@@ -358,6 +363,14 @@ class ExpertPoolDeployment:
                 log.debug("hint_demand failed: %s", e)
         return dict(self.pool.residency_hint())
 
+    async def record_routing_stats(self) -> dict:
+        """Serve's controller polls this (``pool.routing_stats_period_s``) and pushes what changed
+        to every handle's request router (``coe.serve.pool_routing``): node, and per expert its tier,
+        status and queue depth. Through Ray, never Redis (decision 3)."""
+        from coe.serve.pool_view import replica_stats
+
+        return replica_stats(self._replica, self._node, self.pool.state(), self.pool.residency_hint())
+
     async def stats(self) -> dict:
         """This replica's snapshot (the ingress renders it at ``/metrics``)."""
         from coe.metrics import pool_snapshot
@@ -386,6 +399,16 @@ def _replica_tag() -> str:
         return ctx.replica_tag if hasattr(ctx, "replica_tag") else str(ctx.replica_id.unique_id)
     except Exception:
         return f"pid{os.getpid()}"
+
+
+def _node_id() -> str:
+    """The Ray node this replica runs on (what a user sees in ``ray status`` / the dashboard)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return ""
 
 
 def _pool_gauges() -> dict | None:

@@ -2,9 +2,10 @@
 
 Concurrent requests are batched with ``@serve.batch`` (one encoder pass for the batch, through
 ``Router.route_batch``). The router keeps its own registry snapshot (pub/sub + poll), and every
-``residency_refresh_s`` it tells the pool what was asked for (demand, a prefetch hint) and learns
-what is resident (a routing bonus). Answers are dicts: ``{"decision": {...}}`` or ``{"error": report}``,
-``report`` a :class:`coe.errors.ErrorReport` as a dict (no HTTP status: the ingress maps it).
+``residency_refresh_s`` it tells every pool replica what was asked for (demand, a prefetch hint)
+and learns what each holds resident, merged over the replicas (a routing bonus). Answers are dicts:
+``{"decision": {...}}`` or ``{"error": report}``, ``report`` a :class:`coe.errors.ErrorReport` as a
+dict (no HTTP status: the ingress maps it).
 Feedback records in Redis join the quality predictor as they arrive (:mod:`coe.serve.feedback_watch`),
 and a confident stage 1 warms the likely expert before stage 2 ends (:mod:`coe.serve.warm_hint`).
 """
@@ -106,9 +107,30 @@ class RouterDeployment:
             await asyncio.sleep(self.cfg.router.residency_refresh_s)
             demand, self.demand = dict(self.demand), Counter()
             try:
-                self.residency = await self.pool.sync.remote(demand)
+                self.residency = await self._sync_all(demand)
             except Exception as e:
                 log.debug("pool sync failed: %s", e)
+
+    async def _sync_all(self, demand: dict[str, int]) -> dict[str, float]:
+        """Tell every pool replica the demand (each keeps what it holds, as a prefetch hint) and
+        merge their residency: per expert the best any replica reports (decision 1). The replica
+        list is the one Serve gives this process's pool handle (``coe.serve.pool_routing``)."""
+        from coe.serve.pool_view import cluster_view, replica_target
+
+        replicas = sorted(cluster_view())  # this process holds handles of its own app only
+        if len(replicas) <= 1:  # one replica, or the handle has not seen the list yet
+            return await self.pool.sync.remote(demand)
+        answers = await asyncio.gather(
+            *(self.pool.options(multiplexed_model_id=replica_target(r)).sync.remote(demand) for r in replicas),
+            return_exceptions=True)
+        merged: dict[str, float] = {}
+        for a in answers:
+            if isinstance(a, BaseException):  # a replica restarting: the others still count
+                log.debug("pool sync failed on one replica: %s", a)
+                continue
+            for name, v in a.items():
+                merged[name] = max(merged.get(name, 0.0), float(v))
+        return merged
 
     def _publish_categories(self) -> None:
         """Tell ``coe-registry`` which categories this router knows (decision 6), so a typo such as

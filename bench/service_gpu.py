@@ -567,7 +567,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 t = time.perf_counter()
                 svc.cli(*add_args(n, folder, args, cats[i % len(cats)]))
                 steps[f"add_{n}_s"] = round(time.perf_counter() - t, 2)
-            steps["list"] = svc.cli("list").stdout[-3000:]
+            steps["list"] = svc.cli("list", "--service", svc.base).stdout[-3000:]
             # warm every expert once, one after another (first starts), then mixed traffic
             t = time.perf_counter()
             warm = asyncio.run(traffic(svc.base, names, len(names), 0, 8, shape["vocab_size"], 1))
@@ -621,7 +621,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
                 watcher = asyncio.create_task(watch("hot", t0, seen, stop))
                 await asyncio.to_thread(svc.cli, *add_args("hot", folder, args, "math"))
                 added = time.perf_counter() - t0
-                listed = (await asyncio.to_thread(svc.cli, "list", "--json", check=False)).stdout
+                listed = (await asyncio.to_thread(svc.cli, "list", "--json", "--service", svc.base, check=False)).stdout
                 first = await traffic(svc.base, ["hot"], 1, 0, 8, shape["vocab_size"], 5)
                 add_to_first = time.perf_counter() - t0
                 stop.set()

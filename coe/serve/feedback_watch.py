@@ -16,6 +16,8 @@ from typing import Awaitable, Callable
 
 from coe.feedback import FeedbackConfig, FeedbackRecord, FeedbackStore
 
+from coe.serve.pubsub_follow import follow_channel
+
 log = logging.getLogger("coe.serve.feedback")
 
 OnRecords = Callable[[dict[str, FeedbackRecord]], Awaitable[None] | None]
@@ -99,32 +101,7 @@ class FeedbackWatcher:
 
     def _listen(self) -> None:
         """Blocking pub/sub loop (thread); reconnects with backoff while Redis is away."""
-        import redis
-
-        backoff = 0.5
-        while not self._stop.is_set():
-            client = None
-            try:
-                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5, decode_responses=True)
-                ps = client.pubsub(ignore_subscribe_messages=True)
-                ps.subscribe(self.store.channel)
-                backoff = 0.5
-                self._kick(None)  # changes made while we were not subscribed
-                while not self._stop.is_set():
-                    msg = ps.get_message(timeout=1.0)
-                    if msg is not None:
-                        self._kick(str(msg.get("data") or ""))
-                ps.close()
-            except Exception as e:
-                log.warning("feedback subscription lost (%s); retrying in %.1f s", e, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-            finally:
-                if client is not None:
-                    try:
-                        client.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+        follow_channel(self.redis_url, self.store.channel, self._stop, self._kick, "feedback")
 
     def _kick(self, rid: str | None) -> None:
         loop = self._loop

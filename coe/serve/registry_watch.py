@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from coe.serve.pubsub_follow import follow_channel
+
 if TYPE_CHECKING:
     from expert_registry.spec import Expert
 
@@ -150,37 +152,10 @@ class RegistryWatcher:
                 "invalid_entries": dict(self.invalid)}
 
     def _listen(self) -> None:
-        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop.
-        Reconnects with exponential backoff (0.5 s doubling to 30 s) while Redis is away."""
-        import redis
-
-        channel = events_channel(self.namespace)
-        backoff = 0.5
-        while not self._stop.is_set():
-            client = None
-            try:
-                client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=5)
-                ps = client.pubsub(ignore_subscribe_messages=True)
-                ps.subscribe(channel)
-                backoff = 0.5
-                # a refresh right after (re)subscribing covers messages sent while we were away
-                self._kick()
-                while not self._stop.is_set():
-                    msg = ps.get_message(timeout=1.0)
-                    if msg is not None:
-                        self._kick()
-                ps.close()
-            except Exception as e:
-                self._kick()  # let refresh() record the outage for /healthz now, not at the next poll
-                log.warning("registry subscription on %s lost (%s); retrying in %.1f s", channel, e, backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
-            finally:
-                if client is not None:
-                    try:
-                        client.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop; a
+        lost connection wakes it too, so ``refresh()`` records the outage for /healthz at once."""
+        follow_channel(self.redis_url, events_channel(self.namespace), self._stop, lambda _data: self._kick(),
+                       "registry", on_lost=self._kick)
 
     def _kick(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

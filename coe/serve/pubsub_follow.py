@@ -1,0 +1,53 @@
+"""Follow one Redis pub/sub channel from a thread, reconnecting while Redis is away.
+
+Why one place: the registry watcher and the feedback watcher both need the same loop (subscribe,
+wake the owner on each message, wake it once more after every (re)subscribe so changes made while
+unsubscribed are not missed, back off while Redis is down). The delay schedule is redis-py's own
+:class:`redis.backoff.ExponentialBackoff` (0.5 s doubling to 30 s), not a hand-written one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger("coe.serve")
+
+
+def follow_channel(redis_url: str, channel: str, stop: threading.Event, on_message: Callable[[str | None], None],
+                   what: str, on_lost: Callable[[], None] | None = None) -> None:
+    """Blocking: call ``on_message(data)`` for every message on ``channel`` until ``stop`` is set;
+    ``on_message(None)`` right after each (re)subscribe; ``on_lost()`` when the connection breaks.
+    ``what`` names the subscription in the log."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+
+    backoff = ExponentialBackoff(cap=30.0, base=0.5)
+    failures = 0
+    while not stop.is_set():
+        client = None
+        try:
+            client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, decode_responses=True)
+            ps = client.pubsub(ignore_subscribe_messages=True)
+            ps.subscribe(channel)
+            failures = 0
+            on_message(None)  # changes made while we were not subscribed
+            while not stop.is_set():
+                msg = ps.get_message(timeout=1.0)
+                if msg is not None:
+                    on_message(str(msg.get("data") or ""))
+            ps.close()
+        except Exception as e:  # noqa: BLE001 - Redis away: back off and subscribe again
+            if on_lost is not None:
+                on_lost()
+            delay = backoff.compute(failures)
+            failures += 1
+            log.warning("%s subscription on %s lost (%s); retrying in %.1f s", what, channel, e, delay)
+            stop.wait(delay)
+        finally:
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection must not raise
+                    pass

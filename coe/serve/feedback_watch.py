@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Awaitable, Callable
 
 from coe.feedback import FeedbackConfig, FeedbackRecord, FeedbackStore
 
-from coe.serve.pubsub_follow import follow_channel
+from coe.serve.pubsub_follow import ChannelFollower
 
 log = logging.getLogger("coe.serve.feedback")
 
@@ -24,7 +23,7 @@ OnRecords = Callable[[dict[str, FeedbackRecord]], Awaitable[None] | None]
 FULL_RELOAD_S = 600.0  # also re-read everything this often: records trimmed by the cap leave no message
 
 
-class FeedbackWatcher:
+class FeedbackWatcher(ChannelFollower):
     """Holds ``records`` (request id → :class:`FeedbackRecord`) and calls ``on_change`` on changes."""
 
     def __init__(self, redis_url: str, namespace: str, config: FeedbackConfig, poll_s: float = 5.0,
@@ -37,26 +36,14 @@ class FeedbackWatcher:
         self.version = -1
         self._pending: set[str] = set()
         self._wake = asyncio.Event()
-        self._stop = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
         self._last_full = 0.0
+        self.channel, self.what = self.store.channel, "feedback"
+        self._init_follower()
 
-    async def start(self) -> None:
-        """Read every record, then follow changes; idempotent."""
-        if self._loop is not None:
-            return
-        self._loop = asyncio.get_running_loop()
+    async def _first_read(self) -> None:
         await self._sync(full=True)
-        threading.Thread(target=self._listen, name="coe-feedback-sub", daemon=True).start()
-        self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task:
-            self._task.cancel()
-
-    async def _run(self) -> None:
+    async def _follow(self) -> None:
         while not self._stop.is_set():
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
@@ -99,9 +86,8 @@ class FeedbackWatcher:
         self._last_full = time.monotonic()
         return True
 
-    def _listen(self) -> None:
-        """Blocking pub/sub loop (thread); reconnects with backoff while Redis is away."""
-        follow_channel(self.redis_url, self.store.channel, self._stop, self._kick, "feedback")
+    def _on_message(self, rid: str | None) -> None:
+        self._kick(rid)
 
     def _kick(self, rid: str | None) -> None:
         loop = self._loop

@@ -8,6 +8,7 @@ unsubscribed are not missed, back off while Redis is down). The delay schedule i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Callable
@@ -51,3 +52,49 @@ def follow_channel(redis_url: str, channel: str, stop: threading.Event, on_messa
                     client.close()
                 except Exception:  # noqa: BLE001 - closing a broken connection must not raise
                     pass
+
+
+class ChannelFollower:
+    """What the registry and feedback watchers share: read everything once, then follow a channel
+    from a thread (:func:`follow_channel`) while a task on the event loop reacts and polls.
+
+    Subclasses set ``redis_url``, ``channel``, ``what`` and implement :meth:`_first_read`,
+    :meth:`_on_message` (called on the listener thread) and :meth:`_follow` (the loop's task)."""
+
+    redis_url: str
+    channel: str
+    what: str
+
+    def _init_follower(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._follow_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Read everything, then follow changes; idempotent."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        await self._first_read()
+        threading.Thread(target=self._listen, name=f"coe-{self.what}-sub", daemon=True).start()
+        self._follow_task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._follow_task:
+            self._follow_task.cancel()
+
+    def _listen(self) -> None:
+        follow_channel(self.redis_url, self.channel, self._stop, self._on_message, self.what, self._on_lost)
+
+    def _on_lost(self) -> None:
+        """The subscription broke (listener thread); by default nothing beyond the log line."""
+
+    async def _first_read(self) -> None:
+        raise NotImplementedError
+
+    def _on_message(self, data: str | None) -> None:
+        raise NotImplementedError
+
+    async def _follow(self) -> None:
+        raise NotImplementedError

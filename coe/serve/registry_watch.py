@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from coe.serve.pubsub_follow import follow_channel
+from coe.serve.pubsub_follow import ChannelFollower
 
 if TYPE_CHECKING:
     from expert_registry.spec import Expert
@@ -59,7 +58,7 @@ def _spec_key(expert: Expert) -> dict[str, Any]:
     return expert.model_dump(exclude={"created_at", "updated_at", "status", "status_reason"})
 
 
-class RegistryWatcher:
+class RegistryWatcher(ChannelFollower):
     """Holds ``snapshot`` (a ``RegistrySnapshot``) and calls ``on_change(old, new)`` on changes."""
 
     def __init__(self, redis_url: str, namespace: str = "default", poll_s: float = 5.0,
@@ -72,10 +71,8 @@ class RegistryWatcher:
         self.registry = RedisRegistry(redis_url, namespace=namespace)
         self.snapshot: Any = None
         self._callbacks: list[OnChange] = [on_change] if on_change else []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._poll_task: asyncio.Task | None = None
+        self.channel, self.what = events_channel(namespace), "registry"
+        self._init_follower()
         self._refresh_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         # health: is Redis answering? (``/healthz`` reports "degraded" while it is not)
@@ -85,20 +82,11 @@ class RegistryWatcher:
         self.down_since: float | None = None
         self.invalid: dict[str, str] = {}  # unreadable registry entries (skipped), name -> reason
 
-    async def start(self) -> None:
-        """Read the first snapshot and start listening; idempotent."""
-        if self._loop is not None:
-            return
-        self._loop = asyncio.get_running_loop()
+    async def _first_read(self) -> None:
         await self.refresh()
-        self._thread = threading.Thread(target=self._listen, name="coe-registry-sub", daemon=True)
-        self._thread.start()
-        self._poll_task = asyncio.create_task(self._poll())
 
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._poll_task:
-            self._poll_task.cancel()
+    async def _follow(self) -> None:
+        await self._poll()
 
     async def refresh(self) -> bool:
         """Re-read the snapshot if the version moved; returns whether it changed."""
@@ -151,11 +139,11 @@ class RegistryWatcher:
                 "snapshot_version": getattr(self.snapshot, "version", None),
                 "invalid_entries": dict(self.invalid)}
 
-    def _listen(self) -> None:
-        """Blocking pub/sub loop (thread): each message wakes the refresher on the event loop; a
-        lost connection wakes it too, so ``refresh()`` records the outage for /healthz at once."""
-        follow_channel(self.redis_url, events_channel(self.namespace), self._stop, lambda _data: self._kick(),
-                       "registry", on_lost=self._kick)
+    def _on_message(self, _data: str | None) -> None:
+        self._kick()
+
+    def _on_lost(self) -> None:
+        self._kick()  # refresh() records the outage for /healthz now, not at the next poll
 
     def _kick(self) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -4,25 +4,15 @@ the request itself (issue 14, items 6 and 7)."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
 import pytest
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 CAT = "roleplay"
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def _route(http: httpx.Client, text: str) -> str:
@@ -46,7 +36,7 @@ def two_roleplay_experts(serve_app, http):
     reg.add(serve_app.tiny_expert("tiny-rp1", roleplay=0.6))
     reg.add(serve_app.tiny_expert("tiny-rp2", roleplay=0.55))
     reg.set_map({**old_map, CAT: ["tiny-rp1", "tiny-rp2"]})
-    _wait(lambda: _route(http, "Pretend you are a pirate.") == "tiny-rp1", 30, "the new map to be routed")
+    wait_until(lambda: _route(http, "Pretend you are a pirate.") == "tiny-rp1", 30, every=0.2, what="the new map to be routed")
     yield
     import redis
 
@@ -81,8 +71,7 @@ def test_thumbs_down_moves_routing_without_a_restart(http, two_roleplay_experts)
         assert again.status_code == 200 and again.json()["replaced"] is True  # replaces, never adds
         downs += 1
         # picked up by the router replica without a restart (pub/sub): similar prompts move
-        _wait(lambda: _route(http, "Pretend you are a sea captain and say hello.") == "tiny-rp2", 15,
-              "the router to learn the feedback")
+        wait_until(lambda: _route(http, "Pretend you are a sea captain and say hello.") == "tiny-rp2", 15, every=0.2, what="the router to learn the feedback")
     else:
         pytest.fail("routing never moved off the expert that got thumbs down")
     assert 1 <= downs < len(prompts)
@@ -127,7 +116,7 @@ def test_only_a_permitted_key_scores_and_only_its_own_requests(serve_app, http):
     carol, _ = store.add("fb-carol")
     bob, _ = store.add("fb-bob", limits=KeyLimits(feedback=False))  # coe keys add fb-bob --no-feedback
     try:
-        _wait(lambda: http.get("/v1/models").status_code == 401, 15, "auth to switch on")
+        wait_until(lambda: http.get("/v1/models").status_code == 401, 15, every=0.2, what="auth to switch on")
 
         def post(key: str, path: str, body: dict) -> httpx.Response:
             return http.post(path, json=body, headers={"Authorization": f"Bearer {key}"})
@@ -146,4 +135,4 @@ def test_only_a_permitted_key_scores_and_only_its_own_requests(serve_app, http):
     finally:
         for name in ("fb-alice", "fb-bob", "fb-carol"):
             store.remove(name)
-        _wait(lambda: http.get("/v1/models").status_code == 200, 15, "auth to switch off")
+        wait_until(lambda: http.get("/v1/models").status_code == 200, 15, every=0.2, what="auth to switch off")

@@ -15,7 +15,7 @@ import sys
 import time
 
 import httpx
-from conftest import SLOW_STARTS, record
+from conftest import SLOW_STARTS, record, wait_until
 
 HELLO = [{"role": "user", "content": "Extract the year from: founded in 1999."}]
 
@@ -32,16 +32,6 @@ def card(http, name: str) -> dict:
     return {m["id"]: m for m in http.get("/v1/models").json()["data"]}.get(name, {})
 
 
-def wait_for(cond, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"not reached in {timeout} s: {what}")
-
-
 def test_added_expert_is_loading_then_ready_and_never_a_surprise(serve_app, http):
     reg = serve_app.registry
     old_map = reg.get_map()
@@ -52,8 +42,9 @@ def test_added_expert_is_loading_then_ready_and_never_a_surprise(serve_app, http
     assert r.returncode == 0, r.stderr
     try:
         # /v1/models: loading, with the engine's phase and how long it has been loading
-        c = wait_for(lambda: (lambda c: c if c.get("status") == "loading" and c.get("phase") else None)(
-            card(http, "tiny-slow")), SLOW_STARTS["tiny-slow"] - 1, "tiny-slow loading in /v1/models")
+        c = wait_until(lambda: (lambda c: c if c.get("status") == "loading" and c.get("phase") else None)(
+            card(http, "tiny-slow")), SLOW_STARTS["tiny-slow"] - 1, every=0.1,
+            what="tiny-slow loading in /v1/models")
         assert c["phase"] == "reading weights" and c["loading_s"] >= 0 and c["tier"] == "disk"
         c0_phase = [c["status"], c["phase"], c["loading_s"]]
         # coe-registry list asks the running service
@@ -99,8 +90,8 @@ def test_added_expert_is_loading_then_ready_and_never_a_surprise(serve_app, http
                     "through the real service (Ray Serve, hf engine, tiny model)",
             "start_held_s": SLOW_STARTS["tiny-slow"], "add_to_first_token_s": round(first_token - t_add, 2),
             "phases_seen": c0_phase})
-        c = wait_for(lambda: (lambda c: c if c.get("status") == "ready" else None)(card(http, "tiny-slow")), 10,
-                     "tiny-slow ready")
+        c = wait_until(lambda: (lambda c: c if c.get("status") == "ready" else None)(card(http, "tiny-slow")), 10,
+                       every=0.1, what="tiny-slow ready")
         assert c["tier"] in ("dram", "hbm") and "phase" not in c
         assert "loading" not in next(line for line in registry_cli(serve_app, "list").stdout.splitlines()
                                      if "tiny-slow" in line)
@@ -115,8 +106,8 @@ def test_a_start_that_fails_while_a_request_waits_ends_the_wait_with_the_reason(
     shutil.copytree(serve_app.tiny_dir, gone)
     reg.add(serve_app.tiny_expert("tiny-vanish").model_copy(update={"model": str(gone)}))
     try:
-        wait_for(lambda: card(http, "tiny-vanish").get("status") == "loading", SLOW_STARTS["tiny-vanish"] - 1,
-                 "tiny-vanish loading")
+        wait_until(lambda: card(http, "tiny-vanish").get("status") == "loading", SLOW_STARTS["tiny-vanish"] - 1,
+                   every=0.1, what="tiny-vanish loading")
         shutil.rmtree(gone)  # the files vanish while the engine start is under way
         t0 = time.monotonic()
         r = http.post("/v1/chat/completions", json={"model": "tiny-vanish", "messages": HELLO, "max_tokens": 2})
@@ -124,7 +115,7 @@ def test_a_start_that_fails_while_a_request_waits_ends_the_wait_with_the_reason(
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "expert_load_failed" and "tiny-vanish" in r.json()["error"]["message"]
         assert waited < 30  # the start's failure ended the wait, not the 120 s bound
-        assert wait_for(lambda: reg.get("tiny-vanish").status == "failed", 10, "tiny-vanish failed in the registry")
+        assert wait_until(lambda: reg.get("tiny-vanish").status == "failed", 10, every=0.1, what="tiny-vanish failed in the registry")
         assert reg.get("tiny-vanish").status_reason
         assert card(http, "tiny-vanish")["status"] == "failed"
     finally:

@@ -43,15 +43,9 @@ class FeedbackWatcher(ChannelFollower):
     async def _first_read(self) -> None:
         await self._sync(full=True)
 
-    async def _follow(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            await asyncio.sleep(0.05)  # coalesce a burst of messages into one rebuild
-            await self._sync(full=time.monotonic() - self._last_full > FULL_RELOAD_S)
+    async def _on_wake(self) -> None:
+        await asyncio.sleep(0.05)  # coalesce a burst of messages into one rebuild
+        await self._sync(full=time.monotonic() - self._last_full > FULL_RELOAD_S)
 
     async def _sync(self, full: bool = False) -> None:
         pending, self._pending = self._pending, set()  # swapped on the loop, where ids are added

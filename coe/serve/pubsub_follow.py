@@ -59,11 +59,13 @@ class ChannelFollower:
     from a thread (:func:`follow_channel`) while a task on the event loop reacts and polls.
 
     Subclasses set ``redis_url``, ``channel``, ``what`` and implement :meth:`_first_read`,
-    :meth:`_on_message` (called on the listener thread) and :meth:`_follow` (the loop's task)."""
+    :meth:`_on_message` (called on the listener thread; sets ``_wake`` on the loop) and :meth:`_on_wake`."""
 
     redis_url: str
     channel: str
     what: str
+    poll_s: float
+    _wake: asyncio.Event
 
     def _init_follower(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,4 +99,15 @@ class ChannelFollower:
         raise NotImplementedError
 
     async def _follow(self) -> None:
+        """Wake on a message (``self._wake``, set from :meth:`_on_message`) or every ``poll_s``
+        (the safety net for a message missed while unsubscribed), then :meth:`_on_wake`."""
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self._on_wake()
+
+    async def _on_wake(self) -> None:
         raise NotImplementedError

@@ -85,8 +85,8 @@ class RegistryWatcher(ChannelFollower):
     async def _first_read(self) -> None:
         await self.refresh()
 
-    async def _follow(self) -> None:
-        await self._poll()
+    async def _on_wake(self) -> None:
+        await self.refresh()
 
     async def refresh(self) -> bool:
         """Re-read the snapshot if the version moved; returns whether it changed."""
@@ -120,15 +120,6 @@ class RegistryWatcher(ChannelFollower):
                 except Exception:
                     log.exception("registry change handler failed")
             return True
-
-    async def _poll(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            await self.refresh()
 
     def health(self) -> dict:
         """What ``/healthz`` shows about the registry connection."""

@@ -287,7 +287,8 @@ TINY_CONTEXT = 512
 SLOW_STARTS = {"tiny-slow": 8.0, "tiny-vanish": 4.0}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a service a test starts)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -334,7 +335,7 @@ def serve_app(redis_url: str, tiny_model_dir: Path, smollm2_gguf: Path) -> Itera
                  "coding": ["tiny-a"], "reasoning": ["tiny-b"], "roleplay": ["tiny-a"],
                  "extraction": ["tiny-a"], "humanities": ["tiny-a"]})
 
-    port = _free_port()
+    port = free_port()
     cfg = ServeConfig(host="127.0.0.1", port=port, redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
                       pool={"device": "cpu", "num_cpus": 0.5,
                             # small per-expert queues so that tests/reliability can fill one (429 + Retry-After)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -39,16 +40,9 @@ def small_ingresses(serve_app, redis_url) -> Iterator[dict[str, str]]:
                                   backpressure_config={"status_code": 429, "retry_after_s": 3})
                   .bind(conf, router, pool), name="coe-queue", route_prefix="/queue", blocking=False)
         bases = {"gate": f"{serve_app.base}/gate", "queue": f"{serve_app.base}/queue"}
-        deadline = time.monotonic() + 180
         for base in bases.values():
-            while True:
-                try:
-                    if httpx.get(base + "/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"{base} did not come up"
-                time.sleep(0.5)
+            wait_until(lambda: httpx.get(base + "/healthz", timeout=5).status_code == 200, 180, every=0.5,
+                       what=f"{base} to come up")
         yield bases
     finally:
         for name in ("coe-gate", "coe-queue"):

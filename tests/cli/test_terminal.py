@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")]
 
@@ -60,12 +60,6 @@ def _home() -> Path:
     return home
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _assert_json_while_starting(answers: list[tuple[int, str, str]]) -> None:
     """From the moment the port opens, every answer is JSON: before the app's route is in Ray
     Serve's proxy, its own plain-text 404 is rewritten to a 503 ``starting`` (coe/serve/proxy_errors.py)."""
@@ -75,7 +69,7 @@ def _assert_json_while_starting(answers: list[tuple[int, str, str]]) -> None:
 
 
 def test_serve_start_chat_and_ctrl_c_as_a_user_sees_them():
-    home, port, dash = _home(), _free_port(), _free_port()
+    home, port, dash = _home(), free_port(), free_port()
     coe = Path(sys.executable).with_name("coe")
     command = (f"env COE_HOME={home} HF_HUB_OFFLINE=1 {coe} serve --demo --port {port} --dashboard-port {dash}"
                f" --num-cpus 2; echo EXITED-$?; sleep {START_S + STOP_S}")

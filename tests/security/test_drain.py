@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,17 +28,12 @@ import psutil
 import pytest
 
 from security_helpers import err
+from conftest import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 DRAIN_S = 12.0
 START_S = 420.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -84,7 +78,7 @@ def service(redis_url: str, smollm_dir: Path, tmp_path_factory) -> Iterator[Serv
     reg.set_map({c: ["smollm2"] for c in ("general", "writing", "math", "stem", "coding", "reasoning", "roleplay",
                                           "extraction", "humanities")})
     tmp = tmp_path_factory.mktemp("drain")
-    port = _free_port()
+    port = free_port()
     cfg = tmp / "coe.yaml"
     cfg.write_text(json.dumps({"host": "127.0.0.1", "port": port, "redis_url": redis_url, "namespace": ns,
                                "pool": {"device": "cpu", "num_cpus": 0.5},
@@ -93,7 +87,7 @@ def service(redis_url: str, smollm_dir: Path, tmp_path_factory) -> Iterator[Serv
     coe = Path(sys.executable).with_name("coe")
     with log.open("wb") as out:
         proc = subprocess.Popen([str(coe), "serve", "--config", str(cfg), "--num-cpus", "2",
-                                 "--dashboard-port", str(_free_port())],
+                                 "--dashboard-port", str(free_port())],
                                 stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     svc = Service(proc, f"http://127.0.0.1:{port}", log)
     try:

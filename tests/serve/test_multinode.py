@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TINY_CONTEXT, _free_port
+from conftest import TINY_CONTEXT, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -51,7 +51,7 @@ def cluster(redis_url: str, tiny_model_dir: Path):
     reg.add(_tiny("tiny-hot", tiny_model_dir, general=0.1))  # in no category: only asked for by name
     reg.set_map({c: ["tiny-a"] for c in ("general", "writing", "coding", "roleplay", "extraction", "humanities")}
                 | {c: ["tiny-b"] for c in ("math", "stem", "reasoning")})
-    cfg = ServeConfig(host="127.0.0.1", port=_free_port(), redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
+    cfg = ServeConfig(host="127.0.0.1", port=free_port(), redis_url=redis_url, namespace=ns, registry_poll_s=2.0,
                       router={"num_cpus": 0.1}, ingress={"num_cpus": 0.1},
                       pool={"device": "cpu", "num_cpus": 0.5, "num_replicas": 2, "node_resource": "coe_pool",
                             "routing_stats_period_s": 0.5, "options": {"max_wait_ms": 20}})

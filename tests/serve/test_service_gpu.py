@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "service_gpu.py"
@@ -55,12 +55,6 @@ def test_bad_arguments_are_refused_in_one_line(args, says, tmp_path):
     assert r.returncode == 2 and says in r.stderr, r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install 'coe[gpu]')")
 def test_real_service_on_the_gpu_with_a_hot_add_and_a_remove(tmp_path):
@@ -73,7 +67,7 @@ def test_real_service_on_the_gpu_with_a_hot_add_and_a_remove(tmp_path):
     # with it this test ran past 585 s on the H200 (2026-11-29 run 5)
     out = Path(os.environ["COE_GPU_OUT"]) if os.environ.get("COE_GPU_OUT") else tmp_path / "out"
     r = run_script(*SMALL, "--requests", "12", "--rate", "2", "--max-tokens", "16", "--out", str(out),
-                   "--workdir", str(tmp_path / "work"), "--port", str(_free_port()), timeout=580)
+                   "--workdir", str(tmp_path / "work"), "--port", str(free_port()), timeout=580)
     path = out / "service_gpu_1b_3x.json"
     assert path.exists(), r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(path.read_text())

@@ -245,6 +245,17 @@ class ExpertPool:
         return (s.starting and not s.removing and s.engine.tier is Tier.DISK
                 and self.tiers.error_of(name) is None and self.tiers.backoff_of(name) is None)
 
+    def _check_servable(self, name: str) -> "_Slot":
+        """The expert's slot, if it can take a request now: raises ``ExpertNotServed`` while it is
+        being removed, its permanent error, or its transient error while the replica backs off."""
+        slot = self._slot(name)
+        if slot.removing:
+            raise ExpertNotServed(f"expert {name!r} is being removed from this pool")
+        err = self.tiers.error_of(name) or self.tiers.backoff_of(name)
+        if err is not None:
+            raise err
+        return slot
+
     async def wait_started(self, name: str, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for the start begun at add to finish. Raises what ended it
         instead (:class:`ExpertLoadError` for missing or corrupt files, :class:`ExpertTransientError`
@@ -253,12 +264,7 @@ class ExpertPool:
         start that failed."""
         end = time.monotonic() + max(0.0, timeout_s)
         while True:
-            s = self._slot(name)
-            if s.removing:
-                raise ExpertNotServed(f"expert {name!r} is being removed from this pool")
-            err = self.tiers.error_of(name) or self.tiers.backoff_of(name)
-            if err is not None:
-                raise err
+            s = self._check_servable(name)
             if not self.starting(name):
                 return
             now = time.monotonic()
@@ -318,12 +324,7 @@ class ExpertPool:
         """Queue a request and stream its chunks. Closing the stream cancels it and frees its slot."""
         if self._closed:
             raise PoolClosed("the expert pool is closed")
-        slot = self._slot(name)
-        if slot.removing:
-            raise ExpertNotServed(f"expert {name!r} is being removed from this pool")
-        err = self.tiers.error_of(name) or self.tiers.backoff_of(name)
-        if err is not None:
-            raise err
+        slot = self._check_servable(name)
         if len(slot.queue) >= self.config.max_queue_per_expert:
             raise QueueFull(f"expert {name!r} has {len(slot.queue)} queued requests (max_queue_per_expert)")
         p = _Pending(messages, params or SamplingParams(), time.monotonic())

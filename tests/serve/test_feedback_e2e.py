@@ -13,6 +13,11 @@ from conftest import wait_until
 pytestmark = pytest.mark.timeout(300)
 
 CAT = "roleplay"
+PROMPTS = ("Pretend you are a pirate captain and greet your crew.",
+           "Act as a grumpy wizard and tell me about your tower.",
+           "You are now a medieval knight; describe your horse.",
+           "Play the role of a ship's cook and complain about the food.")
+SIMILAR = "Pretend you are a sea captain and say hello."
 
 
 def _route(http: httpx.Client, text: str) -> str:
@@ -36,7 +41,20 @@ def two_roleplay_experts(serve_app, http):
     reg.add(serve_app.tiny_expert("tiny-rp1", roleplay=0.6))
     reg.add(serve_app.tiny_expert("tiny-rp2", roleplay=0.55))
     reg.set_map({**old_map, CAT: ["tiny-rp1", "tiny-rp2"]})
-    wait_until(lambda: _route(http, "Pretend you are a pirate.") == "tiny-rp1", 30, every=0.2, what="the new map to be routed")
+
+    def started() -> bool:
+        cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        return all(cards.get(n, {}).get("status") == "ready" for n in ("tiny-rp1", "tiny-rp2"))
+
+    # Both start on add, in either order, and the hotter one gets a residency bonus (0.1 x tier):
+    # wait for both, then use tiny-rp1 once so it is the hot one and the 0.05 capability lead holds
+    # on every prompt below before any feedback (CI once saw tiny-rp2 win because it loaded last).
+    wait_until(started, 60, every=0.2, what="both roleplay experts to start")
+    r = http.post("/v1/chat/completions", json={"model": "tiny-rp1", "max_tokens": 2,
+                                                 "messages": [{"role": "user", "content": "Ahoy."}]})
+    assert r.status_code == 200, r.text
+    wait_until(lambda: all(_route(http, t) == "tiny-rp1" for t in (*PROMPTS, SIMILAR)), 30, every=0.2,
+               what="the new map to be routed")
     yield
     import redis
 
@@ -52,12 +70,8 @@ def two_roleplay_experts(serve_app, http):
 
 
 def test_thumbs_down_moves_routing_without_a_restart(http, two_roleplay_experts):
-    prompts = ["Pretend you are a pirate captain and greet your crew.",
-               "Act as a grumpy wizard and tell me about your tower.",
-               "You are now a medieval knight; describe your horse.",
-               "Play the role of a ship's cook and complain about the food."]
     downs = 0
-    for text in prompts:
+    for text in PROMPTS:
         r = _chat(http, text)
         if r.json()["coe"]["expert"] == "tiny-rp2":
             break
@@ -71,10 +85,10 @@ def test_thumbs_down_moves_routing_without_a_restart(http, two_roleplay_experts)
         assert again.status_code == 200 and again.json()["replaced"] is True  # replaces, never adds
         downs += 1
         # picked up by the router replica without a restart (pub/sub): similar prompts move
-        wait_until(lambda: _route(http, "Pretend you are a sea captain and say hello.") == "tiny-rp2", 15, every=0.2, what="the router to learn the feedback")
+        wait_until(lambda: _route(http, SIMILAR) == "tiny-rp2", 15, every=0.2, what="the router to learn the feedback")
     else:
         pytest.fail("routing never moved off the expert that got thumbs down")
-    assert 1 <= downs < len(prompts)
+    assert 1 <= downs < len(PROMPTS)
     # the other roleplay prompts follow; the decision shows the learned quality that moved it
     body = http.post("/v1/route", json={"model": f"coe/{CAT}", "messages": [
         {"role": "user", "content": "Take on the role of a detective and question me."}]}).json()

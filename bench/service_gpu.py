@@ -101,6 +101,8 @@ class Service:
     log: Path
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
+    #: the checkout whose code runs (``bench/http_overhead.py`` runs another branch's copy to compare)
+    repo: Path = REPO
 
     @property
     def base(self) -> str:
@@ -108,12 +110,12 @@ class Service:
 
     def start(self, config: Path, num_cpus: int) -> float:
         self.env = {**os.environ, "COE_HOME": str(self.home), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), self.env.get("PYTHONPATH")) if p)
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.repo), self.env.get("PYTHONPATH")) if p)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "coe", "serve", "--config", str(config), "--port", str(self.port),
              "--num-cpus", str(num_cpus)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self.env, cwd=REPO, start_new_session=True)
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=self.env, cwd=self.repo, start_new_session=True)
         self.wait_ready(timeout_s=600)
         return time.perf_counter() - t0
 
@@ -134,7 +136,7 @@ class Service:
         raise TimeoutError(f"coe serve not ready in {timeout_s} s; see {self.log}")
 
     def cli(self, *args: str, module: str = "expert_registry", check: bool = True) -> subprocess.CompletedProcess:
-        r = subprocess.run([sys.executable, "-m", module, *args], env=self.env, cwd=REPO, capture_output=True,
+        r = subprocess.run([sys.executable, "-m", module, *args], env=self.env, cwd=self.repo, capture_output=True,
                            text=True, timeout=300)
         if check and r.returncode != 0:
             raise RuntimeError(f"{module} {' '.join(args)} -> {r.returncode}: {r.stderr.strip()[-2000:]}")
@@ -165,6 +167,9 @@ class Result:
     #: what the HTTP path added to this request, from the service's ``x-coe-timing`` stamps:
     #: (pool enqueue - ingress receipt) + (client receives first token - pool's first token)
     added_s: float | None = None
+    #: the service's stamps (received, enqueued, first_token) plus ``client_sent`` and
+    #: ``client_first``: wall clock when the client sent the request and read the first token (``bench/http_overhead.py`` splits ``added_s`` with it)
+    stamps: dict[str, float] | None = None
 
 
 def added_by_http(stamps: dict[str, Any] | None, client_first_at: float) -> float | None:
@@ -179,8 +184,10 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
     import openai
 
     t0 = time.perf_counter()
+    sent = time.time()
     ttft = None
     added = None
+    stamps = None
     n = 0
     expert = None
     try:
@@ -194,10 +201,14 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
             if chunk.choices and chunk.choices[0].delta.content:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                    added = added_by_http((chunk.model_extra or {}).get("coe_timing"), time.time())
+                    client_first = time.time()
+                    got = (chunk.model_extra or {}).get("coe_timing")
+                    added = added_by_http(got, client_first)
+                    stamps = ({**got, "client_sent": sent, "client_first": client_first}
+                              if isinstance(got, dict) else None)
             if chunk.usage is not None:
                 n = chunk.usage.completion_tokens
-        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert, None, added)
+        return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert, None, added, stamps)
     except openai.APIStatusError as e:
         return Result(model, False, e.status_code, ttft, time.perf_counter() - t0, n, expert, str(e)[:300])
     except Exception as e:  # connection errors etc.

@@ -270,6 +270,17 @@ class KeyRing:
             self.error = None
 
     @property
+    def refresh_s(self) -> float:
+        """How old the copy may get before a check re-reads the store's version."""
+        return self._refresh_s
+
+    def poll(self) -> None:
+        """Check the store's version now (the ingress calls this in the background every
+        ``refresh_s / 2``, so that requests find the copy fresh and never wait for Redis)."""
+        self._checked = float("-inf")
+        self.refresh()
+
+    @property
     def configured(self) -> bool:
         """True when any key exists (then every protected route needs one). Unknown (never read)
         counts as configured: fail closed."""

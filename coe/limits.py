@@ -123,8 +123,9 @@ async def with_deadline(stream: AsyncIterator[_T], timeout_s: float, first_item_
                 left = min(left, first_item_timeout_s)
             if left <= 0:
                 raise RequestTimeout(shown if started else (first_item_timeout_s or shown), started)
-            try:
-                item = await asyncio.wait_for(stream.__anext__(), left)
+            try:  # asyncio.timeout, not wait_for: no extra task per item (every token passes here)
+                async with asyncio.timeout(left):
+                    item = await stream.__anext__()
             except StopAsyncIteration:
                 return
             except asyncio.TimeoutError:

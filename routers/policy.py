@@ -26,12 +26,13 @@ expert wins near-ties (residency 0.1), and the most expensive candidate pays 0.1
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from expert_registry.spec import Expert
-from routers.decision import CandidateScore
+from routers.decision import CandidateScore, RoutingDecision
 from routers.errors import NoEligibleExpert
 
 
@@ -71,6 +72,24 @@ def ineligible_reason(
     if max_cost_per_1k is not None and expert.cost_per_1k_tokens > max_cost_per_1k:
         return f"cost {expert.cost_per_1k_tokens:g}/1k tokens > max {max_cost_per_1k:g}"
     return None
+
+
+def route_named(
+    expert: Expert,
+    allowed: set[str] | None = None,
+    prompt_tokens: int | None = None,
+    max_tokens: int | None = None,
+    max_cost_per_1k: float | None = None,
+    t0: float | None = None,
+) -> RoutingDecision:
+    """The decision for an expert the client named: no classifier, but the hard constraints still
+    hold (:class:`NoEligibleExpert` otherwise). Pure and cheap, so the service's ingress takes it
+    without a call to the router (``Router.route`` uses it too: one rule)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    reason = ineligible_reason(expert, allowed, prompt_tokens, max_tokens, max_cost_per_1k)
+    if reason:
+        raise NoEligibleExpert(f"expert '{expert.name}' cannot serve this request: {reason}", {expert.name: reason})
+    return RoutingDecision(expert=expert.name, category=None, forced="expert", route_ms=(time.perf_counter() - t0) * 1e3)
 
 
 class Choice(NamedTuple):

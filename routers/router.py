@@ -25,7 +25,7 @@ from routers.data import EvalRecord, LabeledPrompt, fingerprint, read_seed
 from routers.decision import CategoryProb, RoutingDecision
 from routers.encoder import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, Encoder, _file_lock, get_encoder
 from routers.errors import ArtifactError, NoEligibleExpert, UnknownModel
-from routers.policy import PolicyConfig, RoutingPolicy, ineligible_reason
+from routers.policy import PolicyConfig, RoutingPolicy, route_named
 from routers.quality import QualityPredictor
 
 log = logging.getLogger(__name__)
@@ -275,11 +275,7 @@ class Router:
         t0 = _t0 if _t0 is not None else time.perf_counter()
         kind, target = self._parse_model(model, experts)
         if kind == "expert":  # a named expert bypasses the router; hard constraints still hold
-            reason = ineligible_reason(experts[target], allowed, prompt_tokens, max_tokens, max_cost_per_1k)
-            if reason:
-                raise NoEligibleExpert(f"expert '{target}' cannot serve this request: {reason}", {target: reason})
-            return RoutingDecision(expert=target, category=None, forced="expert",
-                                   route_ms=(time.perf_counter() - t0) * 1e3)
+            return route_named(experts[target], allowed, prompt_tokens, max_tokens, max_cost_per_1k, t0)
         emb = _embedding if _embedding is not None else self.embed([prompt])[0]
         p = self.classifier.predict_proba(emb[None, :])[0]
         probs = dict(zip(self.categories, map(float, p)))

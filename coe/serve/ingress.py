@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import Counter
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -80,6 +81,7 @@ app.add_middleware(DrainMiddleware, state=lambda: _RUNTIME["drain"], route_path=
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
+AUTO_MODEL = "coe"  # routers.router.AUTO_MODEL (not imported: that module loads the encoder's libraries)
 # pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
 # failure (the expert is marked failed), a transient one (retried inside the pool, decision 2), or an
 # engine still starting after `coe-registry add` (routed requests do not wait for it)
@@ -224,6 +226,7 @@ class Ingress:
         _RUNTIME["limits"] = self.limits
         self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
         set_service_ring(self.keys)
+        self._keys_task = asyncio.create_task(self._poll_keys())
         self.tenants = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
                                                           socket_connect_timeout=2), self.cfg.namespace)
         self.router = router
@@ -246,12 +249,26 @@ class Ingress:
         # (seconds under overload) before their 429: refuse them here instead, before any routing work
         self.max_routing_waiters = self.limits.max_routing_waiters or rc.num_replicas * max(64, 4 * rc.max_batch_size)
         self._routing = 0
+        self._demand: Counter[str] = Counter()  # named experts asked for since the last flush
+        self._demand_task = asyncio.create_task(self._flush_demand())
         from coe.serve.readiness import WarmUp
 
         self.warm = WarmUp()
         self._warm_task = asyncio.create_task(self._warm_up())
         self.drain_state = DrainState(retry_after_s=max(1, self.limits.retry_after_min_s))
         _RUNTIME["drain"] = self.drain_state
+
+    async def _poll_keys(self) -> None:
+        """Check the key store's version twice per ``KeyRing.refresh_s``, off the request path, so
+        that neither the auth middleware nor a handler waits for a Redis round trip to learn the
+        keys (the ring still checks on a request if this task fell behind; a revoked key stops
+        working within the same second as before)."""
+        while True:
+            await asyncio.sleep(self.keys.refresh_s / 2)
+            try:
+                await asyncio.to_thread(self.keys.poll)
+            except Exception as e:  # noqa: BLE001 - the ring keeps its last good set and says why
+                log.debug("key store poll failed: %s", e)
 
     # ---- graceful shutdown (called by `coe serve` on SIGTERM/SIGINT and `coe drain`, through
     # DeploymentHandle.broadcast so that every replica drains) -----------------------------------
@@ -319,18 +336,23 @@ class Ingress:
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
         allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
                                      self.cfg.pool.options.engine_defaults)
-        if self._routing >= self.max_routing_waiters:
-            raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
-                                "later", "rate_limit_error", None, "overloaded", max(1, self.limits.retry_after_min_s))
-        self._routing += 1
-        try:
-            res = await self.router.route.remote({
-                "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
-                "prompt_tokens": None, "min_version": snap.version,
-                "allowed": sorted(allowed) if allowed is not None else None, "request_id": request_id,
-            })
-        finally:
-            self._routing -= 1
+        named = snap.experts.get(model) if model != AUTO_MODEL else None
+        if named is not None:  # the client named an expert: no classifier, so no call to the router
+            res = self._route_named(named, max_tokens, allowed, snap.version)
+        else:
+            if self._routing >= self.max_routing_waiters:
+                raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
+                                    "later", "rate_limit_error", None, "overloaded",
+                               max(1, self.limits.retry_after_min_s))
+            self._routing += 1
+            try:
+                res = await self.router.route.remote({
+                    "prompt": routing_text(messages), "model": model, "max_tokens": max_tokens,
+                    "prompt_tokens": None, "min_version": snap.version,
+                    "allowed": sorted(allowed) if allowed is not None else None, "request_id": request_id,
+                })
+            finally:
+                self._routing -= 1
         if "error" in res:
             err = ErrorReport.model_validate(res["error"])
             if err.code == "no_eligible_expert" and permitted is not None and not features:
@@ -355,6 +377,34 @@ class Ingress:
                               f"{spec.max_context} tokens", "max_tokens", "context_length_exceeded")
         self.metrics.observe_route(info.category, info.route_ms)
         return info, spec
+
+    def _route_named(self, expert: Any, max_tokens: int | None, allowed: set[str] | None, version: int) -> dict:
+        """The router's answer for a named expert, decided here with the router's own rule
+        (:func:`routers.policy.route_named`): a round trip to the router deployment was ~5 ms of
+        every such request (issue 13 item 6). The router still learns the demand (prefetch hints),
+        in one call per ``router.residency_refresh_s`` (:meth:`_flush_demand`)."""
+        from coe.serve.router_deployment import route_answer
+        from routers.errors import NoEligibleExpert
+        from routers.policy import route_named
+
+        try:
+            decision: Any = route_named(expert, allowed, None, max_tokens)
+            self._demand[expert.name] += 1
+        except NoEligibleExpert as e:
+            decision = e
+        return route_answer(decision, {"model": expert.name, "max_tokens": max_tokens}, version)
+
+    async def _flush_demand(self) -> None:
+        """Send the router the named experts' demand once per its sync period (off the request path)."""
+        while True:
+            await asyncio.sleep(self.cfg.router.residency_refresh_s)
+            if not self._demand:
+                continue
+            counts, self._demand = dict(self._demand), Counter()
+            try:
+                await self.router.note_demand.remote(counts)
+            except Exception as e:  # noqa: BLE001 - a lost hint only delays a prefetch
+                log.debug("could not send demand to the router: %s", e)
 
     def _stick(self, info: CoeInfo, messages: list[dict[str, Any]], session: str | None) -> None:
         """Conversation affinity (coe/affinity.py): keep a conversation's expert unless the router's
@@ -481,7 +531,7 @@ class Ingress:
         # Retry-After says more than the deadline's 504
         wait_s = min(loading_wait(self.limits, request.headers.get("x-coe-wait-timeout")), max(0.0, timeout_s - 1.0))
         session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
-        key = await asyncio.to_thread(self._identity, request)
+        key = self._identity(request)  # from memory: the key ring is kept fresh in the background
         ticket = Reservation(None)
         try:
             greq = to_generate_request(req, rid).model_copy(update={"loading_wait_s": wait_s})
@@ -491,11 +541,13 @@ class Ingress:
             # expert (400/403, not counted against the key), then the key's limits (429)
             feature_constraint(self.watcher.snapshot.experts, self.device, req.model, req.features(), permitted,
                                self.cfg.pool.options.engine_defaults)
-            ticket = await asyncio.to_thread(self._admit, key, req, messages)  # 429 before any routing work
+            if key is not None:  # 429 before any routing work; only a key's limits need Redis
+                ticket = await asyncio.to_thread(self._admit, key, req, messages)
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
-            self._remember(rid, info, messages, key)
+            if not req.stream:  # a stream keeps its record once its first token is on its way (_sse)
+                self._remember(rid, info, messages, key)
         except APIError as e:
             self._refused(key, ticket, e.status)
             raise
@@ -515,7 +567,8 @@ class Ingress:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             timing = ({"received": received_at, "enqueued": first.get("enqueued_at")}
                       if request.headers.get("x-coe-timing") == "1" else None)
-            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket, timing),
+            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket, timing,
+                                               after_first=lambda: self._remember(rid, info, messages, key)),
                                      media_type="text/event-stream", headers=headers)
         try:
             async for item in items:
@@ -542,37 +595,55 @@ class Ingress:
 
     async def _sse(self, gen, builder: ChoicesBuilder, info: CoeInfo, cid: str, include_usage: bool,
                    t0: float, key: StoredKey | None = None,
-                   ticket: Reservation | None = None, timing: dict | None = None) -> AsyncIterator[str]:
+                   ticket: Reservation | None = None, timing: dict | None = None,
+                   after_first: Any = None) -> AsyncIterator[str]:
         """The SSE stream. With ``timing`` (request header ``x-coe-timing: 1``) the chunk carrying
         the first token also carries ``coe_timing``: wall-clock seconds at ingress receipt, pool
-        enqueue and the pool's first token, so a client can measure what the HTTP path adds."""
+        enqueue and the pool's first token, so a client can measure what the HTTP path adds.
+
+        The opening ``role`` chunks travel in one message with the first chunk after them (the
+        client reads the same bytes; one message less through Serve's proxy before the first token),
+        and ``after_first`` (the feedback record's write) runs once that message is handed on, so
+        that it does not compete with it (issue 13 item 6)."""
         created = int(time.time())
         model = info.expert
         status = "ok"
+        head = ""  # events not sent yet: they go out with the next one
 
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                                      "logprobs": logprobs}], **extra})
 
+        def out(event: str) -> str:
+            nonlocal head
+            event, head = head + event, ""
+            return event
+
+        def sent() -> None:
+            nonlocal after_first
+            if after_first is not None:
+                after_first, call = None, after_first
+                call()
+
         try:
             for i in sorted(builder.states):
-                yield chunk(i, {"role": "assistant", "content": ""}, **({"coe": info.model_dump(mode="json")}
-                                                                        if i == 0 else {}))
+                head += chunk(i, {"role": "assistant", "content": ""}, **({"coe": info.model_dump(mode="json")}
+                                                                         if i == 0 else {}))
             try:
                 async for item in gen:
                     if item.get("type") == "error":
                         status = "error"
                         err = _item_error(item)
                         self.metrics.observe_error(err.status)
-                        yield _error_event(err)
+                        yield out(_error_event(err))
                         break
                     st = builder.add(item)
                     if builder.forced_tool:  # the tool calls are sent whole when the choice ends
                         if st.finish:
                             msg, finish = builder.message(st)
                             delta = _tool_calls_delta(msg.tool_calls) if msg.tool_calls else {"content": msg.content}
-                            yield chunk(st.index, delta, finish)
+                            yield out(chunk(st.index, delta, finish))
                         continue
                     lp = ({"content": [x.model_dump() for x in logprobs_out(item.get("logprobs"))]}
                           if builder.want_logprobs and item.get("logprobs") else None)
@@ -581,11 +652,12 @@ class Ingress:
                         if timing is not None and item.get("text") and "first_token" not in timing:
                             timing["first_token"] = item.get("at")
                             extra["coe_timing"] = timing
-                        yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
+                        yield out(chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra))
+                        sent()
                     if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
-                        yield chunk(st.index, _tool_calls_delta(st.tool_calls))
+                        yield out(chunk(st.index, _tool_calls_delta(st.tool_calls)))
                     if item.get("finish_reason"):
-                        yield chunk(st.index, {}, item["finish_reason"])
+                        yield out(chunk(st.index, {}, item["finish_reason"]))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # deadline passed, the pool replica died, the drain cut it: end cleanly
@@ -594,27 +666,28 @@ class Ingress:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
-                yield _error_event(known)
+                yield out(_error_event(known))
             if status == "ok":
                 for st in builder.states.values():  # a choice the engine ended without a finish reason
                     if st.finish is None:
                         st.finish = "stop"
-                        yield chunk(st.index, {}, "stop")
+                        yield out(chunk(st.index, {}, "stop"))
                 if include_usage:
                     usage = Usage(prompt_tokens=builder.prompt_tokens, completion_tokens=builder.completion_tokens,
                                   total_tokens=builder.prompt_tokens + builder.completion_tokens)
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                               "choices": [], "usage": usage.model_dump()})
-            yield sse("[DONE]")
+                    yield out(sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                                   "choices": [], "usage": usage.model_dump()}))
+            yield out(sse("[DONE]"))
         except asyncio.CancelledError:  # client went away: closing gen cancels the generation
             status = "cancelled"
             raise
         finally:
+            sent()  # a stream that ended before any token: the record is still kept
             self.metrics.observe_request(info.expert, info.category, status, builder.prompt_tokens,
                                          builder.completion_tokens, time.perf_counter() - t0)
             self.metrics.observe_key(key.name if key else None, status, builder.prompt_tokens,
                                      builder.completion_tokens)
-            if ticket is not None:
+            if ticket is not None and ticket.limiter is not None:  # no key, no limits: nothing to settle
                 await asyncio.to_thread(ticket.settle, builder.prompt_tokens + builder.completion_tokens)
 
     # ---- feedback (coe/feedback.py, docs/api.md "Feedback") ---------------------------------------
@@ -645,7 +718,7 @@ class Ingress:
         if self.feedback is None:
             raise APIError(501, "feedback is switched off in this service (feedback.enabled: false)",
                            "invalid_request_error", None, "feedback_disabled")
-        key = await asyncio.to_thread(self._identity, request)
+        key = self._identity(request)
         if key is not None and not key.limits.feedback:
             raise APIError(403, "this API key may not give feedback (coe keys limits NAME --feedback)",
                            "permission_error", None, "feedback_not_permitted")

@@ -50,6 +50,22 @@ def route_error(exc: Exception, request: dict) -> ErrorReport:
     return ErrorReport(kind=ErrorKind.INTERNAL, message=f"router failed: {type(exc).__name__}: {exc}")
 
 
+def needs_encoder(request: dict, experts: Any) -> bool:
+    """Whether routing ``request`` runs stage 1 (``Router.route_batch`` skips it for a registered
+    expert named by the client)."""
+    from routers.router import AUTO_MODEL
+
+    model = request.get("model") or AUTO_MODEL
+    return not (model in experts and model != AUTO_MODEL)
+
+
+def route_answer(result: Any, request: dict, registry_version: int) -> dict:
+    """A decision (or the exception that replaced it) as the answer ``route`` gives the ingress."""
+    if isinstance(result, Exception):
+        return {"error": route_error(result, request).model_dump(mode="json")}
+    return {"decision": result.model_dump(mode="json"), "registry_version": registry_version}
+
+
 @serve.deployment(name="Router")
 class RouterDeployment:
     async def __init__(self, config: dict, pool: DeploymentHandle | None = None):
@@ -63,6 +79,7 @@ class RouterDeployment:
         self.pool = pool
         self.residency: dict[str, float] = {}
         self.demand: Counter[str] = Counter()
+        self._routing = 0  # requests inside route() that need the encoder (waiting for a batch or in one)
         self.watcher = RegistryWatcher(self.cfg.redis_url, self.cfg.namespace, self.cfg.registry_poll_s)
         await self.watcher.start()
         await asyncio.to_thread(self._publish_categories)
@@ -151,13 +168,32 @@ class RouterDeployment:
 
         ``min_version`` is the registry version the caller has seen: if this replica is behind
         (a pub/sub message still in flight), it re-reads the registry first, so an expert added a
-        moment ago is routable on the very next request."""
+        moment ago is routable on the very next request.
+
+        Only requests that need the encoder wait for a batch (``router.batch_wait_timeout_s``), and
+        only while another one is being routed: a named expert is routed at once, in this event loop
+        (a registry lookup and the hard constraints, microseconds), and a request that finds the
+        router idle is routed alone at once, since no batch could form around it without waiting
+        (issue 13 item 6: the wait was ~5 ms of every request at low load). Under load, requests
+        overlap and are batched as before; the decisions are the same either way."""
         if request.get("min_version", 0) > self.watcher.snapshot.version:
             await self.watcher.refresh()
-        return await self._route_batch(request)
+        if not needs_encoder(request, self.watcher.snapshot.experts):
+            return (await self._route_many([request], in_thread=False))[0]
+        idle = self._routing == 0
+        self._routing += 1
+        try:
+            return (await self._route_many([request]))[0] if idle else await self._route_batch(request)
+        finally:
+            self._routing -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _route_batch(self, requests: list[dict]) -> list[dict]:
+        return await self._route_many(requests)
+
+    async def _route_many(self, requests: list[dict], in_thread: bool = True) -> list[dict]:
+        """Route requests together (one encoder pass for those that need it); ``in_thread=False``
+        only for requests that need no encoder (nothing there blocks the event loop)."""
         snap = self.watcher.snapshot
         experts = snap.experts
         kwargs = [
@@ -176,14 +212,18 @@ class RouterDeployment:
             def on_stage1(i: int, probs: dict[str, float]) -> None:
                 self.hinter(requests[i], probs, snap, pol.map_capability, residency, pol.residency_weight)
         try:
-            results: list[Any] = await asyncio.to_thread(router.route_batch, kwargs, on_stage1)
+            results: list[Any] = (await asyncio.to_thread(router.route_batch, kwargs, on_stage1) if in_thread
+                                  else router.route_batch(kwargs, on_stage1))
         except Exception as e:  # the batch itself failed (encoder error …): every request gets it
             results = [e] * len(requests)
-        out = [{"error": route_error(d, r).model_dump(mode="json")} if isinstance(d, Exception)
-               else {"decision": d.model_dump(mode="json")}
-               for d, r in zip(results, requests)]
+        out = [route_answer(d, r, snap.version) for d, r in zip(results, requests)]
         for o in out:
             if "decision" in o:
                 self.demand[o["decision"]["expert"]] += 1
-                o["registry_version"] = snap.version
         return out
+
+    def note_demand(self, counts: dict[str, int]) -> None:
+        """Ingress -> router: requests for experts the clients named, which the ingress routed itself
+        (:func:`routers.policy.route_named`, no call here on their path); they join the demand this
+        replica tells the pools at its next sync, as if they had been routed here."""
+        self.demand.update({str(k): int(v) for k, v in counts.items()})

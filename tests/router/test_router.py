@@ -203,3 +203,22 @@ def test_route_batch_matches_route(small_router, registry):
     got = small_router.route_batch(reqs)
     assert [g.expert for g in got[:3]] == [small_router.route(**r).expert for r in reqs[:3]]
     assert isinstance(got[3], UnknownModel)
+
+
+def test_named_expert_rule_is_the_routers_own(small_router, registry):
+    """The service's ingress decides named experts with ``route_named`` (no call to the router):
+    it must answer exactly what ``Router.route`` answers, errors included."""
+    from routers.policy import route_named
+
+    experts, cmap = registry
+    d = small_router.route("anything", "mathy", experts, cmap, max_tokens=64)
+    n = route_named(experts["mathy"], None, None, 64)
+    assert n.model_dump(exclude={"route_ms"}) == d.model_dump(exclude={"route_ms"})
+    failed = experts["mathy"].model_copy(update={"status": "failed", "status_reason": "OOM at load"})
+    for call in (lambda: small_router.route("x", "mathy", {**experts, "mathy": failed}, cmap),
+                 lambda: route_named(failed)):
+        with pytest.raises(NoEligibleExpert, match="OOM at load") as e:
+            call()
+        assert e.value.reasons == {"mathy": "status failed: OOM at load"}
+    with pytest.raises(NoEligibleExpert, match="not in the allowed experts"):
+        route_named(experts["mathy"], allowed={"coder"})

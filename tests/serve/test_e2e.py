@@ -259,3 +259,46 @@ def test_http_edge_cases_answer_with_a_hint(http):
         assert r.status_code == 404
         msg = r.json()["error"]["message"]
         assert path in msg and "POST /v1/chat/completions" in msg and "GET /v1/models" in msg
+
+
+def test_timing_stamps_split_what_the_http_path_adds(serve_app):
+    """``x-coe-timing: 1`` (bench/http_overhead.py): the chunk with the first token carries wall-clock
+    stamps in the order the request met them; the stream still opens with the role chunk."""
+    t0 = time.time()
+    with httpx.stream("POST", serve_app.v1 + "/chat/completions", timeout=120, headers={"x-coe-timing": "1"},
+                      json={"model": "tiny-a", "messages": HELLO, "max_tokens": 3, "stream": True}) as r:
+        events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
+    t1 = time.time()
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[0]["coe"]["forced"] == "expert"
+    stamped = [e for e in events if "coe_timing" in e]
+    assert len(stamped) == 1 and stamped[0]["choices"][0]["delta"]["content"]
+    t = stamped[0]["coe_timing"]
+    assert t0 <= t["received"] <= t["enqueued"] <= t["first_token"] <= t1
+
+
+def test_a_lone_request_is_not_held_for_the_routers_batch_window(serve_app, redis_url):
+    """The router batches requests that arrive together (``router.batch_wait_timeout_s``), but one
+    that finds it idle is routed at once, and requests arriving together still get their answers."""
+    from ray import serve
+
+    from coe.config import ServeConfig
+    from coe.serve.router_deployment import RouterDeployment
+
+    cfg = ServeConfig(redis_url=redis_url, namespace=serve_app.registry.namespace, router={"batch_wait_timeout_s": 3.0})
+    try:
+        serve.run(RouterDeployment.options(name="SlowBatchRouter", ray_actor_options={"num_cpus": 0.05})
+                  .bind(cfg.model_dump(mode="json")), name="coe-slowbatch", route_prefix=None, blocking=False)
+        h = serve.get_deployment_handle("SlowBatchRouter", app_name="coe-slowbatch")
+        req = {"prompt": "Solve for x: 3x + 7 = 22. Show the algebra.", "model": "coe", "max_tokens": 8}
+        first = h.route.remote(req).result(timeout_s=180)  # the replica starts (router loaded from cache)
+        took = []
+        for _ in range(3):
+            t = time.perf_counter()
+            d = h.route.remote(req).result(timeout_s=60)
+            took.append(time.perf_counter() - t)
+            assert d["decision"]["expert"] == first["decision"]["expert"]
+        assert min(took) < 1.5, took  # held for the window, each would take >= 3 s
+        together = [h.route.remote(req) for _ in range(4)]
+        assert {r.result(timeout_s=60)["decision"]["expert"] for r in together} == {first["decision"]["expert"]}
+    finally:
+        serve.delete("coe-slowbatch")

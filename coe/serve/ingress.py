@@ -144,6 +144,31 @@ async def _chain(first: list[dict], rest: AsyncIterator[dict]) -> AsyncIterator[
         yield item
 
 
+async def join_head(events: AsyncIterator[str], n: int, after_first: Any = None) -> AsyncIterator[str]:
+    """``events`` with its first ``n`` (the opening role chunks) sent in one message with the one
+    after them (the first token): the client reads the same bytes, with one message less through
+    Serve's proxy before its first token. ``after_first`` (the feedback record's write) runs once
+    that message is handed on, so that it does not compete with it (issue 13 item 6), or when the
+    stream ends before it."""
+    head = ""
+    try:
+        async for event in events:
+            if n > 0:
+                head, n = head + event, n - 1
+                continue
+            yield head + event
+            head = ""
+            if after_first is not None:
+                call, after_first = after_first, None
+                call()
+        if head:
+            yield head
+    finally:
+        if after_first is not None:
+            after_first()
+        await events.aclose()  # its own finally (metrics, the key's settlement) runs now, not at GC
+
+
 def sse(obj: Any) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -546,7 +571,7 @@ class Ingress:
             info, _spec = await self._within(deadline, timeout_s, self._route(
                 req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
-            if not req.stream:  # a stream keeps its record once its first token is on its way (_sse)
+            if not req.stream:  # a stream keeps its record once its first token is on its way (join_head)
                 self._remember(rid, info, messages, key)
         except APIError as e:
             self._refused(key, ticket, e.status)
@@ -567,7 +592,8 @@ class Ingress:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             timing = ({"received": received_at, "enqueued": first.get("enqueued_at")}
                       if request.headers.get("x-coe-timing") == "1" else None)
-            return StreamingResponse(self._sse(items, builder, info, cid, include_usage, t0, key, ticket, timing,
+            events = self._sse(items, builder, info, cid, include_usage, t0, key, ticket, timing)
+            return StreamingResponse(join_head(events, len(builder.states),
                                                after_first=lambda: self._remember(rid, info, messages, key)),
                                      media_type="text/event-stream", headers=headers)
         try:
@@ -595,55 +621,37 @@ class Ingress:
 
     async def _sse(self, gen, builder: ChoicesBuilder, info: CoeInfo, cid: str, include_usage: bool,
                    t0: float, key: StoredKey | None = None,
-                   ticket: Reservation | None = None, timing: dict | None = None,
-                   after_first: Any = None) -> AsyncIterator[str]:
+                   ticket: Reservation | None = None, timing: dict | None = None) -> AsyncIterator[str]:
         """The SSE stream. With ``timing`` (request header ``x-coe-timing: 1``) the chunk carrying
         the first token also carries ``coe_timing``: wall-clock seconds at ingress receipt, pool
-        enqueue and the pool's first token, so a client can measure what the HTTP path adds.
-
-        The opening ``role`` chunks travel in one message with the first chunk after them (the
-        client reads the same bytes; one message less through Serve's proxy before the first token),
-        and ``after_first`` (the feedback record's write) runs once that message is handed on, so
-        that it does not compete with it (issue 13 item 6)."""
+        enqueue and the pool's first token, so a client can measure what the HTTP path adds."""
         created = int(time.time())
         model = info.expert
         status = "ok"
-        head = ""  # events not sent yet: they go out with the next one
 
         def chunk(index: int, delta: dict, finish: str | None = None, logprobs: Any = None, **extra: Any) -> str:
             return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [{"index": index, "delta": delta, "finish_reason": finish,
                                      "logprobs": logprobs}], **extra})
 
-        def out(event: str) -> str:
-            nonlocal head
-            event, head = head + event, ""
-            return event
-
-        def sent() -> None:
-            nonlocal after_first
-            if after_first is not None:
-                after_first, call = None, after_first
-                call()
-
         try:
             for i in sorted(builder.states):
-                head += chunk(i, {"role": "assistant", "content": ""}, **({"coe": info.model_dump(mode="json")}
-                                                                         if i == 0 else {}))
+                yield chunk(i, {"role": "assistant", "content": ""}, **({"coe": info.model_dump(mode="json")}
+                                                                        if i == 0 else {}))
             try:
                 async for item in gen:
                     if item.get("type") == "error":
                         status = "error"
                         err = _item_error(item)
                         self.metrics.observe_error(err.status)
-                        yield out(_error_event(err))
+                        yield _error_event(err)
                         break
                     st = builder.add(item)
                     if builder.forced_tool:  # the tool calls are sent whole when the choice ends
                         if st.finish:
                             msg, finish = builder.message(st)
                             delta = _tool_calls_delta(msg.tool_calls) if msg.tool_calls else {"content": msg.content}
-                            yield out(chunk(st.index, delta, finish))
+                            yield chunk(st.index, delta, finish)
                         continue
                     lp = ({"content": [x.model_dump() for x in logprobs_out(item.get("logprobs"))]}
                           if builder.want_logprobs and item.get("logprobs") else None)
@@ -652,12 +660,11 @@ class Ingress:
                         if timing is not None and item.get("text") and "first_token" not in timing:
                             timing["first_token"] = item.get("at")
                             extra["coe_timing"] = timing
-                        yield out(chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra))
-                        sent()
+                        yield chunk(st.index, {"content": item.get("text") or ""}, None, lp, **extra)
                     if st.tool_calls and item.get("tool_calls"):  # tool_choice auto: parsed by the engine
-                        yield out(chunk(st.index, _tool_calls_delta(st.tool_calls)))
+                        yield chunk(st.index, _tool_calls_delta(st.tool_calls))
                     if item.get("finish_reason"):
-                        yield out(chunk(st.index, {}, item["finish_reason"]))
+                        yield chunk(st.index, {}, item["finish_reason"])
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # deadline passed, the pool replica died, the drain cut it: end cleanly
@@ -666,23 +673,22 @@ class Ingress:
                     known = internal_error(cid.removeprefix("chatcmpl-"), e)
                 status = "timeout" if isinstance(e, RequestTimeout) else "error"
                 self.metrics.observe_error(known.status)
-                yield out(_error_event(known))
+                yield _error_event(known)
             if status == "ok":
                 for st in builder.states.values():  # a choice the engine ended without a finish reason
                     if st.finish is None:
                         st.finish = "stop"
-                        yield out(chunk(st.index, {}, "stop"))
+                        yield chunk(st.index, {}, "stop")
                 if include_usage:
                     usage = Usage(prompt_tokens=builder.prompt_tokens, completion_tokens=builder.completion_tokens,
                                   total_tokens=builder.prompt_tokens + builder.completion_tokens)
-                    yield out(sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                   "choices": [], "usage": usage.model_dump()}))
-            yield out(sse("[DONE]"))
+                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                               "choices": [], "usage": usage.model_dump()})
+            yield sse("[DONE]")
         except asyncio.CancelledError:  # client went away: closing gen cancels the generation
             status = "cancelled"
             raise
         finally:
-            sent()  # a stream that ended before any token: the record is still kept
             self.metrics.observe_request(info.expert, info.category, status, builder.prompt_tokens,
                                          builder.completion_tokens, time.perf_counter() - t0)
             self.metrics.observe_key(key.name if key else None, status, builder.prompt_tokens,

@@ -165,3 +165,29 @@ def test_deployment_errors_are_typed_and_only_the_ingress_picks_the_status():
     assert crash.status == 500 and crash.type == "server_error"
     with pytest.raises(ValueError):  # a report is closed: an HTTP field smuggled in is refused
         ErrorReport.model_validate({"kind": "request", "message": "x", "status": 400})
+
+
+def test_the_role_chunks_leave_with_the_first_token_and_the_bytes_are_unchanged():
+    """``join_head``: the client reads exactly the events ``_sse`` made, the opening role chunks in
+    the message of the first token; the feedback record is written once, after that message."""
+    import asyncio
+
+    from coe.serve.ingress import join_head
+
+    async def events(items):
+        for e in items:
+            yield e
+
+    async def collect(items, n):
+        calls = []
+        got = []
+        async for m in join_head(events(items), n, after_first=lambda: calls.append(len(got))):
+            got.append(m)
+        return got, calls
+
+    items = ["data: role0\n\n", "data: role1\n\n", "data: tok\n\n", "data: [DONE]\n\n"]
+    got, calls = asyncio.run(collect(items, 2))
+    assert got == ["data: role0\n\ndata: role1\n\ndata: tok\n\n", "data: [DONE]\n\n"]
+    assert calls == [1]  # after the first message was handed on, once
+    got, calls = asyncio.run(collect(items[:1], 1))  # a stream that ends before anything follows
+    assert got == items[:1] and calls == [1]

@@ -11,7 +11,13 @@ service's wall-clock stamps (``coe_timing`` on the first token chunk, same machi
 * ``first_token_to_client``: the pool's first token -> the client has parsed it (pool -> ingress
   stream, SSE, Serve's HTTP proxy, the ``openai`` client);
 * ``added``: their sum, the issue's measure (targets p50 <= 15 ms, p99 <= 50 ms);
-* ``ttft``: time to first token at the client (includes generation).
+* ``ttft``: time to first token at the client (includes generation);
+* ``client_to_ingress``: the client sends -> the ingress's handler starts (Serve's proxy, the
+  middlewares, body parsing): real, but outside the issue's measure.
+
+``timelines_ms`` keeps every stamp of each request in ms after the client sent it: a copy of the
+service with more stamps in its ``coe_timing`` shows where its time goes (how
+``bench/results/http-overhead-cpu-2026-11-29/breakdown.json`` was made).
 
 Two request kinds: ``named`` (``model`` is an expert: no classifier) and ``routed``
 (``model: coe``: stage 1 encoder + stage 2). The first ``--warmup`` requests of each kind are
@@ -153,7 +159,8 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--num-cpus", type=int, default=4, help="Ray's logical CPUs (pool 1 + router 1 + ingress)")
     p.add_argument("--home", default="/tmp/coe-http-overhead", help="COE_HOME (router and demo weights cached)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / f"http-overhead-cpu-{time.strftime('%Y-%m-%d')}.json"))
+    p.add_argument("--out", default=str(REPO / "bench" / "results"
+                                        / f"http-overhead-cpu-{time.strftime('%Y-%m-%d')}.json"))
     args = p.parse_args()
     if args.rate <= 0 or args.rate > 2.0:
         p.error("--rate must be in (0, 2]: the issue's low load")

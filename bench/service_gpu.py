@@ -167,8 +167,8 @@ class Result:
     #: what the HTTP path added to this request, from the service's ``x-coe-timing`` stamps:
     #: (pool enqueue - ingress receipt) + (client receives first token - pool's first token)
     added_s: float | None = None
-    #: the service's stamps (received, enqueued, first_token) plus ``client_sent`` and
-    #: ``client_first``: wall clock when the client sent the request and read the first token (``bench/http_overhead.py`` splits ``added_s`` with it)
+    #: the service's stamps (received, enqueued, first_token) plus ``client_sent`` and ``client_first``:
+    #: wall clock when the client sent the request and read the first token (``bench/http_overhead.py``)
     stamps: dict[str, float] | None = None
 
 

@@ -28,7 +28,7 @@ two separate estimates (the earlier rule compared two independent bounds and rar
 paraphrases are held out together), and the chosen rule is *kept only if its cross-validated gain
 over the best single expert is more than one standard error above zero*; otherwise ``z`` is infinite
 and routing never leaves ``b`` (an argmax over many settings flatters itself: the winner's curse).
-On the public judgments (bench/router_quality.py) this rule gained +0.023 where domain leaders
+On the public judgments (bench/router_quality.py) this rule gained +0.022 where domain leaders
 differ and never lost where one model leads everywhere (docs/router.md).
 
 Why cosine needs care: the router's features are several separately normalised blocks (4 layers ×
@@ -206,18 +206,16 @@ class QualityPredictor:
         return self._predict_matrix(sims, experts, self.k, self.tau, self.prior_weight, with_se=with_se)
 
     def _advantage(self, sims: np.ndarray, experts: Sequence[str], base: int, k: int, tau: float,
-                   exclude_self: bool = False, tgt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   tgt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Paired advantage of each expert over ``experts[base]`` and its standard error, per query
         (module docstring), from query-to-prompt cosines ``sims``. Only recorded prompts scored for
-        both experts count; NaN for an expert with no such prompt at all."""
+        both experts count; NaN for an expert with no such prompt at all. ``tgt``: the per-prompt
+        score matrix of the prompts behind ``sims`` (default: all of them)."""
         tgt = self._target_matrix(list(experts)) if tgt is None else tgt
-        n_q, M = len(sims), len(experts)
         kk = min(k, sims.shape[1])
         top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
         st = np.take_along_axis(sims, top, axis=1).astype(np.float64)
         w = np.exp((st - 1.0) / tau)
-        if exclude_self:
-            w[st > 1.0 - 1e-6] = 0.0
         w[st < self.radius] = 0.0
         m = self.prior_weight
         D = tgt[top] - tgt[top][:, :, [base]]  # (n_q, kk, M)
@@ -257,7 +255,9 @@ class QualityPredictor:
         """Per distinct prompt and expert, the mean recorded score (NaN where there is none)."""
         tgt = np.full((self.n_prompts, len(experts)), np.nan)
         for j, name in enumerate(experts):
-            recs = self._index[name]
+            recs = self._index.get(name)
+            if recs is None:
+                continue  # no records: a NaN column
             sums = np.bincount(self.prompt_index[recs], weights=self.scores[recs], minlength=self.n_prompts)
             cnt = np.bincount(self.prompt_index[recs], minlength=self.n_prompts)
             tgt[cnt > 0, j] = sums[cnt > 0] / cnt[cnt > 0]

@@ -19,8 +19,10 @@ Splits (nothing is chosen on the test half; each figure touches it once):
 
 Methods, each fitted on the training half only:
 * ``knn`` (shipped default, :class:`routers.quality.QualityPredictor`): calibrated k-NN, k/tau/m by
-  leave-one-prompt-out Brier, routing confidence ``z`` by cross-validation over k-means clusters -
-  all inside the training half, exactly what ``coe router quality add`` does;
+  leave-one-prompt-out Brier; routing by the *paired* advantage over the best single expert in a
+  wider neighbourhood, its k, kernel and confidence ``z`` by cross-validation over k-means clusters
+  and kept only if the cross-validated gain clears one standard error - all inside the training
+  half, exactly what ``coe router quality add`` does;
 * ``knn-margin``: the same predictor with the previous rule (fixed margin over the best single);
 * ``lr``: one logistic regression per expert (RouteLLM's per-model classifier), ``mf``: a low-rank
   bilinear model (prompt embedding projected to 8 dims × one vector per expert; RouteLLM's matrix
@@ -198,9 +200,9 @@ def run_methods(methods, X, S, G, models, bench, tr, te, encoder_id) -> tuple[di
         if method in ("knn", "knn-margin"):
             qp = qp or fit_knn(X, S, models, tr, encoder_id)
             if method == "knn":
-                Q, SE = qp.predict_many(X[te], models, with_se=True)
-                pick = QualityPredictor.route_rows(Q, SE, best, qp.z)
+                pick = np.array([models.index(e) for e in qp.choose_many(X[te], models)])
                 info = {"k": qp.k, "tau": qp.tau, "prior_weight": qp.prior_weight, "z": qp.z,
+                        "route_k": qp.route_k, "route_tau": qp.route_tau, "route_cv": qp.fit_info.get("route_cv"),
                         "brier_loo": qp.fit_info.get("brier"), "brier_mean_only": qp.fit_info.get("brier_expert_mean_only")}
             else:  # the previous rule: fixed margin chosen out-of-fold on cluster folds of the training half
                 fold = qp.cluster_folds()
@@ -250,7 +252,7 @@ def summarise(runs: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--methods", default="knn,knn-margin,lr,mf,mlp")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")  # sklearn convergence chatter on the small MLPs

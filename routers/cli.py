@@ -182,10 +182,17 @@ def _stage2_eval(router, path: Path) -> dict[str, Any]:
     prompts = list(by_prompt)
     X = router.encoder.encode(prompts)
     best = router.quality.best_expert()
+    scored = [{e: float(np.mean(v)) for e, v in by_prompt[p].items()} for p in prompts]
+    picks: list[str | None] = [None] * len(prompts)
+    by_set: dict[tuple[str, ...], list[int]] = {}  # one batched decision per set of scored experts
+    for i, got in enumerate(scored):
+        by_set.setdefault(tuple(got), []).append(i)
+    for names, rows in by_set.items():
+        for i, pick in zip(rows, router.quality.choose_many(X[rows], list(names))):
+            picks[i] = pick
     routed, single, oracle, moved = [], [], [], 0
-    for x, p in zip(X, prompts):
-        got = {e: float(np.mean(v)) for e, v in by_prompt[p].items()}
-        pick = router.quality.choose(x, list(got)) or next(iter(got))
+    for got, pick in zip(scored, picks):
+        pick = pick or next(iter(got))
         routed.append(got[pick])
         single.append(got.get(best, np.nan))
         oracle.append(max(got.values()))
@@ -194,7 +201,8 @@ def _stage2_eval(router, path: Path) -> dict[str, Any]:
     return {"n_prompts": len(prompts), "n_records": len(recs), "best_single_expert": best,
             "routed": float(np.mean(routed)), "best_single": float(np.nanmean(single_arr)) if (~np.isnan(single_arr)).any() else None,
             "oracle": float(np.mean(oracle)), "share_routed_away_from_best": moved / max(1, len(prompts)),
-            "z": router.quality.z, "margin": router.quality.margin, "k": router.quality.k, "tau": router.quality.tau,
+            "z": router.quality.z, "route_k": router.quality.route_k, "route_tau": router.quality.route_tau,
+            "route_cv": router.quality.fit_info.get("route_cv"), "k": router.quality.k, "tau": router.quality.tau,
             "prior_weight": router.quality.prior_weight}
 
 

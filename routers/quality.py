@@ -13,14 +13,23 @@ picks them by leave-one-prompt-out Brier score on the records themselves (a prom
 itself), which is what makes the numbers calibrated predictions rather than similarity scores.
 
 Routing (:meth:`choose`) keeps the best-on-average expert ``b`` unless another expert's advantage
-is positive with confidence: route to ``argmax_e LB_e`` when ``LB_e > 0``, where
-``LB_e = q_e - q_b - z * sqrt(se_e^2 + se_b^2)`` and ``se = sqrt(q (1 - q) / n_eff)``, ``n_eff``
-being how many observations really stand behind the estimate (Kish's effective size of the
-weighted neighbours, scaled by their share against the prior, plus ``m``). Argmax over many noisy
-estimates favours the most over-estimated one (the winner's curse); a fixed margin guards against
-it everywhere alike, the bound only where the neighbourhood is thin. ``z`` is chosen by
-cross-validation over clusters of prompts (so paraphrases are held out together). On the public
-judgments this rule never lost to the best single model where a fixed margin did (bench/RESULTS.md).
+*over b on the same prompts* is positive with confidence. The advantage is estimated from paired
+differences ``d_i = score_e(i) - score_b(i)`` on the recorded prompts near the query (kernel
+weights as above, its own wider ``route_k``: the decision needs more evidence than a prediction),
+shrunk toward no advantage with weight ``m``::
+
+    A_e  = sum_i w_i d_i / (sum_i w_i + m)
+    se_e = sqrt(((sum_i w_i (d_i - A_e)^2) + m * var(d)) / (sum_i w_i + m) / n_eff)
+
+and the request goes to ``argmax_e (A_e - z * se_e)`` when that is positive. Pairing matters: most
+of two models' misses are the same hard prompts, so the paired difference is far less noisy than
+two separate estimates (the earlier rule compared two independent bounds and rarely dared move).
+``route_k``, the kernel width and ``z`` are chosen by cross-validation over clusters of prompts (so
+paraphrases are held out together), and the chosen rule is *kept only if its cross-validated gain
+over the best single expert is more than one standard error above zero*; otherwise ``z`` is infinite
+and routing never leaves ``b`` (an argmax over many settings flatters itself: the winner's curse).
+On the public judgments (bench/router_quality.py) this rule gained +0.022 where domain leaders
+differ and never lost where one model leads everywhere (docs/router.md).
 
 Why cosine needs care: the router's features are several separately normalised blocks (4 layers ×
 384), so their norm is 2, not 1; this class renormalises every vector so the dot product is a true
@@ -45,9 +54,24 @@ OLD_FORMAT = "coe-router-quality/1"
 K_GRID = (5, 10, 20, 40)
 TAU_GRID = (0.02, 0.05, 0.1, 0.2)
 PRIOR_GRID = (0.5, 2.0, 8.0)
-Z_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 1e9)  # 1e9: never leave the best-on-average expert
+Z_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+NEVER = 1e9  # z that never leaves the best-on-average expert
+ROUTE_K_GRID = (20, 40, 80, 160, 320)
+ROUTE_TAU_GRID = (0.05, 0.1, 0.2)
+ACCEPT_SE = 1.0  # a routing rule is kept only if its cross-validated gain exceeds this many standard errors
 RADIUS_NEIGHBOUR = 10  # the radius is set by how far the records' 10th neighbours are (see radius)
 DEFAULT_Z = 1.0  # before tuning, or with too few complete prompts to cross-validate
+
+
+def _col_var(d: np.ndarray) -> np.ndarray:
+    """Per column, the variance of its non-NaN entries (0.25 where fewer than two: the variance of
+    a fair coin's 0/1 difference, a cautious prior when nothing is known)."""
+    out = np.full(d.shape[1], 0.25)
+    for j in range(d.shape[1]):
+        col = d[:, j][~np.isnan(d[:, j])]
+        if len(col) >= 2:
+            out[j] = float(col.var()) + 1e-4
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -181,20 +205,44 @@ class QualityPredictor:
         sims = _unit(queries) @ self.embeddings.T
         return self._predict_matrix(sims, experts, self.k, self.tau, self.prior_weight, with_se=with_se)
 
+    def _advantage(self, sims: np.ndarray, experts: Sequence[str], base: int, k: int, tau: float,
+                   tgt: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Paired advantage of each expert over ``experts[base]`` and its standard error, per query
+        (module docstring), from query-to-prompt cosines ``sims``. Only recorded prompts scored for
+        both experts count; NaN for an expert with no such prompt at all. ``tgt``: the per-prompt
+        score matrix of the prompts behind ``sims`` (default: all of them)."""
+        tgt = self._target_matrix(list(experts)) if tgt is None else tgt
+        kk = min(k, sims.shape[1])
+        top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+        st = np.take_along_axis(sims, top, axis=1).astype(np.float64)
+        w = np.exp((st - 1.0) / tau)
+        w[st < self.radius] = 0.0
+        m = self.prior_weight
+        D = tgt[top] - tgt[top][:, :, [base]]  # (n_q, kk, M)
+        ok = ~np.isnan(D)
+        W = np.where(ok, w[:, :, None], 0.0)
+        Dz = np.where(ok, D, 0.0)
+        all_d = tgt - tgt[:, [base]]
+        have = ~np.isnan(all_d).all(0)
+        v0 = _col_var(all_d)  # the shrinkage's variance: the difference's spread over all records
+        sw = W.sum(1)
+        mu = (W * Dz).sum(1) / (sw + m)
+        var = ((W * (Dz - mu[:, None, :]) ** 2).sum(1) + m * v0[None, :]) / (sw + m)
+        kish = sw ** 2 / np.maximum((W ** 2).sum(1), 1e-300)
+        n_eff = kish * sw / (sw + m) + m
+        se = np.sqrt(var / n_eff)
+        mu[:, ~have], se[:, ~have] = np.nan, np.nan
+        mu[:, base], se[:, base] = 0.0, 0.0
+        return mu, se
+
     @staticmethod
-    def route_rows(Q: np.ndarray, SE: np.ndarray, base: int | np.ndarray, z: float, margin: float = 0.0) -> np.ndarray:
-        """Column picked per row: ``base`` (an index, or one per row) unless another column's lower
-        bound ``Q - Q[base] - margin - z * sqrt(SE^2 + SE[base]^2)`` is positive, then the one with
-        the highest bound. NaN (no records) never wins."""
-        n = len(Q)
-        b = np.broadcast_to(np.asarray(base), (n,)).astype(np.int64)
-        r = np.arange(n)
-        qb, sb = Q[r, b][:, None], SE[r, b][:, None]
-        lb = Q - qb - margin - z * np.sqrt(SE ** 2 + sb ** 2)
-        lb = np.where(np.isnan(lb), -np.inf, lb)
-        lb[r, b] = 0.0
+    def pick_rows(A: np.ndarray, SE: np.ndarray, base: int, z: float) -> np.ndarray:
+        """Column picked per row: ``base`` unless another column's bound ``A - z * SE`` is positive,
+        then the one with the highest bound (NaN never wins)."""
+        lb = np.where(np.isnan(A), -np.inf, A - z * np.nan_to_num(SE, nan=np.inf))
+        lb[:, base] = 0.0
         pick = lb.argmax(1)
-        pick[lb[r, pick] <= 0] = b[lb[r, pick] <= 0]
+        pick[lb[np.arange(len(lb)), pick] <= 0] = base
         return pick
 
     def predict(self, query: np.ndarray, experts: Sequence[str]) -> dict[str, float | None]:
@@ -207,7 +255,9 @@ class QualityPredictor:
         """Per distinct prompt and expert, the mean recorded score (NaN where there is none)."""
         tgt = np.full((self.n_prompts, len(experts)), np.nan)
         for j, name in enumerate(experts):
-            recs = self._index[name]
+            recs = self._index.get(name)
+            if recs is None:
+                continue  # no records: a NaN column
             sums = np.bincount(self.prompt_index[recs], weights=self.scores[recs], minlength=self.n_prompts)
             cnt = np.bincount(self.prompt_index[recs], minlength=self.n_prompts)
             tgt[cnt > 0, j] = sums[cnt > 0] / cnt[cnt > 0]
@@ -231,38 +281,49 @@ class QualityPredictor:
         lab = KMeans(n_clusters=n_clusters, n_init=3, random_state=seed).fit_predict(self.embeddings)
         return (np.random.default_rng(seed).permutation(n_clusters) % folds)[lab]
 
-    def choose_z(self, grid: Sequence[float] = Z_GRID, folds: int = 5, repeats: int = 3) -> float:
-        """The confidence ``z`` of the routing rule (module docstring), by k-fold cross-validation
-        over :meth:`cluster_folds`, repeated with ``repeats`` different clusterings (one split's
-        luck is the main noise here): each fold's prompts are predicted from the other folds'
-        records and routed; the ``z`` with the best mean recorded score wins (the smallest among
-        ties). Only prompts scored for every expert count; with fewer than 50: ``DEFAULT_Z``."""
+    def choose_route(self, k_grid: Sequence[int] = ROUTE_K_GRID, tau_grid: Sequence[float] = ROUTE_TAU_GRID,
+                     z_grid: Sequence[float] = Z_GRID, folds: int = 5, repeats: int = 3) -> dict[str, Any]:
+        """``route_k``, ``route_tau`` and ``z`` of the routing rule (module docstring) by k-fold
+        cross-validation over :meth:`cluster_folds`, repeated with ``repeats`` clusterings (one
+        split's luck is the main noise here): each fold's prompts are routed from the other folds'
+        records. The setting with the best mean recorded score is kept only if its gain over the
+        best single expert is more than ``ACCEPT_SE`` standard errors (over prompts) above zero;
+        otherwise ``z`` is :data:`NEVER`. Only prompts scored for every expert count; with fewer
+        than 50 the defaults stay (``DEFAULT_Z``)."""
         experts = self.known_experts
         tgt = self._target_matrix(experts)
         full = np.flatnonzero(~np.isnan(tgt).any(1))
+        default = {"z": DEFAULT_Z, "route_k": self.route_k, "route_tau": self.route_tau}
         if len(full) < 50 or len(experts) < 2:
-            return DEFAULT_Z
+            return default
         T = tgt[full]
         best = int(np.argmax(T.mean(0)))
-        totals = dict.fromkeys(grid, 0.0)
+        sims_all = self.embeddings[full] @ self.embeddings[full].T
+        settings = [(k, tau, z) for k in k_grid if k <= len(full) for tau in tau_grid for z in z_grid]
+        if not settings:
+            return default
+        diffs = {s: np.zeros(len(full)) for s in settings}
         for seed in range(repeats):
-            fold = self.cluster_folds(folds, seed)
-            rec_fold = fold[self.prompt_index]
-            P, V = np.full_like(tgt, np.nan), np.full_like(tgt, np.nan)
+            fold = QualityPredictor(self.embeddings[full], [], [], fit_info=self.fit_info).cluster_folds(folds, seed)
             for f in range(folds):
-                keep = rec_fold != f
-                sub = QualityPredictor(self.embeddings, [e for e, k in zip(self.experts, keep) if k], self.scores[keep],
-                                       self.k, self.tau, self.prior_weight, prompt_index=self.prompt_index[keep],
-                                       fit_info={"radius": self.radius})
-                rows = np.flatnonzero(fold == f)
-                if len(rows):
-                    P[rows], V[rows] = sub.predict_many(self.embeddings[rows], experts, with_se=True)
-            for z in grid:
-                totals[z] += float(T[np.arange(len(T)), self.route_rows(P[full], V[full], best, z)].mean()) / repeats
-        self.fit_info["z_cv"] = {str(k): round(v, 4) for k, v in totals.items()}
-        self.fit_info["z_cv_best_single"] = round(float(T[:, best].mean()), 4)
-        top = max(totals.values())
-        return float(min(z for z, v in totals.items() if v >= top - 1e-12))
+                a, b = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+                if not len(a) or not len(b):
+                    continue
+                sims = sims_all[np.ix_(b, a)]
+                for k in {s[0] for s in settings}:
+                    for tau in tau_grid:
+                        A, SE = self._advantage(sims, experts, best, k, tau, tgt=T[a])
+                        for z in z_grid:
+                            pick = self.pick_rows(A, SE, best, z)
+                            diffs[(k, tau, z)][b] += (T[b][np.arange(len(b)), pick] - T[b, best]) / repeats
+        stats = {s: (float(d.mean()), float(d.std() / np.sqrt(len(d)))) for s, d in diffs.items()}
+        k, tau, z = max(settings, key=lambda s: (stats[s][0], s[2], s[0]))  # ties: the more cautious
+        gain, se = stats[(k, tau, z)]
+        accepted = gain > ACCEPT_SE * se
+        self.fit_info["route_cv"] = {"k": k, "tau": tau, "z": z, "gain": round(gain, 4), "se": round(se, 4),
+                                     "accepted": bool(accepted), "n_prompts": int(len(full)),
+                                     "best_single": round(float(T[:, best].mean()), 4)}
+        return {"z": float(z) if accepted else NEVER, "route_k": int(k), "route_tau": float(tau)}
 
     # -- calibration ------------------------------------------------------------------------------------
     def tuned(self, k_grid: Sequence[int] = K_GRID, tau_grid: Sequence[float] = TAU_GRID,
@@ -298,19 +359,24 @@ class QualityPredictor:
                 "n_records": len(self.experts), "grid": table}
         out = QualityPredictor(self.embeddings, self.experts, self.scores, k, tau, m, self.encoder_id,
                                self.prompt_index, info)
-        out.fit_info["z"] = out.choose_z()
+        out.fit_info.update(out.choose_route())
         return out
 
     @property
     def z(self) -> float:
-        """Confidence of the routing rule: chosen by :meth:`choose_z` when tuned, else ``DEFAULT_Z``."""
+        """Confidence of the routing rule: chosen by :meth:`choose_route` when tuned, else
+        ``DEFAULT_Z``; :data:`NEVER` when cross-validation found no gain worth acting on."""
         return float(self.fit_info.get("z", DEFAULT_Z))
 
     @property
-    def margin(self) -> float:
-        """Extra fixed margin an advantage must clear (0 unless set in ``fit_info``; kept for
-        artifacts of format 1-2, which chose a margin instead of ``z``)."""
-        return float(self.fit_info.get("margin", 0.0)) if "z" not in self.fit_info else 0.0
+    def route_k(self) -> int:
+        """Neighbours behind a routing decision (wider than :attr:`k`, which serves predictions)."""
+        return int(self.fit_info.get("route_k", max(self.k, 40)))
+
+    @property
+    def route_tau(self) -> float:
+        """Kernel width of the routing decision's neighbours."""
+        return float(self.fit_info.get("route_tau", self.tau))
 
     def best_expert(self) -> str | None:
         """The expert with the best mean recorded score (the 'always this one' baseline)."""
@@ -323,17 +389,19 @@ class QualityPredictor:
         return max(known, key=lambda e: self.mean(e) or 0.0) if known else None
 
     def choose_many(self, queries: np.ndarray, experts: Sequence[str]) -> list[str | None]:
-        """:meth:`choose` for many query embeddings at once (one prediction pass)."""
+        """:meth:`choose` for many query embeddings at once (one pass)."""
         base = self.base_expert(experts)
         if base is None:
             return [None] * len(np.atleast_2d(queries))
-        Q, SE = self.predict_many(queries, experts, with_se=True)
-        pick = self.route_rows(Q, SE, list(experts).index(base), self.z, self.margin)
-        return [experts[i] for i in pick]
+        if self.z >= NEVER or not len(self.embeddings):
+            return [base] * len(np.atleast_2d(queries))
+        b = list(experts).index(base)
+        A, SE = self._advantage(_unit(queries) @ self.embeddings.T, experts, b, self.route_k, self.route_tau)
+        return [experts[i] for i in self.pick_rows(A, SE, b, self.z)]
 
     def choose(self, query: np.ndarray, experts: Sequence[str]) -> str | None:
-        """Pure quality routing among ``experts``: the best-on-average one unless another's
-        advantage is positive with confidence :attr:`z` (module docstring)."""
+        """Pure quality routing among ``experts``: the best-on-average one unless another's paired
+        advantage over it is positive with confidence :attr:`z` (module docstring)."""
         return self.choose_many(np.asarray(query).reshape(1, -1), experts)[0]
 
     # -- persistence ------------------------------------------------------------------------------------

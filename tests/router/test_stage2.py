@@ -171,7 +171,8 @@ def test_routing_beats_either_expert_when_each_is_strong_on_its_own_topic(encode
     probs_poem = {"coder": 0.3, "poet": 0.9, "generalist": 0.6}
     train = _recs(code_tr, probs_code, rng) + _recs(poem_tr, probs_poem, rng)
     qp = QualityPredictor.from_records(train, encoder.encode)
-    assert qp.z < 3.0  # cross-validation found the topic signal worth acting on
+    cv = qp.fit_info["route_cv"]  # cross-validation found the topic signal worth acting on, beyond its noise
+    assert cv["accepted"] and cv["gain"] > cv["se"] > 0 and qp.z < 3.0
     test = [(p, probs_code) for p in code_te] + [(p, probs_poem) for p in poem_te]
     X = encoder.encode([p for p, _ in test])
     picks = qp.choose_many(X, ["coder", "poet", "generalist"])
@@ -192,7 +193,7 @@ def test_no_signal_keeps_the_best_single_expert(encoder):
     qp = QualityPredictor.from_records(_recs(train, {"a": 0.75, "b": 0.55, "c": 0.5}, rng), encoder.encode)
     assert qp.best_expert() == "a"
     picks = qp.choose_many(encoder.encode(test), ["a", "b", "c"])
-    assert np.mean([e == "a" for e in picks]) >= 0.95, qp.fit_info.get("z_cv")
+    assert np.mean([e == "a" for e in picks]) >= 0.95, qp.fit_info.get("route_cv")
 
 
 def test_unseen_domain_falls_back_to_the_best_single_expert(encoder):
@@ -232,3 +233,4 @@ def test_added_records_change_routing_of_the_returned_predictor(encoder, tmp_pat
     back = QualityPredictor.load(tmp_path)
     assert (back.z, back.radius, back.k) == (newer.z, newer.radius, newer.k) and back.radius > 0
     assert back.choose_many(q, ["coder", "poet"]) == ["coder"]
+

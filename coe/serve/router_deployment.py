@@ -222,8 +222,9 @@ class RouterDeployment:
                 self.demand[o["decision"]["expert"]] += 1
         return out
 
-    def note_demand(self, counts: dict[str, int]) -> None:
+    async def note_demand(self, counts: dict[str, int]) -> None:
         """Ingress -> router: requests for experts the clients named, which the ingress routed itself
         (:func:`routers.policy.route_named`, no call here on their path); they join the demand this
-        replica tells the pools at its next sync, as if they had been routed here."""
+        replica tells the pools at its next sync, as if they had been routed here. (Async: it runs on
+        the replica's event loop, like the routing that counts the rest, not in Serve's thread pool.)"""
         self.demand.update({str(k): int(v) for k, v in counts.items()})

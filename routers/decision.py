@@ -22,6 +22,8 @@ class CandidateScore(BaseModel):
     cost: float = Field(0.0, description="cost_per_1k_tokens of the expert")
     residency: float = Field(0.0, description="0..1 'already hot' hint from the pool")
     categories: list[str] = Field(default_factory=list, description="mapped categories that made it a candidate")
+    quality_pick: bool = Field(False, description="the quality rule is confident this one beats the best-on-average "
+                                                  "candidate (its score carries quality_pick_bonus)")
 
 
 class RoutingDecision(BaseModel):

@@ -15,6 +15,14 @@
                   = (1 - quality_weight) * capability + quality_weight * quality(prompt)
        score      = merit - cost_weight * cost / max_cost_among_candidates
                           + residency_weight * residency (0..1, from the pool)
+                          + quality_pick_bonus  for the one candidate the quality rule picks
+
+   ``quality(prompt)`` is the predictor's absolute estimate (what feedback moves). The *quality
+   rule* (:meth:`routers.quality.QualityPredictor.confident_pick`) is the decision measured on real
+   judgments (``coe router eval --quality``): among the candidates with records it names the expert
+   whose paired advantage over the best-on-average one is positive with confidence, or nobody. Its
+   bonus (default 1.0, more than any other term) makes the service route as the evaluation did;
+   0 turns it off.
 
 4. If the top category's probability is below ``confidence_threshold`` the request goes to the
    first eligible expert of the ``fallback_category`` (``general``) instead; the reason is
@@ -46,6 +54,7 @@ class PolicyConfig(BaseModel):
     mix_mass: float = Field(0.90, gt=0.0, le=1.0)
     mix_min_prob: float = Field(0.05, ge=0.0, le=1.0)
     quality_weight: float = Field(0.5, ge=0.0, le=1.0)
+    quality_pick_bonus: float = Field(1.0, ge=0.0)
     cost_weight: float = Field(0.15, ge=0.0)
     residency_weight: float = Field(0.10, ge=0.0)
     map_capability: float = Field(0.5, ge=0.0, le=1.0)
@@ -143,6 +152,7 @@ class RoutingPolicy:
         category_map: Mapping[str, Sequence[str]],
         *,
         quality: Callable[[list[str]], Mapping[str, float | None]] | None = None,
+        quality_pick: Callable[[list[str]], str | None] | None = None,
         residency: Mapping[str, float] | None = None,
         prompt_tokens: int | None = None,
         max_tokens: int | None = None,
@@ -188,7 +198,7 @@ class RoutingPolicy:
             detail = "; ".join(f"{n}: {r}" for n, r in sorted(excluded.items())) or "no experts registered"
             raise NoEligibleExpert(f"no expert can serve this request ({detail})", excluded)
 
-        scored = self._scores(cands, probs, experts, category_map, quality, residency or {})
+        scored = self._scores(cands, probs, experts, category_map, quality, residency or {}, quality_pick)
         if fallback_reason and general_first is not None:
             return Choice(general_first, cfg.fallback_category, scored, excluded, fallback_reason)
         return Choice(scored[0].expert, top_cat, scored, excluded, fallback_reason)
@@ -196,11 +206,15 @@ class RoutingPolicy:
     def _scores(self, cands: Mapping[str, list[str]], probs: Mapping[str, float], experts: Mapping[str, Expert],
                 category_map: Mapping[str, Sequence[str]],
                 quality: Callable[[list[str]], Mapping[str, float | None]] | None,
-                residency: Mapping[str, float]) -> list[CandidateScore]:
+                residency: Mapping[str, float],
+                quality_pick: Callable[[list[str]], str | None] | None = None) -> list[CandidateScore]:
         """Step 3: every eligible candidate's score, best first."""
         cfg = self.config
         names = list(cands)
         qual = dict(quality(names)) if quality is not None else {}
+        with_records = [n for n in names if qual.get(n) is not None]
+        pick = (quality_pick(with_records) if quality_pick is not None and cfg.quality_pick_bonus > 0
+                and len(with_records) > 1 else None)
         costs = {n: float(experts[n].cost_per_1k_tokens) for n in names}
         max_cost = max(costs.values()) if costs else 0.0
         scored: list[CandidateScore] = []
@@ -211,9 +225,10 @@ class RoutingPolicy:
             res = float(min(1.0, max(0.0, residency.get(name, 0.0))))
             cost_term = costs[name] / max_cost if max_cost > 0 else 0.0
             score = merit - cfg.cost_weight * cost_term + cfg.residency_weight * res
+            score += cfg.quality_pick_bonus if name == pick else 0.0
             scored.append(CandidateScore(expert=name, score=round(score, 6), capability=round(cap, 6),
                                          quality=None if q is None else round(q, 6), cost=costs[name],
-                                         residency=res, categories=cands[name]))
+                                         residency=res, categories=cands[name], quality_pick=name == pick))
         scored.sort(key=lambda c: -c.score)
         return scored
 

@@ -113,6 +113,7 @@ class QualityPredictor:
         self.fit_info = dict(fit_info or {})
         names = np.array(self.experts)
         self._index: dict[str, np.ndarray] = {n: np.flatnonzero(names == n) for n in sorted(set(self.experts))}
+        self._targets: dict[tuple[str, ...], np.ndarray] = {}  # per expert list: the service asks per request
 
     # -- construction ------------------------------------------------------------------------------
     @staticmethod
@@ -252,7 +253,18 @@ class QualityPredictor:
         return {n: (None if np.isnan(v) else float(v)) for n, v in zip(experts, row)}
 
     def _target_matrix(self, experts: list[str]) -> np.ndarray:
-        """Per distinct prompt and expert, the mean recorded score (NaN where there is none)."""
+        """Per distinct prompt and expert, the mean recorded score (NaN where there is none);
+        cached, as the records never change in place (:meth:`add` returns a new predictor)."""
+        key = tuple(experts)
+        if key not in self._targets:
+            if len(self._targets) >= 64:
+                self._targets.clear()
+            tgt = self._compute_targets(list(experts))
+            tgt.flags.writeable = False
+            self._targets[key] = tgt
+        return self._targets[key]
+
+    def _compute_targets(self, experts: list[str]) -> np.ndarray:
         tgt = np.full((self.n_prompts, len(experts)), np.nan)
         for j, name in enumerate(experts):
             recs = self._index.get(name)
@@ -398,6 +410,12 @@ class QualityPredictor:
         b = list(experts).index(base)
         A, SE = self._advantage(_unit(queries) @ self.embeddings.T, experts, b, self.route_k, self.route_tau)
         return [experts[i] for i in self.pick_rows(A, SE, b, self.z)]
+
+    def confident_pick(self, query: np.ndarray, experts: Sequence[str]) -> str | None:
+        """The expert :meth:`choose` moves to, or None when it stays with the best-on-average one
+        (what the service's policy rewards: :mod:`routers.policy`)."""
+        pick = self.choose(query, experts)
+        return pick if pick is not None and pick != self.base_expert(experts) else None
 
     def choose(self, query: np.ndarray, experts: Sequence[str]) -> str | None:
         """Pure quality routing among ``experts``: the best-on-average one unless another's paired

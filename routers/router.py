@@ -284,11 +284,13 @@ class Router:
             use = {c: (1.0 if c == target else 0.0) for c in self.categories}
         else:
             use = probs
-        quality = None
+        quality = quality_pick = None
         if self.quality is not None:
             quality = lambda names: self.quality.predict(emb, names)  # noqa: E731
+            quality_pick = lambda names: self.quality.confident_pick(emb, names)  # noqa: E731
         choice = self.policy.choose(
-            use, experts, category_map, quality=quality, residency=residency, prompt_tokens=prompt_tokens,
+            use, experts, category_map, quality=quality, quality_pick=quality_pick, residency=residency,
+            prompt_tokens=prompt_tokens,
             max_tokens=max_tokens, allowed=allowed, max_cost_per_1k=max_cost_per_1k,
             apply_threshold=kind == "auto")
         return RoutingDecision(expert=choice.expert, category=choice.category, category_probs=top3,

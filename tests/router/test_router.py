@@ -222,3 +222,24 @@ def test_named_expert_rule_is_the_routers_own(small_router, registry):
         assert e.value.reasons == {"mathy": "status failed: OOM at load"}
     with pytest.raises(NoEligibleExpert, match="not in the allowed experts"):
         route_named(experts["mathy"], allowed={"coder"})
+
+
+def test_service_routes_as_the_evaluated_quality_rule(small_router, small_data):
+    """The rule ``coe router eval --quality`` measures (paired advantage with confidence) decides in
+    the service too: records say ``a`` beats ``b`` on code by 0.6 on every coding prompt, so a coding
+    prompt goes to ``a`` even though ``b`` declares far more capability; with the rule's bonus off,
+    the declared capability wins the blend again."""
+    a = make_expert("a", capabilities={c: 0.2 for c in CATS})
+    b = make_expert("b", capabilities={c: 1.0 for c in CATS})
+    experts, cmap = {"a": a, "b": b}, {c: ["b", "a"] for c in CATS}
+    records = [r for r in small_data if r.category in ("coding", "writing")]
+    X = small_router.embed([r.prompt for r in records])
+    scores = [s for r in records for s in ((0.9, 0.3) if r.category == "coding" else (0.3, 0.9))]
+    qp = QualityPredictor(X, ["a", "b"] * len(records), scores, prompt_index=np.repeat(np.arange(len(records)), 2)).tuned()
+    assert qp.z < 1e9  # the rule may move (with under 50 prompts: the default z, no cross-validation)
+    prompt = "Fix the off-by-one error in this C loop: for(i=0;i<=n;i++) a[i]=0;"
+    d = Router(small_router.classifier, small_router.encoder, quality=qp).route(prompt, "coe", experts, cmap)
+    assert d.expert == "a" and [c.quality_pick for c in d.candidates] == [True, False]
+    off = Router(small_router.classifier, small_router.encoder, quality=qp,
+                 policy=RoutingPolicy(PolicyConfig(quality_pick_bonus=0.0))).route(prompt, "coe", experts, cmap)
+    assert off.expert == "b" and not any(c.quality_pick for c in off.candidates)

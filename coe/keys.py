@@ -269,16 +269,10 @@ class KeyRing:
             self._version = ver
             self.error = None
 
-    @property
-    def refresh_s(self) -> float:
-        """How old the copy may get before a check re-reads the store's version."""
-        return self._refresh_s
-
-    def poll(self) -> None:
-        """Check the store's version now (the ingress calls this in the background every
-        ``refresh_s / 2``, so that requests find the copy fresh and never wait for Redis)."""
-        self._checked = float("-inf")
-        self.refresh()
+    def fresh(self) -> bool:
+        """True when a check now answers from memory (the copy was checked less than
+        ``refresh_s`` ago): the ingress then checks a key in its event loop, not in a thread."""
+        return self.store is None or self._clock() - self._checked < self._refresh_s
 
     @property
     def configured(self) -> bool:

@@ -83,6 +83,15 @@ def ineligible_reason(
     return None
 
 
+AUTO_MODEL = "coe"  # the model name that asks the router to choose ("coe/<category>" forces a category)
+
+
+def names_expert(model: str | None, experts: Mapping[str, Expert]) -> bool:
+    """Whether ``model`` names a registered expert (routed by :func:`route_named`: no classifier).
+    One rule for the router, its deployment and the ingress, which routes such requests itself."""
+    return bool(model) and model != AUTO_MODEL and model in experts
+
+
 def route_named(
     expert: Expert,
     allowed: set[str] | None = None,

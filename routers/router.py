@@ -25,7 +25,7 @@ from routers.data import EvalRecord, LabeledPrompt, fingerprint, read_seed
 from routers.decision import CategoryProb, RoutingDecision
 from routers.encoder import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, Encoder, _file_lock, get_encoder
 from routers.errors import ArtifactError, NoEligibleExpert, UnknownModel
-from routers.policy import PolicyConfig, RoutingPolicy, route_named
+from routers.policy import AUTO_MODEL, PolicyConfig, RoutingPolicy, names_expert, route_named
 from routers.quality import QualityPredictor
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ CODE_VERSION = "3"  # bump when training or features change: invalidates cached 
 #: the default taxonomy (see TAXONOMY.md); the seed set has one file per category
 DEFAULT_CATEGORIES = ["coding", "math", "reasoning", "writing", "roleplay", "extraction", "stem",
                       "humanities", "general"]
-AUTO_MODEL = "coe"
 #: L2 regularisation of the classifier. CV on the seed set prefers larger C (0.936 at C=8 vs 0.932
 #: at C=4), but the gain is within noise and a smaller C generalises better to phrasing the seed
 #: set does not have; pass C=None to choose by cross-validation instead.
@@ -306,8 +305,7 @@ class Router:
         each routed request as soon as stage 1 has its category probabilities, before any stage 2
         (the service uses it to warm the likely expert); its failures are logged, never raised."""
         t0 = time.perf_counter()
-        need = [i for i, r in enumerate(requests)
-                if not (r.get("model") in r.get("experts", {}) and r.get("model") != AUTO_MODEL)]
+        need = [i for i, r in enumerate(requests) if not names_expert(r.get("model"), r.get("experts", {}))]
         embs = self.embed([requests[i]["prompt"] for i in need]) if need else None
         by_index = {i: embs[k] for k, i in enumerate(need)} if embs is not None else {}
         if on_stage1 is not None and embs is not None and len(embs):

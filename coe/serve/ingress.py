@@ -53,6 +53,7 @@ from coe.serve.pool_view import cluster_view, merged_residency
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
+from routers.policy import names_expert, route_named
 
 log = logging.getLogger("coe.serve.ingress")
 
@@ -81,7 +82,6 @@ app.add_middleware(DrainMiddleware, state=lambda: _RUNTIME["drain"], route_path=
 app.add_middleware(RequestIdMiddleware)  # outermost: even a refused request gets its x-request-id
 
 TIER_ORDER = {"hbm": 3, "dram": 2, "disk": 1}
-AUTO_MODEL = "coe"  # routers.router.AUTO_MODEL (not imported: that module loads the encoder's libraries)
 # pool errors after which a router-chosen request goes to the next-best candidate: a permanent load
 # failure (the expert is marked failed), a transient one (retried inside the pool, decision 2), or an
 # engine still starting after `coe-registry add` (routed requests do not wait for it)
@@ -348,9 +348,8 @@ class Ingress:
                               f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
         allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
                                      self.cfg.pool.options.engine_defaults)
-        named = snap.experts.get(model) if model != AUTO_MODEL else None
-        if named is not None:  # the client named an expert: no classifier, so no call to the router
-            res = self._route_named(named, max_tokens, allowed, snap.version)
+        if names_expert(model, snap.experts):  # the client named an expert: no classifier, no router call
+            res = self._route_named(snap.experts[model], max_tokens, allowed, snap.version)
         else:
             if self._routing >= self.max_routing_waiters:
                 raise APIError(429, f"coe is at capacity ({self._routing} requests waiting for the router); retry "
@@ -397,7 +396,6 @@ class Ingress:
         in one call per ``router.residency_refresh_s`` (:meth:`_flush_demand`)."""
         from coe.serve.router_deployment import route_answer
         from routers.errors import NoEligibleExpert
-        from routers.policy import route_named
 
         try:
             decision: Any = route_named(expert, allowed, None, max_tokens)

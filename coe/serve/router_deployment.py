@@ -53,10 +53,9 @@ def route_error(exc: Exception, request: dict) -> ErrorReport:
 def needs_encoder(request: dict, experts: Any) -> bool:
     """Whether routing ``request`` runs stage 1 (``Router.route_batch`` skips it for a registered
     expert named by the client)."""
-    from routers.router import AUTO_MODEL
+    from routers.policy import names_expert
 
-    model = request.get("model") or AUTO_MODEL
-    return not (model in experts and model != AUTO_MODEL)
+    return not names_expert(request.get("model"), experts)
 
 
 def route_answer(result: Any, request: dict, registry_version: int) -> dict:

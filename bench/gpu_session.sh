@@ -29,7 +29,7 @@ e2e)
 tests)
   shift
   export COE_GPU_OUT="$OUT/service"
-  timeout "${TESTS_TIMEOUT:-500}" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra" tests "$@" 2>&1 | tee "$OUT/gpu_tests.log"
+  timeout "${TESTS_TIMEOUT:-590}" python3 -m pytest -m gpu -q -p no:cacheprovider -o addopts="-ra" tests "$@" 2>&1 | tee "$OUT/gpu_tests.log"
   exit "${PIPESTATUS[0]}" ;;
 *) sed -n 2,6p "$0"; exit 2 ;;
 esac

@@ -91,6 +91,53 @@ class MemorySampler:
         self._t.join()
 
 
+class ResponsivenessProbe:
+    """Polls the service's cheap endpoints from a thread while engines start (issue 23 item 2: the
+    pool replica's event loop must not block on a start, a wake or a copy) and keeps each answer's
+    latency; ``report()`` gives n, p50, p99 and max per endpoint, and the failures (a timeout or an
+    error status counts as one). ``/v1/models`` asks the pool replica for its state; ``/readyz``
+    asks every deployment."""
+
+    PATHS = ("/v1/models", "/readyz")
+
+    def __init__(self, base: str, period_s: float = 0.25, timeout_s: float = 10.0):
+        self.base, self.period_s, self.timeout_s = base, period_s, timeout_s
+        self.seen: dict[str, list[float]] = {p: [] for p in self.PATHS}
+        self.failures: dict[str, list[str]] = {p: [] for p in self.PATHS}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=self.timeout_s) as c:
+            while not self._stop.is_set():
+                for path in self.PATHS:
+                    t = time.perf_counter()
+                    try:
+                        r = c.get(self.base + path)
+                        dt = time.perf_counter() - t
+                        self.seen[path].append(dt)
+                        if r.status_code >= 500:
+                            self.failures[path].append(f"{r.status_code} after {dt:.2f} s")
+                    except Exception as e:  # noqa: BLE001 - a timeout is what this looks for
+                        self.failures[path].append(f"{type(e).__name__} after {time.perf_counter() - t:.2f} s")
+                self._stop.wait(self.period_s)
+
+    def __enter__(self) -> "ResponsivenessProbe":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def report(self) -> dict[str, Any]:
+        return {p: {"n": len(xs), "p50_ms": _ms(pct(xs, 50)), "p99_ms": _ms(pct(xs, 99)),
+                    "max_ms": _ms(max(xs)) if xs else None, "failures": self.failures[p][:10]}
+                for p, xs in self.seen.items()}
+
+
 # ------------------------------------------------------------------------------------------- service
 @dataclass
 class Service:
@@ -191,9 +238,11 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
     n = 0
     expert = None
     try:
+        # ignore_eos: dummy weights often say end-of-sequence first, and an answer of 0 tokens does
+        # not show the expert served anything (it is counted as a failure below)
         raw = await client.chat.completions.with_raw_response.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True},
+            temperature=0.0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
             extra_headers={"x-coe-timing": "1", "x-coe-wait-timeout": str(WAIT_FOR_START_S)})
         expert = raw.headers.get("x-coe-expert")
         stream = raw.parse()
@@ -208,6 +257,8 @@ async def one_request(client: Any, model: str, prompt: str, max_tokens: int) -> 
                               if isinstance(got, dict) else None)
             if chunk.usage is not None:
                 n = chunk.usage.completion_tokens
+        if n == 0:
+            return Result(model, False, 200, ttft, time.perf_counter() - t0, n, expert, "answered with 0 completion tokens")
         return Result(model, True, 200, ttft, time.perf_counter() - t0, n, expert, None, added, stamps)
     except openai.APIStatusError as e:
         return Result(model, False, e.status_code, ttft, time.perf_counter() - t0, n, expert, str(e)[:300])
@@ -247,7 +298,7 @@ async def replay_pool(trace: list[Any], names: list[str], max_tokens: int) -> tu
         await asyncio.sleep(max(0.0, r.arrival_s - (time.perf_counter() - t0)))
         name = names[r.expert]
         req = GenerateRequest(messages=[ChatMessage(role="user", content=r.prompt)],
-                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+                              sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
         s = time.perf_counter()
         ttft, n, err = None, 0, None
         try:
@@ -523,6 +574,7 @@ def checks(res: dict[str, Any]) -> dict[str, bool]:
     groups = [res.get("mixed"), res.get("routed"), live.get("background")]
     first = res.get("first_requests") or []
     budget, peak = res.get("hbm_budget_bytes"), res.get("memory_peak_above_baseline_bytes")
+    probe = res.get("responsiveness_during_starts") or {}
     return {
         "no_error": "error" not in res,
         "every_request_succeeded": bool(first) and all(r.get("ok") for r in first)
@@ -531,6 +583,10 @@ def checks(res: dict[str, Any]) -> dict[str, bool]:
         and (live.get("hot_first") or {}).get("expert") == "hot",
         "removed_expert_gone": bool(live.get("removed_gone")),
         "device_peak_within_budget": budget is not None and peak is not None and peak <= budget,
+        # issue 23 item 2: while engines start, the pool's state answers within 1 s, every time
+        "responsive_during_starts": bool(probe) and all(
+            v["n"] > 0 and not v["failures"] and (v["max_ms"] or 0) <= 1000 for v in probe.values())
+        and not (res.get("steps") or {}).get("list_service_said_not_running", True),
     }
 
 
@@ -574,15 +630,21 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             steps["serve_start_s"] = round(svc.start(cfg, args.num_cpus), 1)
             cats = CATEGORIES
             names = [f"x{i}" for i in range(args.experts)]
-            for i, n in enumerate(names):
+            with ResponsivenessProbe(svc.base) as probe:  # while the engines start, one after another
+                for i, n in enumerate(names):
+                    t = time.perf_counter()
+                    svc.cli(*add_args(n, folder, args, cats[i % len(cats)]))
+                    steps[f"add_{n}_s"] = round(time.perf_counter() - t, 2)
                 t = time.perf_counter()
-                svc.cli(*add_args(n, folder, args, cats[i % len(cats)]))
-                steps[f"add_{n}_s"] = round(time.perf_counter() - t, 2)
-            steps["list"] = svc.cli("list", "--service", svc.base).stdout[-3000:]
-            # warm every expert once, one after another (first starts), then mixed traffic
-            t = time.perf_counter()
-            warm = asyncio.run(traffic(svc.base, names, len(names), 0, 8, shape["vocab_size"], 1))
-            steps["first_requests_s"] = round(time.perf_counter() - t, 1)
+                listed = svc.cli("list", "--service", svc.base)
+                steps["list_service_s"] = round(time.perf_counter() - t, 2)
+                steps["list"] = listed.stdout[-3000:]
+                # warm every expert once (their first requests wait for the starts), then mixed traffic
+                t = time.perf_counter()
+                warm = asyncio.run(traffic(svc.base, names, len(names), 0, 8, shape["vocab_size"], 1))
+                steps["first_requests_s"] = round(time.perf_counter() - t, 1)
+            res["responsiveness_during_starts"] = probe.report()
+            steps["list_service_said_not_running"] = "service not running" in steps["list"]
             res["first_requests"] = [r.__dict__ for r in warm]
             save()
             t = time.perf_counter()

@@ -97,6 +97,8 @@ class PoolConfig(BaseModel):
     sleeping_engine_bytes: int = Field(768 << 20, ge=0, description="estimated device bytes a sleeping vLLM engine keeps (its CUDA context) until measured")
     load_timeout_s: float | None = Field(900.0, gt=0, description="an engine start (DISK->DRAM) taking longer is a transient failure")
     wake_timeout_s: float | None = Field(120.0, gt=0, description="a wake (DRAM->HBM) taking longer is a transient failure")
+    memory_wait_s: float | None = Field(300.0, gt=0, description="a start or wake waiting longer for memory that "
+                                        "running work holds is a transient failure (no wait without bound)")
     retry_backoff_s: float = Field(2.0, gt=0, description="first wait after a transient failure; doubles per failure")
     retry_backoff_max_s: float = Field(120.0, gt=0, description="longest wait between retries")
     start_on_add: bool = Field(True, description="start an added expert's engine in the background (to DRAM)")
@@ -189,6 +191,7 @@ class ExpertPool:
             c.dram_budget_bytes if c.dram_budget_bytes is not None else _default_dram(),
             c.policy, load_timeout_s=c.load_timeout_s, wake_timeout_s=c.wake_timeout_s,
             retry_backoff_s=c.retry_backoff_s, retry_backoff_max_s=c.retry_backoff_max_s,
+            memory_wait_s=c.memory_wait_s,
         )
         self.tiers.start_delay_s = dict(c.start_delay_s)
         self._background: set[asyncio.Task] = set()
@@ -241,8 +244,8 @@ class ExpertPool:
     def starting(self, name: str) -> bool:
         """Whether ``name``'s engine is still starting after it was added (not failed, not backing
         off after a transient failure: those answer at once)."""
-        s = self._slot(name)
-        return (s.starting and not s.removing and s.engine.tier is Tier.DISK
+        s = self._slot(name)  # the start task's own flag: the engine leaves DISK before the start ends
+        return (s.starting and not s.removing
                 and self.tiers.error_of(name) is None and self.tiers.backoff_of(name) is None)
 
     def _check_servable(self, name: str) -> "_Slot":
@@ -377,16 +380,12 @@ class ExpertPool:
         max_wait = c.max_wait_ms / 1000.0
         switch = self._switch_s()
         return SchedulerParams(
-            capacity=c.max_batch_size, budget_bytes=self._session_budget(), max_wait_s=max_wait,
+            capacity=c.max_batch_size, budget_bytes=self.tiers.budget[Tier.HBM], max_wait_s=max_wait,
             quantum_s=c.quantum_ms / 1000.0 if c.quantum_ms is not None else auto_quantum(switch, max_wait),
             min_batch=c.min_batch if c.min_batch is not None else auto_min_batch(c.max_batch_size),
             switch_s=switch,
         )
 
-    def _session_budget(self) -> int:
-        """HBM the policy may fill with awake experts: the budget less what sleeping engines keep."""
-        idle = sum(self.tiers.charged(n)[Tier.HBM] for n, s in self._slots.items() if s.engine.tier is not Tier.HBM)
-        return max(0, self.tiers.budget[Tier.HBM] - idle)
 
     def _view(self, s: _Slot, now: float) -> ExpertView:
         if s.session is None:
@@ -399,6 +398,9 @@ class ExpertPool:
             phase = "active"
         n = len(s.queue)
         drain = max(0.0, s.service_s - (now - s.last_admit)) if s.in_flight else 0.0
+        # HBM held outside a session: a sleeping engine's context, or a move's reservation
+        held = self.tiers.charged(s.name)[Tier.HBM] if s.engine.tier is not Tier.HBM else 0
+        moving = self.tiers.moving(s.name)
         return ExpertView(
             name=s.name, size_bytes=self.tiers.memory_of(s.name).active_bytes, queued=n,
             oldest_wait_s=now - s.queue[0].arrival if n else 0.0,
@@ -407,6 +409,7 @@ class ExpertPool:
             session_age_s=now - s.active_since if phase == "active" else 0.0, drain_s=drain,
             rate=s.rate(now), hint=self._router_demand.get(s.name, 0),
             failed=self.tiers.error_of(s.name) is not None or self.tiers.backoff_of(s.name) is not None,
+            asleep_bytes=0 if moving else held, moving_bytes=held if moving else 0,
         )
 
     def _tick(self) -> None:
@@ -577,11 +580,12 @@ class ExpertPool:
         out: dict[str, ExpertState] = {}
         for n, s in self._slots.items():
             err, off, phase = self.tiers.error_of(n), self.tiers.backoff_of(n), self.tiers.phase_of(n)
-            starting = s.starting and s.engine.tier is Tier.DISK
+            starting = s.starting  # the same rule as starting(): loading until the start task ends
             status = ("failed" if err else "removing" if s.removing else "unavailable" if off
                       else "loading" if phase or s.loading or starting else "ready")
             if status == "loading" and starting and not phase:
-                phase = "queued to start"  # the background start has not begun its first step yet
+                # the background start has not begun its first step yet, or is settling its last
+                phase = "queued to start" if s.engine.tier is Tier.DISK else "finishing start"
             out[n] = ExpertState(tier=s.engine.tier.value, status=status, phase=phase or None,
                                  queue_depth=len(s.queue), in_flight=s.in_flight,
                                  error=(err or off).reason if (err or off) else None,

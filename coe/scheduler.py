@@ -64,6 +64,11 @@ class ExpertView:
     rate: float = 0.0  # recent arrivals per second (EWMA)
     hint: int = 0  # router's forecast (routed, not yet queued)
     failed: bool = False
+    #: HBM this expert holds outside any session: a sleeping engine's context (the tier manager
+    #: can shut it down to make room, at the price of a cold start later) ...
+    asleep_bytes: int = 0
+    #: ... or what a start or prefetch in flight has reserved (nobody can take it until it ends)
+    moving_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ class SchedulerParams:
     """Knobs the policy reads; built by the pool from :class:`coe.pool.PoolConfig` and tier metrics."""
 
     capacity: int  # requests of one expert in flight at once (engine batch)
-    budget_bytes: int  # HBM budget (weights)
+    budget_bytes: int  # HBM budget: every engine's whole footprint, awake or asleep
     max_wait_s: float  # starvation threshold
     quantum_s: float  # time slice of a session when others wait
     min_batch: int = 1  # queued requests a candidate needs to preempt a session past its quantum
@@ -126,9 +131,12 @@ class BatchingPolicy:
         d = Decision()
         closing: set[str] = set()
         # Space no session holds: idle residents are evictable, closing sessions each already
-        # have their successor counted (a session is closed only for one).
+        # have their successor counted (a session is closed only for one). Moves in flight hold
+        # their reservation; sleeping engines hold their context (see _room_for).
         committed = sum(v.size_bytes for v in vs.values() if v.phase in ("loading", "active"))
-        free = p.budget_bytes - committed
+        moving = sum(v.moving_bytes for v in vs.values() if v.phase == "idle")
+        committed += moving
+        asleep = sum(v.asleep_bytes for v in vs.values() if v.phase == "idle")
         starving = sorted(
             (v for v in vs.values() if v.phase == "idle" and v.queued and not v.failed
              and v.oldest_wait_s >= p.max_wait_s),
@@ -146,10 +154,14 @@ class BatchingPolicy:
 
         for cand in [*starving, *waiting]:
             is_starving = cand.oldest_wait_s >= p.max_wait_s
+            # its own context or reservation is part of its awake size
+            free = p.budget_bytes - (committed - cand.moving_bytes) - _room_for(cand, asleep, moving, p)
             if cand.size_bytes <= free:
                 d.start.append(cand.name)
                 d.reasons[cand.name] = "free space" + (" (starving)" if is_starving else "")
-                free -= cand.size_bytes
+                committed += cand.size_bytes - cand.moving_bytes
+                moving -= cand.moving_bytes
+                asleep -= cand.asleep_bytes
                 continue
             if is_starving:
                 pool = sorted(victims.values(), key=victim_key)
@@ -176,7 +188,10 @@ class BatchingPolicy:
             d.start.append(cand.name)
             d.reasons[cand.name] = ("starving" if is_starving else "quantum") + " preempts " + ",".join(
                 v.name for v in chosen)
-            free = got - cand.size_bytes
+            # the victims' space passes to the candidate (closing sessions are not counted)
+            committed += cand.size_bytes - cand.moving_bytes - sum(v.size_bytes for v in chosen)
+            moving -= cand.moving_bytes
+            asleep -= cand.asleep_bytes
         # Admission: every active session, including one closed just now (gated: what is queued
         # at the close is admitted, nothing after).
         for v in vs.values():
@@ -196,6 +211,16 @@ class BatchingPolicy:
         times = [t for t in times if t > 0]
         d.wake_in_s = min([*times, p.max_wait_s / 4])
         return d
+
+
+def _room_for(cand: ExpertView, asleep: int, moving: int, p: SchedulerParams) -> int:
+    """HBM the sleeping engines' contexts keep from ``cand``: all of it while ``cand`` fits beside
+    them and the moves in flight (waking it then costs one copy, and nobody pays a cold start);
+    none of it when it never could, whatever the sessions do: then the tier manager shuts sleeping
+    engines down to make room. Without that second case an expert that needs their room never got
+    a session (the H100 hang of 2026-12-06). The candidate's own context is part of its awake size."""
+    others = asleep - cand.asleep_bytes
+    return 0 if cand.size_bytes > p.budget_bytes - others - (moving - cand.moving_bytes) else others
 
 
 def _prefetch(views: Iterable[ExpertView], not_started: list[ExpertView]) -> str | None:

@@ -107,7 +107,8 @@ class TierManager:
 
     def __init__(self, hbm_budget_bytes: int, dram_budget_bytes: int, policy: str = "lru", *,
                  load_timeout_s: float | None = None, wake_timeout_s: float | None = None,
-                 retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0):
+                 retry_backoff_s: float = 1.0, retry_backoff_max_s: float = 60.0,
+                 memory_wait_s: float | None = None):
         if policy not in POLICIES:
             raise ValueError(f"unknown tier policy {policy!r}; choose one of {', '.join(POLICIES)}")
         self.budget = {Tier.HBM: int(hbm_budget_bytes), Tier.DRAM: int(dram_budget_bytes)}
@@ -120,6 +121,8 @@ class TierManager:
         self.wake_timeout_s = wake_timeout_s
         self.retry_backoff_s = retry_backoff_s
         self.retry_backoff_max_s = retry_backoff_max_s
+        #: longest a move waits for room held by leases (requests generating): then a transient error
+        self.memory_wait_s = memory_wait_s
         #: expert -> seconds each engine start is held before it reads anything (a slow disk, for
         #: tests of what a user sees while a start takes long; counted in ``load_timeout_s``)
         self.start_delay_s: dict[str, float] = {}
@@ -128,6 +131,9 @@ class TierManager:
         # One engine starts on the device at a time: vLLM profiles free memory while it starts, and
         # the footprint measured around a start is only that engine's when nothing else starts.
         self._device_start = asyncio.Lock()
+        #: device moves begun so far (wakes, sleeps, shut-downs, starts): a start that sees this change
+        #: while it measures its engine tells the engine (``Engine.measurement_disturbed``)
+        self._device_moves = 0
 
     # ---------------------------------------------------------------- registration
     def register(self, name: str, engine: Engine, size_bytes: int | None = None) -> None:
@@ -176,6 +182,10 @@ class TierManager:
 
     def memory_of(self, name: str) -> EngineMemory:
         return self._entry(name).mem
+
+    def moving(self, name: str) -> bool:
+        """Whether a move of ``name`` (a start, a wake, a prefetch) is in flight."""
+        return self._entry(name).loading is not None
 
     def charged(self, name: str) -> dict[Tier, int]:
         """Bytes counted for ``name`` per tier now."""
@@ -257,6 +267,8 @@ class TierManager:
     async def _demote(self, e: _Entry, to: Tier) -> None:
         """Move ``e`` down to ``to`` (caller holds the condition's lock; these moves are cheap)."""
         eng = e.engine
+        if eng.tier is not Tier.DISK and e.charge[Tier.HBM]:
+            self._device_moves += 1
         if to.rank < Tier.HBM.rank and eng.tier is Tier.HBM:
             self.metrics.event(e.name, "hbm->dram start")
             self.metrics.record(e.name, await eng.to_dram())
@@ -272,6 +284,7 @@ class TierManager:
         if nbytes > self.budget[tier]:
             raise ExpertTooLarge(f"expert {e.name!r} needs {nbytes / 1e9:.3f} GB (measured) but the {tier.name} "
                                  f"budget of this pool is {self.budget[tier] / 1e9:.3f} GB")
+        deadline = time.monotonic() + self.memory_wait_s if wait and self.memory_wait_s else None
         while True:
             if e.charge[tier] >= nbytes:
                 return True
@@ -292,7 +305,14 @@ class TierManager:
             if not wait:
                 return False
             e.phase = "waiting for memory"
-            await self._cond.wait()
+            try:
+                await asyncio.wait_for(self._cond.wait(), None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                held = ", ".join(f"{x.name} {x.charge[tier] / 1e9:.2f} GB" for x in self._entries.values()
+                                 if x is not e and x.charge[tier] and (x.leases or x.loading is not None or x.pinned))
+                raise ExpertTransientError(
+                    e.name, f"waited {self.memory_wait_s:g} s for {need / 1e9:.2f} GB more {tier.name} "
+                    f"(memory_wait_s); held by work in progress: {held or 'nothing'}") from None
 
     # ---------------------------------------------------------------- moving up
     async def _promote(self, e: _Entry, target: Tier, wait: bool = True, protect_demand: int | None = None) -> bool:
@@ -378,8 +398,13 @@ class TierManager:
                     return False
             e.phase = "starting engine" if mem.load_bytes else "reading weights"
             self.metrics.event(e.name, "disk->dram start")
+            if mem.load_bytes:
+                self._device_moves += 1
+            moves = self._device_moves
             try:
                 self.metrics.record(e.name, await self._timed(self._start(e), self.load_timeout_s, "loading"))
+                if mem.load_bytes and self._device_moves != moves:
+                    eng.measurement_disturbed()
             except BaseException:
                 with contextlib.suppress(Exception):
                     await eng.unload()  # a half-started engine (a timeout) must not keep memory
@@ -404,6 +429,7 @@ class TierManager:
             if not await self._make_room(Tier.HBM, e, e.mem.active_bytes, wait, protect_demand):
                 return False
         e.phase = "waking"
+        self._device_moves += 1
         self.metrics.event(e.name, "dram->hbm start")
         try:
             self.metrics.record(e.name, await self._timed(eng.to_hbm(), self.wake_timeout_s, "waking"))

@@ -233,6 +233,11 @@ class Engine(ABC):
 
         return EngineMemory.weights_only(self.footprint_bytes(), measured=self.tier is not Tier.DISK)
 
+    def measurement_disturbed(self) -> None:
+        """The tier manager's word that another engine moved on the device while :meth:`load`
+        measured this one: a measurement taken from the device's total is then someone else's too,
+        and must not replace the estimate. Default: nothing is measured that way."""
+
     @abstractmethod
     async def load(self) -> SwapRecord:
         """DISK→DRAM. Raises :class:`coe.errors.ExpertLoadError` when files are missing or corrupt."""

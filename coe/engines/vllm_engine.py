@@ -113,6 +113,19 @@ def require_vllm() -> Any:
     return vllm
 
 
+def preload_vllm() -> bool:
+    """Import the vLLM modules an engine start needs, where vLLM is installed; returns whether it
+    did. Why: the first ``import vllm`` takes seconds, much of it in C code that holds the GIL, so
+    done inside the first start (a worker thread) it stalls the pool replica's event loop; a
+    replica calls this in a thread while it initialises, before it takes requests."""
+    if not vllm_installed():
+        return False
+    import vllm.engine.arg_utils  # noqa: F401
+    import vllm.v1.engine.async_llm  # noqa: F401
+
+    return True
+
+
 class VLLMEngine(Engine):
     """vLLM behind the tier protocol; see the module docstring for how it switches."""
 
@@ -148,6 +161,7 @@ class VLLMEngine(Engine):
         self.overhead_bytes = int(overhead_bytes)
         self.asleep_estimate = int(asleep_bytes)
         self._measured: EngineMemory | None = None
+        self._measured_by_delta = False  # growth of the whole device's use, not NVML's per-process figure
         self.fast_wake = fast_wake
         self.copy_streams = max(1, int(copy_streams))
         self.host_alloc = host_alloc
@@ -268,8 +282,9 @@ class VLLMEngine(Engine):
         t0 = time.perf_counter()
         try:
             self.load_phase = "reading tokenizer"
-            _ = self.tokenizer
-            used0 = device_used_bytes(self.device)
+            await asyncio.to_thread(lambda: self.tokenizer)  # seconds for a large vocabulary: off the loop
+            self._measured_by_delta = False
+            used0 = await asyncio.to_thread(device_used_bytes, self.device)
             self.load_phase = "starting engine (weights to the device, KV cache)"
             self._llm = await self._start_vllm()
             self._state = "awake"
@@ -302,16 +317,28 @@ class VLLMEngine(Engine):
 
     async def _device_bytes(self, used_before: int | None) -> int | None:
         """The engine process's device memory now: NVML by the worker's pid, else the growth of
-        the device's used memory since ``used_before`` (exact while no other engine moves)."""
+        the device's used memory since ``used_before`` (exact only while no other engine moves:
+        :meth:`measurement_disturbed` drops such a measurement)."""
         try:
             pid = int(await self._rpc("coe_pid"))
         except Exception:  # noqa: BLE001 - an older worker: fall back to the device-wide delta
             pid = -1
-        own = process_device_bytes(self.device, pid) if pid > 0 else None
+        own = await asyncio.to_thread(process_device_bytes, self.device, pid) if pid > 0 else None
         if own is not None:
             return own
-        now = device_used_bytes(self.device)
+        self._measured_by_delta = True
+        now = await asyncio.to_thread(device_used_bytes, self.device)
         return None if now is None or used_before is None else max(0, now - used_before)
+
+    def measurement_disturbed(self) -> None:
+        """Another engine slept or woke during :meth:`load`: a device-wide delta counted its bytes
+        too (on the H100 of 2026-12-06 a sleeping engine was charged another's awake footprint, so
+        the budget held far less than it could). Keep the estimate; NVML's per-process figure stays."""
+        if self._measured is not None and self._measured_by_delta:
+            log.warning("expert %s: another engine moved while this one measured its device memory; keeping the "
+                        "estimate (%.2f GB awake) instead of %.2f GB", self.name,
+                        self._estimated().active_bytes / 1e9, self._measured.active_bytes / 1e9)
+            self._measured = None
 
     def _record_measured(self, awake: int | None, asleep: int | None) -> None:
         est = self.memory()
@@ -326,8 +353,9 @@ class VLLMEngine(Engine):
     def memory(self) -> EngineMemory:
         """Measured after the first :meth:`load`; before it, weights + configured KV cache + a
         fixed overhead awake, the sleeping estimate asleep (the tier manager corrects its charges)."""
-        if self._measured is not None:
-            return self._measured
+        return self._measured if self._measured is not None else self._estimated()
+
+    def _estimated(self) -> EngineMemory:
         weights = self.footprint_bytes()
         kv = int(self.settings.kv_cache_bytes or 0)
         if not kv and self.settings.gpu_memory_utilization:
@@ -457,7 +485,7 @@ class VLLMEngine(Engine):
         self._state, self._has_copy = "none", False
         if llm is not None:
             try:
-                llm.shutdown()
+                await asyncio.to_thread(llm.shutdown)  # joins the engine-core process: off the loop
             except Exception:  # pragma: no cover - best effort on a dying engine
                 log.exception("expert %s: vLLM shutdown failed", self.name)
 

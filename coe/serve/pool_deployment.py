@@ -102,6 +102,10 @@ class ExpertPoolDeployment:
         from coe.limits import LatencyEWMA
 
         self._latency = LatencyEWMA()  # typical request time, for Retry-After on a full queue
+        if self.device.startswith("cuda"):  # before requests: the first engine start must not import vLLM
+            from coe.engines.vllm_engine import preload_vllm
+
+            await asyncio.to_thread(preload_vllm)
         await self._ensure_started()  # registry watch + stats publishing from the start
 
     # ---- lifecycle ---------------------------------------------------------------------------

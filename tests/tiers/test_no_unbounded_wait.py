@@ -1,0 +1,71 @@
+"""No request waits without bound (DESIGN decision 10), on the plain pool with real tiny ``hf``
+engines that report a vLLM-shaped footprint: an engine starts on the device (its start needs the
+whole awake footprint), holds a KV cache awake and keeps its CUDA context asleep.
+
+The H100 hang of 2026-12-06 (three 1B vLLM experts, HBM for two): once every engine had started,
+the sleeping engines' contexts were charged against the budget the scheduler packs sessions into,
+so a request for an expert that needed their room never got a session, and the tier manager, which
+would have shut a sleeping engine down to make room, was never asked. Here the same budget shape
+(room for one awake engine beside sleeping contexts that do not all fit) is built from measured
+sizes, and every mix of requests must be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import make_expert
+
+from coe.engines.base import SamplingParams, Tier
+from coe.engines.hf import HFEngine
+from coe.engines.memory import EngineMemory
+from coe.pool import ExpertPool, PoolConfig
+
+GREEDY = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+MSG = [{"role": "user", "content": "Name a colour."}]
+
+
+class DeviceShapedEngine(HFEngine):
+    """A real tiny model with a vLLM-shaped footprint (see the module docstring)."""
+
+    KV, CONTEXT = 3_000_000, 1_000_000
+
+    def memory(self) -> EngineMemory:
+        w = self.footprint_bytes()
+        return EngineMemory(host_bytes=w, active_bytes=w + self.KV, idle_bytes=self.CONTEXT,
+                            load_bytes=w + self.KV, measured=self.tier is not Tier.DISK)
+
+
+def device_shaped(expert, **kw):
+    return DeviceShapedEngine(expert, max_batch_size=kw.get("max_batch_size", 8))
+
+
+async def ask(pool: ExpertPool, name: str) -> int:
+    n = 0
+    async for c in pool.generate(name, MSG, GREEDY):
+        n += bool(c.text)
+    return n
+
+
+def budget_for(tiny_model_dir, awake: int, asleep: int) -> int:
+    e = DeviceShapedEngine(make_expert("probe", tiny_model_dir))
+    return awake * (e.memory().active_bytes + (64 << 10)) + asleep * DeviceShapedEngine.CONTEXT
+
+
+@pytest.mark.parametrize("experts,awake,asleep", [(3, 1, 1), (3, 2, 0), (4, 1, 2)])
+async def test_every_request_is_served_when_sleeping_contexts_fill_the_budget(tiny_model_dir, experts, awake, asleep):
+    names = [f"x{i}" for i in range(experts)]
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, awake, asleep), dram_budget_bytes=10**9,
+                                 max_wait_ms=300), engine_factory=device_shaped)
+    for n in names:
+        await pool.add_expert(make_expert(n, tiny_model_dir))
+    for n in names:  # every engine has started (and measured itself), as after `coe-registry add`
+        await pool.wait_started(n, 60.0)
+    order = [names[i % experts] for i in range(4 * experts)] + names[::-1] * 2
+    results = await asyncio.wait_for(asyncio.gather(*(ask(pool, n) for n in order)), 60.0)
+    assert all(r > 0 for r in results)
+    for n in names:  # and one at a time, each after the others
+        assert await asyncio.wait_for(ask(pool, n), 30.0) > 0
+    assert pool.tiers.peak_bytes[Tier.HBM] <= pool.tiers.budget[Tier.HBM]
+    await pool.close()

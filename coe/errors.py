@@ -104,6 +104,16 @@ class ExpertTransientError(CoeError):
         self.retry_after_s = float(retry_after_s)
 
 
+class EngineStalled(ExpertTransientError):
+    """A request's engine gave no token for ``pool.stall_timeout_s`` (DESIGN decision 10: no wait
+    without bound). The request ends with this error; the pool restarts the engine once its session
+    has drained, so a wedged engine does not hold the next requests too."""
+
+    def __init__(self, name: str, stalled_s: float):
+        super().__init__(name, f"its engine gave no token for {stalled_s:g} s (pool.stall_timeout_s); "
+                         "it is restarted", retry_after_s=1.0)
+
+
 class ExpertStarting(CoeError):
     """The expert's engine is still starting after it was added (``loading`` with a phase), and
     the request waited as long as it was allowed to (``limits.loading_wait_s`` or the client's

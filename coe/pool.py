@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from coe.engines import EngineFactory, create_engine
 from coe.engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams, Tier, relay
 from coe.errors import (
+    EngineStalled,
     ExpertExistsInPool,
     ExpertLoadError,
     ExpertNotServed,
@@ -99,6 +100,10 @@ class PoolConfig(BaseModel):
     wake_timeout_s: float | None = Field(120.0, gt=0, description="a wake (DRAM->HBM) taking longer is a transient failure")
     memory_wait_s: float | None = Field(300.0, gt=0, description="a start or wake waiting longer for memory that "
                                         "running work holds is a transient failure (no wait without bound)")
+    stall_timeout_s: float | None = Field(120.0, gt=0, description="a request whose engine gives no token for this "
+                                          "long ends with a transient error, and the engine is restarted")
+    watchdog_s: float | None = Field(60.0, gt=0, description="a request waiting longer than this (queued, or with no "
+                                     "token) makes the replica log the pool's whole state once (its replica log)")
     retry_backoff_s: float = Field(2.0, gt=0, description="first wait after a transient failure; doubles per failure")
     retry_backoff_max_s: float = Field(120.0, gt=0, description="longest wait between retries")
     start_on_add: bool = Field(True, description="start an added expert's engine in the background (to DRAM)")
@@ -118,7 +123,7 @@ class ExpertState(BaseModel):
     loading_s: float | None = None  # loading after add: seconds since the expert was added
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the watchdog keeps a set of those in flight
 class _Pending:
     messages: Sequence[ChatMessage | Mapping[str, Any]]
     params: SamplingParams
@@ -126,6 +131,7 @@ class _Pending:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     task: asyncio.Task | None = None
     finished: bool = False
+    last_token: float | None = None  # monotonic time of its latest token (of admission before the first)
 
 
 @dataclass
@@ -143,7 +149,9 @@ class _Slot:
     added_at: float = field(default_factory=time.monotonic)
     served: int = 0
     running: set = field(default_factory=set)  # asyncio.Tasks of admitted requests
+    admitted: set = field(default_factory=set)  # their _Pending records (for the watchdog)
     closing: bool = False  # the policy closed this session: no admission, release when drained
+    stalled: bool = False  # a request's engine stalled: restart the engine when the session ends
     active_since: float = 0.0
     last_admit: float = 0.0
     service_s: float = 0.0  # EWMA of admit -> finish of its requests (drain estimate)
@@ -473,6 +481,18 @@ class ExpertPool:
             s.acquired = None
             s.closing = False
             s.session = None
+            if s.stalled and not self._closed:  # the engine's process may be wedged: a fresh start
+                s.stalled = False
+                self._spawn(self._restart(s.name), f"coe-restart-{s.name}")
+            self._kick()
+
+    async def _restart(self, name: str) -> None:
+        """Shut a stalled engine down (DISK); its next request starts it again."""
+        try:
+            await self.tiers.demote(name, Tier.DISK)
+        except Exception:  # noqa: BLE001 - a dead engine may fail to stop; its next start reports
+            log.exception("restarting the engine of %s failed", name)
+        finally:
             self._kick()
 
     def _admit(self, s: _Slot, p: _Pending) -> None:
@@ -481,18 +501,31 @@ class ExpertPool:
         s.last_admit = time.monotonic()
         p.task = asyncio.get_running_loop().create_task(self._run(s, s.acquired, p))
         s.running.add(p.task)
+        s.admitted.add(p)
         p.task.add_done_callback(s.running.discard)
+        p.task.add_done_callback(lambda _t: s.admitted.discard(p))
 
     async def _run(self, s: _Slot, engine: Engine, p: _Pending) -> None:
-        t0 = time.monotonic()
+        t0 = p.last_token = time.monotonic()
         agen = engine.generate(p.messages, p.params)
+        stall = self.config.stall_timeout_s
         ok = False
         try:
-            async for chunk in agen:
+            while True:  # each token within stall_timeout_s of the last (decision 10)
+                try:
+                    chunk = await (asyncio.wait_for(agen.__anext__(), stall) if stall else agen.__anext__())
+                except StopAsyncIteration:
+                    break
+                p.last_token = time.monotonic()
                 p.out.put_nowait(chunk)
             ok = True
         except asyncio.CancelledError:
             pass
+        except asyncio.TimeoutError:
+            s.stalled = True
+            log.error("expert %s: a request got no token for %.0f s; restarting its engine after the session", s.name,
+                      stall)
+            p.out.put_nowait(EngineStalled(s.name, stall or 0.0))
         except Exception as exc:
             p.out.put_nowait(exc)
         finally:
@@ -576,6 +609,37 @@ class ExpertPool:
         return out
 
     # ---------------------------------------------------------------- observability
+    def longest_wait_s(self) -> float:
+        """The longest any request has now waited: queued, or admitted with no token since."""
+        now = time.monotonic()
+        waits = [now - s.queue[0].arrival for s in self._slots.values() if s.queue]
+        waits += [now - (p.last_token or p.arrival) for s in self._slots.values() for p in s.admitted]
+        return max(waits, default=0.0)
+
+    def diagnose(self) -> dict[str, Any]:
+        """Everything that decides whether a waiting request moves: per expert its queue, requests
+        in flight, session, tier state and engine state; the tier budgets; the scheduler's last
+        decisions and tier events; the pool's tasks and where each is suspended. For the watchdog
+        (``watchdog_s``): a request that waits too long leaves this in the replica's log."""
+        now = time.monotonic()
+        slots = {}
+        for n, s in self._slots.items():
+            slots[n] = {
+                "queued": len(s.queue), "oldest_queued_s": round(now - s.queue[0].arrival, 1) if s.queue else None,
+                "in_flight": s.in_flight, "silent_s": sorted(round(now - (p.last_token or p.arrival), 1) for p in s.admitted),
+                "session": self._view(s, now).phase, "closing": s.closing, "starting": s.starting, "removing": s.removing,
+                "engine": s.engine.debug_state(), "charged": {t.value: b for t, b in self.tiers.charged(n).items()},
+                "leases": self.tiers.leases(n), "moving": self.tiers.moving(n), "tier_phase": self.tiers.phase_of(n),
+            }
+        tasks = [{"task": t.get_name(), "at": [f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                                              for f in t.get_stack(limit=4)]}
+                 for t in asyncio.all_tasks() if t.get_name().startswith("coe-")]
+        return {"slots": slots, "tiers": {k: v for k, v in self.tiers.snapshot().items()
+                                          if k in ("budget_bytes", "bytes", "peak_bytes", "swaps", "evictions")},
+                "scheduler": vars(self.scheduler_params()), "decisions": [(round(now - t, 1), r) for t, r in
+                                                                          list(self.decisions)[-10:]],
+                "events": [(round(now - t, 1), n, w) for t, n, w in self.tiers.metrics.events[-30:]], "tasks": tasks}
+
     def state(self) -> dict[str, ExpertState]:
         out: dict[str, ExpertState] = {}
         for n, s in self._slots.items():

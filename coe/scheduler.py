@@ -126,17 +126,56 @@ class BatchingPolicy:
         """Work (requests) an expert expects to have over one quantum: what keeps it in HBM."""
         return v.rate * p.quantum_s + v.queued + v.hint
 
+    def _place(self, cand: ExpertView, room: "_Room", victims: dict[str, ExpertView], p: SchedulerParams,
+               d: Decision) -> list[ExpertView] | None:
+        """Start ``cand`` in free space, or by closing the sessions it may preempt; the sessions
+        closed for it (none when it fit), or None when it cannot start now."""
+        is_starving = cand.oldest_wait_s >= p.max_wait_s
+        free = room.free_for(cand, p)
+        if cand.size_bytes <= free:
+            d.start.append(cand.name)
+            d.reasons[cand.name] = "free space" + (" (starving)" if is_starving else "")
+            room.take(cand, [])
+            return []
+
+        def victim_key(v: ExpertView) -> tuple:
+            return (self.claim(v, p), v.drain_s, -v.session_age_s, v.name)
+
+        if is_starving:
+            pool = sorted(victims.values(), key=victim_key)
+        else:
+            worth = cand.queued >= p.min_batch
+            mine = self.claim(cand, p)
+            pool = sorted((v for v in victims.values() if v.session_age_s >= p.quantum_s
+                           and self.claim(v, p) <= mine), key=victim_key) if worth else []
+        chosen, got = [], free
+        for v in pool:
+            if got >= cand.size_bytes:
+                break
+            chosen.append(v)
+            got += v.size_bytes
+        if got < cand.size_bytes:
+            return None
+        for v in chosen:
+            del victims[v.name]
+            d.reasons[v.name] = f"closed for {cand.name}"
+        d.close.extend(v.name for v in chosen)
+        d.start.append(cand.name)
+        d.reasons[cand.name] = ("starving" if is_starving else "quantum") + " preempts " + ",".join(
+            v.name for v in chosen)
+        room.take(cand, chosen)
+        return chosen
+
     def decide(self, views: Iterable[ExpertView], p: SchedulerParams) -> Decision:
         vs = {v.name: v for v in views}
         d = Decision()
         closing: set[str] = set()
         # Space no session holds: idle residents are evictable, closing sessions each already
         # have their successor counted (a session is closed only for one). Moves in flight hold
-        # their reservation; sleeping engines hold their context (see _room_for).
-        committed = sum(v.size_bytes for v in vs.values() if v.phase in ("loading", "active"))
+        # their reservation; sleeping engines hold their context (see _Room.free_for).
         moving = sum(v.moving_bytes for v in vs.values() if v.phase == "idle")
-        committed += moving
-        asleep = sum(v.asleep_bytes for v in vs.values() if v.phase == "idle")
+        room = _Room(p.budget_bytes, moving + sum(v.size_bytes for v in vs.values() if v.phase in ("loading", "active")),
+                     moving, sum(v.asleep_bytes for v in vs.values() if v.phase == "idle"))
         starving = sorted(
             (v for v in vs.values() if v.phase == "idle" and v.queued and not v.failed
              and v.oldest_wait_s >= p.max_wait_s),
@@ -148,50 +187,13 @@ class BatchingPolicy:
             key=lambda v: (-v.wait_sum_s, not v.resident, v.name),
         )
         victims = {n: v for n, v in vs.items() if v.phase == "active"}
-
-        def victim_key(v: ExpertView) -> tuple:
-            return (self.claim(v, p), v.drain_s, -v.session_age_s, v.name)
-
         for cand in [*starving, *waiting]:
-            is_starving = cand.oldest_wait_s >= p.max_wait_s
-            # its own context or reservation is part of its awake size
-            free = p.budget_bytes - (committed - cand.moving_bytes) - _room_for(cand, asleep, moving, p)
-            if cand.size_bytes <= free:
-                d.start.append(cand.name)
-                d.reasons[cand.name] = "free space" + (" (starving)" if is_starving else "")
-                committed += cand.size_bytes - cand.moving_bytes
-                moving -= cand.moving_bytes
-                asleep -= cand.asleep_bytes
-                continue
-            if is_starving:
-                pool = sorted(victims.values(), key=victim_key)
-            else:
-                worth = cand.queued >= p.min_batch
-                mine = self.claim(cand, p)
-                pool = sorted((v for v in victims.values() if v.session_age_s >= p.quantum_s
-                               and self.claim(v, p) <= mine), key=victim_key) if worth else []
-            chosen, got = [], free
-            for v in pool:
-                if got >= cand.size_bytes:
-                    break
-                chosen.append(v)
-                got += v.size_bytes
-            if got < cand.size_bytes:
-                if is_starving:
+            chosen = self._place(cand, room, victims, p, d)
+            if chosen is None:
+                if cand.oldest_wait_s >= p.max_wait_s:
                     break  # head-of-line: nobody overtakes a starving expert that cannot fit yet
                 continue
-            for v in chosen:
-                closing.add(v.name)
-                del victims[v.name]
-                d.reasons[v.name] = f"closed for {cand.name}"
-            d.close.extend(v.name for v in chosen)
-            d.start.append(cand.name)
-            d.reasons[cand.name] = ("starving" if is_starving else "quantum") + " preempts " + ",".join(
-                v.name for v in chosen)
-            # the victims' space passes to the candidate (closing sessions are not counted)
-            committed += cand.size_bytes - cand.moving_bytes - sum(v.size_bytes for v in chosen)
-            moving -= cand.moving_bytes
-            asleep -= cand.asleep_bytes
+            closing.update(v.name for v in chosen)
         # Admission: every active session, including one closed just now (gated: what is queued
         # at the close is admitted, nothing after).
         for v in vs.values():
@@ -213,14 +215,33 @@ class BatchingPolicy:
         return d
 
 
-def _room_for(cand: ExpertView, asleep: int, moving: int, p: SchedulerParams) -> int:
-    """HBM the sleeping engines' contexts keep from ``cand``: all of it while ``cand`` fits beside
-    them and the moves in flight (waking it then costs one copy, and nobody pays a cold start);
-    none of it when it never could, whatever the sessions do: then the tier manager shuts sleeping
-    engines down to make room. Without that second case an expert that needs their room never got
-    a session (the H100 hang of 2026-12-06). The candidate's own context is part of its awake size."""
-    others = asleep - cand.asleep_bytes
-    return 0 if cand.size_bytes > p.budget_bytes - others - (moving - cand.moving_bytes) else others
+@dataclass
+class _Room:
+    """HBM as one decision packs sessions into it: ``committed`` is held by sessions (loading or
+    active) and by moves in flight (``moving`` of it); ``asleep`` by sleeping engines' contexts."""
+
+    budget: int
+    committed: int
+    moving: int
+    asleep: int
+
+    def free_for(self, cand: ExpertView, p: SchedulerParams) -> int:
+        """Space ``cand`` may take without closing a session. The sleeping engines' contexts are
+        kept from it while it fits beside them and the moves in flight (waking it then costs one
+        copy and nobody pays a cold start), and given to it when it never could, whatever the
+        sessions do: the tier manager then shuts sleeping engines down to make room. Without that
+        an expert that needed their room never got a session (code 830a084). Its own
+        context or reservation is part of its awake size."""
+        others = self.asleep - cand.asleep_bytes
+        moving = self.moving - cand.moving_bytes
+        kept = 0 if cand.size_bytes > self.budget - others - moving else others
+        return self.budget - (self.committed - cand.moving_bytes) - kept
+
+    def take(self, cand: ExpertView, closed: list[ExpertView]) -> None:
+        """``cand`` starts a session; the sessions ``closed`` for it pass their space to it."""
+        self.committed += cand.size_bytes - cand.moving_bytes - sum(v.size_bytes for v in closed)
+        self.moving -= cand.moving_bytes
+        self.asleep -= cand.asleep_bytes
 
 
 def _prefetch(views: Iterable[ExpertView], not_started: list[ExpertView]) -> str | None:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from coe.engines.base import ChatMessage, SamplingParams, StructuredOutput, ToolCall
+from coe.engines.base import SAMPLING_EPS, ChatMessage, SamplingParams, StructuredOutput, ToolCall
 from coe.generate_request import GenerateRequest
 
 INT64 = 2**63
@@ -244,6 +244,7 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessageIn] = Field(max_length=4096)
     max_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    # 0 <= t < SAMPLING_EPS is greedy (SamplingParams); NaN and inf (JSON's NaN, 1e999) fail the bounds
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
@@ -278,14 +279,15 @@ class ChatCompletionRequest(BaseModel):
     # --- vLLM sampling extras
     best_of: int | None = None
     use_beam_search: bool = False
-    top_k: int | None = Field(default=None, ge=-1)
+    # bounded so that no value overflows the engine's int32 / float32 sampling tensors (issue 24)
+    top_k: int | None = Field(default=None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: float | None = Field(default=None, ge=SAMPLING_EPS, le=10.0)
     length_penalty: float = 1.0
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=INT32_MAX)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = Field(default=None, ge=1)

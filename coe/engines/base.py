@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import asyncio
 from typing import TYPE_CHECKING, Any, AsyncIterator, Literal, Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
     from coe.engines.memory import EngineMemory
@@ -45,6 +45,17 @@ class Tier(str, enum.Enum):
     @property
     def rank(self) -> int:
         return {"disk": 0, "dram": 1, "hbm": 2}[self.value]
+
+
+#: vLLM's ``_SAMPLING_EPS``: a temperature below it is greedy (temperature 0). Dividing logits by a
+#: smaller one overflows float32 to ``inf`` and softmax to NaN, and sampling fails (issue 24, High 1);
+#: a ``repetition_penalty`` below it is refused for the same reason (logits divided by it).
+SAMPLING_EPS = 1e-5
+
+
+def greedy_below_eps(temperature: float) -> float:
+    """``temperature``, or 0.0 when it is below :data:`SAMPLING_EPS` (greedy, as vLLM treats it)."""
+    return 0.0 if temperature < SAMPLING_EPS else temperature
 
 
 class StructuredOutput(BaseModel):
@@ -84,7 +95,7 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=128)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=SAMPLING_EPS, le=10.0)
     top_k: int | None = Field(None, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     min_tokens: int = Field(0, ge=0)
@@ -102,6 +113,13 @@ class SamplingParams(BaseModel):
     tools_auto: bool = Field(False, description="tools with tool_choice 'auto': the engine parses its output "
                                                 "into tool calls (vLLM's tool-call parser of the expert)")
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, v: float) -> float:
+        """0 < t < :data:`SAMPLING_EPS` is greedy rather than an error: what vLLM does with it, and
+        what a client sending 1e-38 for "deterministic" means; left as is it poisons sampling."""
+        return greedy_below_eps(v)
 
     def with_defaults(self, generation: GenerationDefaults | None) -> "SamplingParams":
         """Fill the fields the caller did not set from an expert's ``generation`` defaults."""
@@ -232,6 +250,10 @@ class Engine(ABC):
         from coe.engines.memory import EngineMemory
 
         return EngineMemory.weights_only(self.footprint_bytes(), measured=self.tier is not Tier.DISK)
+
+    def debug_state(self) -> dict[str, Any]:
+        """What the pool's watchdog logs of this engine (``ExpertPool.diagnose``)."""
+        return {"tier": self.tier.value, "load_phase": self.load_phase}
 
     def measurement_disturbed(self) -> None:
         """The tier manager's word that another engine moved on the device while :meth:`load`

@@ -15,6 +15,11 @@ join it at the next decode step (iteration-level batching): they are prefilled o
 their KV cache rows are left-padded to the running batch's length and concatenated to it, up to
 ``max_batch_size`` rows. (Joining needs transformers' plain ``DynamicCache`` layers; for models
 with other cache layouts, e.g. sliding-window layers, new requests wait for the next batch.)
+
+One request never fails another (issue 24, High 1): a row whose sampling or detokenisation raises
+is answered with a :class:`~coe.errors.RequestError` (``sampling_failed``) and dropped while the
+others go on; a failure of the whole batch (a forward pass) is sent to every request the batch ever
+held, those that joined it mid-way included, so no request is left waiting.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, AsyncIterator, Mapping, Sequence
 import torch
 
 from coe.engines.base import (
+    SAMPLING_EPS,
     ChatMessage,
     Engine,
     EngineStats,
@@ -44,7 +50,7 @@ from coe.engines.base import (
     relay,
 )
 from coe.engines.sources import LOAD_LOCK, ModelSource, diagnose_files, ensure_converted, estimate_bytes, resolve_source
-from coe.errors import EngineNotResident, ExpertLoadError
+from coe.errors import EngineNotResident, ExpertLoadError, RequestError
 from expert_registry.spec import Expert
 
 
@@ -103,7 +109,12 @@ class _Request:
     done: bool = False
 
     def emit(self, chunk: GenerationChunk | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, chunk)
+        """Hand ``chunk`` to the request's event loop; a closed loop has no listener left, and must
+        not raise into the batch loop (that would fail the other rows)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, chunk)
+        except RuntimeError:  # the loop is closed
+            pass
 
 
 class HFEngine(Engine):
@@ -376,7 +387,9 @@ class HFEngine(Engine):
         params = params.with_defaults(self.expert.generation)
         ids = await asyncio.to_thread(self._encode, messages)
         gen = None
-        if params.temperature > 0:
+        # below SAMPLING_EPS: greedy, as vLLM does (an expert's generation default reaches here
+        # unvalidated, and dividing logits by a tiny temperature makes them inf)
+        if params.temperature >= SAMPLING_EPS:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
         req = _Request(ids, params, asyncio.get_running_loop(), asyncio.Queue(), gen)
@@ -414,8 +427,8 @@ class HFEngine(Engine):
                 continue
             try:
                 with self._compute_lock:
-                    self._run_batch(batch)
-            except BaseException as exc:  # surface to every waiting stream, keep the worker alive
+                    self._run_batch(batch)  # appends the requests that join it to ``batch``
+            except BaseException as exc:  # surface to every stream the batch held, keep the worker alive
                 log.exception("expert %s: batch failed", self.name)
                 for r in batch:
                     if not r.done:
@@ -455,24 +468,34 @@ class HFEngine(Engine):
         return out.logits[:, -1, :], _cache_of(out), attn, pos[:, -1]
 
     def _advance(self, active: list[_Request], logits: torch.Tensor, eos: set[int], max_ctx: int) -> tuple[list[int], list[int]]:
-        """Sample one token per row, stream it, apply stop rules; returns (tokens, rows still running)."""
-        next_tokens = self._sample(logits, active)
+        """Sample one token per row, stream it, apply stop rules; returns (tokens, rows still running).
+
+        A row whose sampling or streaming raises is answered with its own error and dropped
+        (:meth:`_fail`): what one request sent must never end another tenant's stream."""
+        next_tokens: list[int] = logits.argmax(dim=-1).tolist()
         keep: list[int] = []
-        for i, (r, t) in enumerate(zip(active, next_tokens)):
+        for i, r in enumerate(active):
             if r.cancelled.is_set():
                 r.done = True
                 self._stats.cancelled += 1
                 continue
-            finish = None
-            if t in eos and not r.params.ignore_eos:
-                finish = "stop"
-            else:
-                r.completion.append(t)
-                if len(r.completion) >= r.params.max_tokens:
-                    finish = "length"
-                elif max_ctx and len(r.ids) + len(r.completion) >= max_ctx:
-                    finish = "length"
-            finish = self._emit(r, finish)
+            try:
+                if r.gen is not None:
+                    next_tokens[i] = self._sample(logits[i], r)
+                t = next_tokens[i]
+                finish = None
+                if t in eos and not r.params.ignore_eos:
+                    finish = "stop"
+                else:
+                    r.completion.append(t)
+                    if len(r.completion) >= r.params.max_tokens:
+                        finish = "length"
+                    elif max_ctx and len(r.ids) + len(r.completion) >= max_ctx:
+                        finish = "length"
+                finish = self._emit(r, finish)
+            except Exception as exc:
+                self._fail(r, exc)
+                continue
             if finish is None:
                 keep.append(i)
             else:
@@ -505,7 +528,22 @@ class HFEngine(Engine):
             a.values = torch.cat([lpad(a.values, -2), lpad(b.values, -2)], dim=0)
         return torch.cat([lpad(attn, 1), lpad(attn_new, 1)], dim=0)
 
-    def _take_waiting(self, room: int) -> list[_Request]:
+    def _fail(self, r: _Request, exc: Exception) -> None:
+        """Answer one row with a typed error and stop it; the rest of its batch goes on. The cause
+        is logged, not sent: the client learns that its request failed, not our internals."""
+        log.warning("expert %s: one request failed while sampling (its batch goes on): %s: %s",
+                    self.name, type(exc).__name__, exc)
+        if not isinstance(exc, RequestError):
+            exc = RequestError(f"expert {self.name!r} could not sample the next token of this request "
+                               f"(check its sampling parameters); other requests were not affected",
+                               param=None, code="sampling_failed")
+        r.done = True
+        r.emit(exc)
+
+    def _take_waiting(self, room: int, batch: list[_Request]) -> list[_Request]:
+        """Up to ``room`` waiting requests to join the running batch. Each is appended to ``batch``
+        as it leaves the queue: the worker answers every request of ``batch`` if the batch fails,
+        so a request that joined mid-way is never left waiting (issue 24: they were)."""
         got: list[_Request] = []
         while len(got) < room:
             try:
@@ -517,12 +555,14 @@ class HFEngine(Engine):
                 break
             if not nxt.cancelled.is_set():
                 got.append(nxt)
+                batch.append(nxt)
         return got
 
     @torch.inference_mode()
     def _run_batch(self, reqs: list[_Request]) -> None:
         """Decode ``reqs`` together; requests that arrive meanwhile join at the next step
-        (iteration-level batching) as long as there is room and the cache layout allows it."""
+        (iteration-level batching) as long as there is room and the cache layout allows it. Joiners
+        are appended to ``reqs``, the list the caller answers with the error if this raises."""
         if self._model is None or self._tier is not Tier.HBM:
             raise EngineNotResident(f"expert {self.name!r} left the active tier during a batch")
         dev = self.device
@@ -542,7 +582,7 @@ class HFEngine(Engine):
                     next_tokens = [next_tokens[i] for i in keep]
                     active = [active[i] for i in keep]
             if active and len(active) < self.max_batch_size and self._joinable(past):
-                joiners = self._take_waiting(self.max_batch_size - len(active))
+                joiners = self._take_waiting(self.max_batch_size - len(active), reqs)
                 if joiners:
                     self._stats.joined += len(joiners)
                     j_logits, j_past, j_attn, j_last = self._prefill(joiners)
@@ -567,25 +607,23 @@ class HFEngine(Engine):
             past = _cache_of(out)
             next_tokens, keep = self._advance(active, out.logits[:, -1, :], eos, max_ctx)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        if all(r.gen is None for r in reqs):
-            return greedy
-        out: list[int] = []
-        for i, r in enumerate(reqs):
-            if r.gen is None:
-                out.append(greedy[i])
-                continue
-            row = logits[i].float().cpu() / r.params.temperature
-            probs = torch.softmax(row, dim=-1)
-            if r.params.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                cum = sp.cumsum(0)
-                cut = cum - sp > r.params.top_p  # keep the smallest prefix reaching top_p
-                sp[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            out.append(int(torch.multinomial(probs, 1, generator=r.gen).item()))
-        return out
+    def _sample(self, logits: torch.Tensor, r: _Request) -> int:
+        """One token from one row's logits with ``r``'s temperature, top_p and generator. Raises
+        :class:`RequestError` on probabilities that are not finite (NaN logits, say) rather than
+        handing them to ``torch.multinomial``, whose error names nothing a client can act on."""
+        row = logits.float().cpu() / r.params.temperature
+        probs = torch.softmax(row, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise RequestError(f"expert {self.name!r}: the next-token probabilities of this request are not "
+                               f"finite numbers at temperature {r.params.temperature:g}", param=None,
+                               code="sampling_failed")
+        if r.params.top_p < 1.0:
+            sp, si = torch.sort(probs, descending=True)
+            cum = sp.cumsum(0)
+            cut = cum - sp > r.params.top_p  # keep the smallest prefix reaching top_p
+            sp[cut] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, si, sp)
+        return int(torch.multinomial(probs, 1, generator=r.gen).item())
 
     def _detok(self, r: _Request) -> None:
         """Append the text of newly generated tokens to ``r.text`` (decoding a short window only)."""

@@ -330,6 +330,10 @@ class VLLMEngine(Engine):
         now = await asyncio.to_thread(device_used_bytes, self.device)
         return None if now is None or used_before is None else max(0, now - used_before)
 
+    def debug_state(self) -> dict[str, Any]:
+        return {**super().debug_state(), "state": self._state, "move_in_flight": self._moving is not None,
+                "requests_in_engine": self._in_flight, "fast_wake": self.fast_wake, "has_copy": self._has_copy}
+
     def measurement_disturbed(self) -> None:
         """Another engine slept or woke during :meth:`load`: a device-wide delta counted its bytes
         too (on the H100 of 2026-12-06 a sleeping engine was charged another's awake footprint, so

@@ -385,12 +385,30 @@ class ExpertPoolDeployment:
     async def _set_gauges(self) -> None:
         """Tier and queue gauges from the pool's state, set in this process for Ray's metrics
         pipeline (swaps are observed as they happen, see ``_observe_swap``)."""
+        told = False
         while True:
             try:
                 _set_pool_gauges(self._ray_gauges, self.pool.state(), self.pool.metrics())
+                told = self._watchdog(told)
             except Exception as e:  # noqa: BLE001 - metrics must not take serving down
                 log.debug("setting pool gauges failed: %s", e)
             await asyncio.sleep(GAUGES_EVERY_S)
+
+    def _watchdog(self, told: bool) -> bool:
+        """Log the pool's whole state once when a request has waited past ``pool.watchdog_s``
+        (queued, or with no token), to the replica's log (Serve's logger writes it there); again
+        only after every wait has come back under the limit. Returns whether it has told."""
+        limit = self.pool.config.watchdog_s
+        waited = self.pool.longest_wait_s()
+        if limit is None or waited < limit:
+            return False
+        if not told:
+            import json
+
+            logging.getLogger("ray.serve").error("coe pool watchdog: a request has waited %.0f s (pool.watchdog_s "
+                                                 "%.0f); pool state: %s", waited, limit,
+                                                 json.dumps(self.pool.diagnose(), default=str))
+        return True
 
     def __del__(self):
         if self._gauge_task:

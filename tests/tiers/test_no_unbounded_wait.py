@@ -2,12 +2,12 @@
 engines that report a vLLM-shaped footprint: an engine starts on the device (its start needs the
 whole awake footprint), holds a KV cache awake and keeps its CUDA context asleep.
 
-The H100 hang of 2026-12-06 (three 1B vLLM experts, HBM for two): once every engine had started,
-the sleeping engines' contexts were charged against the budget the scheduler packs sessions into,
-so a request for an expert that needed their room never got a session, and the tier manager, which
-would have shut a sleeping engine down to make room, was never asked. Here the same budget shape
-(room for one awake engine beside sleeping contexts that do not all fit) is built from measured
-sizes, and every mix of requests must be answered.
+Found while reproducing the H100 hang of 2026-12-06 on the CPU: at 830a084, once every engine had
+started, the sleeping engines' contexts were subtracted from the room the scheduler packs sessions
+into, so with room for one awake engine beside sleeping contexts that do not all fit, a request for
+a sleeping expert never got a session, and the tier manager, which would have shut a sleeping
+engine down to make room, was never asked (two of the three cases below hang there). And an engine
+that stops giving tokens must not hold its request, or the session and the room it holds, forever.
 """
 
 from __future__ import annotations
@@ -68,4 +68,41 @@ async def test_every_request_is_served_when_sleeping_contexts_fill_the_budget(ti
     for n in names:  # and one at a time, each after the others
         assert await asyncio.wait_for(ask(pool, n), 30.0) > 0
     assert pool.tiers.peak_bytes[Tier.HBM] <= pool.tiers.budget[Tier.HBM]
+    await pool.close()
+
+
+class WedgedOnce(DeviceShapedEngine):
+    """The real tiny model, except that its first generation never yields (a wedged engine
+    process, as a stuck vLLM engine core would look to the pool)."""
+
+    wedged = True
+
+    async def generate(self, messages, params):
+        if WedgedOnce.wedged:
+            WedgedOnce.wedged = False
+            await asyncio.Event().wait()
+        async for chunk in super().generate(messages, params):
+            yield chunk
+
+
+async def test_a_request_whose_engine_stalls_gets_a_typed_error_and_the_engine_restarts(tiny_model_dir):
+    from coe.errors import EngineStalled
+
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, 1, 1), dram_budget_bytes=10**9,
+                                 stall_timeout_s=1.0, max_wait_ms=300),
+                      engine_factory=lambda e, **kw: WedgedOnce(e) if e.name == "w" else device_shaped(e, **kw))
+    for n in ("w", "ok"):
+        await pool.add_expert(make_expert(n, tiny_model_dir))
+        await pool.wait_started(n, 60.0)
+    stuck = asyncio.ensure_future(ask(pool, "w"))
+    await asyncio.sleep(0.6)
+    assert pool.longest_wait_s() >= 0.5  # admitted, no token yet
+    report = pool.diagnose()
+    assert report["slots"]["w"]["in_flight"] == 1 and report["slots"]["w"]["session"] == "active"
+    assert any(t["task"].startswith("coe-session-w") for t in report["tasks"])
+    with pytest.raises(EngineStalled, match="no token for 1 s"):
+        await asyncio.wait_for(stuck, 10.0)
+    assert await asyncio.wait_for(ask(pool, "ok"), 30.0) > 0  # the other expert takes the room
+    assert await asyncio.wait_for(ask(pool, "w"), 30.0) > 0  # a fresh engine start serves it
+    assert pool.tiers.metrics.swaps.get("dram->disk", 0) >= 1  # the wedged engine was shut down
     await pool.close()

@@ -269,12 +269,23 @@ class TierManager:
         eng = e.engine
         if eng.tier is not Tier.DISK and e.charge[Tier.HBM]:
             self._device_moves += 1
-        if to.rank < Tier.HBM.rank and eng.tier is Tier.HBM:
-            self.metrics.event(e.name, "hbm->dram start")
-            self.metrics.record(e.name, await eng.to_dram())
-        if to is Tier.DISK and eng.tier is Tier.DRAM:
-            self.metrics.record(e.name, await eng.unload())
+        try:
+            if to.rank < Tier.HBM.rank and eng.tier is Tier.HBM:
+                self.metrics.event(e.name, "hbm->dram start")
+                self.metrics.record(e.name, await self._timed(eng.to_dram(), self.wake_timeout_s, "going to sleep"))
+            if to is Tier.DISK and eng.tier is Tier.DRAM:
+                self.metrics.record(e.name, await self._timed(eng.unload(), self.wake_timeout_s, "stopping"))
+        except asyncio.TimeoutError as exc:  # the lock is held: a move that never ends would stop every other
+            await self._stop_wedged(e, str(exc))
         self._settle(e)
+
+    async def _stop_wedged(self, e: _Entry, why: str) -> None:
+        """Stop an engine whose move did not end in time (decision 10: no wait without bound):
+        its memory is freed by stopping its process, and its next request starts it again."""
+        log.error("expert %s: %s; stopping its engine (it starts again on its next request)", e.name, why)
+        self.metrics.event(e.name, f"stopped: {why}")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(e.engine.close(), 60.0)
 
     async def _make_room(self, tier: Tier, e: _Entry, nbytes: int, wait: bool,
                          protect_demand: int | None = None) -> bool:
@@ -433,6 +444,9 @@ class TierManager:
         self.metrics.event(e.name, "dram->hbm start")
         try:
             self.metrics.record(e.name, await self._timed(eng.to_hbm(), self.wake_timeout_s, "waking"))
+        except asyncio.TimeoutError as exc:  # a wake still running in the engine: stop it, not half-woken
+            await self._stop_wedged(e, str(exc))
+            raise
         finally:
             async with self._cond:
                 self._settle(e)

@@ -487,6 +487,7 @@ class VLLMEngine(Engine):
     async def _shutdown(self) -> None:
         llm, self._llm = self._llm, None
         self._state, self._has_copy = "none", False
+        self._moving = None  # a move the shutdown cut short belongs to the old engine: nobody waits for it
         if llm is not None:
             try:
                 await asyncio.to_thread(llm.shutdown)  # joins the engine-core process: off the loop

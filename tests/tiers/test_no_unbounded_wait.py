@@ -106,3 +106,31 @@ async def test_a_request_whose_engine_stalls_gets_a_typed_error_and_the_engine_r
     assert await asyncio.wait_for(ask(pool, "w"), 30.0) > 0  # a fresh engine start serves it
     assert pool.tiers.metrics.swaps.get("dram->disk", 0) >= 1  # the wedged engine was shut down
     await pool.close()
+
+
+class SleepWedgedOnce(DeviceShapedEngine):
+    """The real tiny model, except that its first sleep (HBM→DRAM) never returns: a vLLM
+    ``sleep()`` whose pause never completes would hold the tier manager's lock this way."""
+
+    wedged = True
+
+    async def to_dram(self):
+        if SleepWedgedOnce.wedged and self.tier is Tier.HBM:
+            SleepWedgedOnce.wedged = False
+            await asyncio.Event().wait()
+        return await super().to_dram()
+
+
+async def test_a_sleep_that_never_returns_stops_that_engine_and_the_others_go_on(tiny_model_dir):
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, 1, 1), dram_budget_bytes=10**9,
+                                 wake_timeout_s=1.0, max_wait_ms=300),
+                      engine_factory=lambda e, **kw: SleepWedgedOnce(e) if e.name == "s" else device_shaped(e, **kw))
+    for n in ("s", "ok"):
+        await pool.add_expert(make_expert(n, tiny_model_dir))
+        await pool.wait_started(n, 60.0)
+    assert await asyncio.wait_for(ask(pool, "s"), 30.0) > 0  # "s" is awake now
+    assert await asyncio.wait_for(ask(pool, "ok"), 30.0) > 0  # its sleep hangs: stopped after 1 s instead
+    assert pool.engine("s").tier is Tier.DISK
+    assert any("stopped: going to sleep took longer" in w for _, n, w in pool.tiers.metrics.events if n == "s")
+    assert await asyncio.wait_for(ask(pool, "s"), 30.0) > 0  # and starts again when asked
+    await pool.close()

@@ -336,7 +336,7 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     sys.path.insert(0, str(REPO / "bench"))
     from serve_gpu import make_trace
 
-    join_service_ray()
+    join_service_ray(Path(args.workdir) / "home")
     vocab = SHAPE_VOCAB[args.shape]
     low = [dataclass_replace(r, expert=0) for r in make_trace(args.low_requests, args.low_rate, 1, vocab_size=vocab,
                                                               prompt_tokens=128, seed=11)]
@@ -366,19 +366,19 @@ def overhead(base: str, names: list[str], args: argparse.Namespace) -> dict[str,
     return res
 
 
-def join_service_ray() -> None:
-    """Connect this process to the Ray that ``coe serve`` started (loopback only, single machine)."""
+def join_service_ray(home: Path) -> None:
+    """Connect this process to the Ray that ``coe serve`` started under ``home`` (its COE_HOME): the
+    address it recorded in ``home/ray/address`` (loopback only, single machine), never a cluster Ray
+    would find by itself."""
     import ray
 
-    from coe.ray_local import LOOPBACK, single_machine_mode
+    from coe.ray_local import read_address_file, single_machine_mode
 
     single_machine_mode()
-    current = Path("/tmp/ray/ray_current_cluster")  # written by `ray start`, not always by ray.init
-    address = f"{LOOPBACK}:{current.read_text().strip().rsplit(':', 1)[1]}" if current.exists() else "auto"
-    ray.init(address=address, namespace="coe", log_to_driver=False)
+    ray.init(address=read_address_file(home).address, namespace="coe", log_to_driver=False)
 
 
-def dashboard_view() -> dict[str, Any]:
+def dashboard_view(home: Path) -> dict[str, Any]:
     """What the Ray dashboard shows of the service: the Serve application's status (dashboard API,
     with Ray's token) and the ``ray_coe_*`` series on Ray's Prometheus export (the dashboard's
     Metrics view reads those)."""
@@ -398,7 +398,7 @@ def dashboard_view() -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
         out["serve_applications_error"] = f"{type(e).__name__}: {e}"[:300]
     try:
-        join_service_ray()
+        join_service_ray(home)
         ports = {n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")}
         names: set[str] = set()
         for port in ports:
@@ -723,7 +723,7 @@ def e2e(args: argparse.Namespace) -> dict[str, Any]:
             (out / "metrics.txt").write_text(metrics)
             res["metric_names"] = sorted({ln.split("{")[0].split(" ")[0] for ln in metrics.splitlines()
                                           if ln.startswith("coe")})
-            res["dashboard"] = dashboard_view()
+            res["dashboard"] = dashboard_view(svc.home)
             save()
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"

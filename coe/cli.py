@@ -39,7 +39,7 @@ CHAT_DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -67,6 +67,7 @@ def serve(
         _fail(f"{config}: {' '.join(str(e).split())}")
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
+    ray_dirs = _check_ray_dirs(cfg)  # before anything starts: Ray's directories are private, no other coe serve
     from coe.keys import KeyRing, RedisKeyStore
     from coe.security import check_bind, install_log_redaction
 
@@ -93,7 +94,7 @@ def serve(
 
     _install_handlers()
 
-    started: dict[str, bool] = {"redis": False, "ray": False, "serve": False}
+    started: dict = {"redis": False, "ray": False, "serve": False, "ray_dirs": ray_dirs}
     try:
         _start_all(cfg, started, dashboard_port, num_cpus, stop, _install_handlers)
         if not stop.is_set():
@@ -121,7 +122,7 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
         stages = [
             lambda: _prepare_demo(registry, status) if cfg.demo else None,
             lambda: _load_router(cfg, registry, status),
-            lambda: _start_ray(started, dashboard_port, num_cpus, reinstall_handlers, status),
+            lambda: _start_ray(cfg, started, dashboard_port, num_cpus, reinstall_handlers, status),
             lambda: _deploy(cfg, started, status),
             lambda: _wait_ready(cfg, stop, status),
         ]
@@ -130,7 +131,7 @@ def _start_all(cfg, started: dict, dashboard_port: int, num_cpus: int | None, st
                 return
             stage()
     if not stop.is_set():
-        _print_banner(cfg, len(registry.list()), time.perf_counter() - t_all, dashboard_port)
+        _print_banner(cfg, len(registry.list()), time.perf_counter() - t_all, dashboard_port, started)
 
 
 def _start_redis(cfg, started: dict):
@@ -228,22 +229,58 @@ def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
                     f.write(text if text.endswith("\n") else text + "\n")
 
 
-def _start_ray(started: dict, dashboard_port: int, num_cpus: int | None, reinstall_handlers, status) -> None:
-    status.update("[bold]Starting Ray…")
+def _check_ray_dirs(cfg):
+    """Issue 24: Ray's directories (temp, sessions, sockets, logs) private to this user under
+    COE_HOME, and no other `coe serve` recorded under it (its address file would be overwritten)."""
+    from coe.ray_local import RayDirError, ray_dirs, ray_root, running_service
+
+    try:
+        if cfg.ray_address:  # a configured cluster keeps its own temp dir: only the address file is ours
+            dirs = None
+            ray_root()
+        else:
+            dirs = ray_dirs()
+        other = running_service()
+    except RayDirError as e:
+        _fail(str(e))
+    if other is not None:
+        _fail(f"another `coe serve` (pid {other.pid}) runs under this COE_HOME, on the Ray at {other.address}: "
+              "stop it first, or give this one another COE_HOME")
+    return dirs
+
+
+def _start_ray(cfg, started: dict, dashboard_port: int, num_cpus: int | None, reinstall_handlers, status) -> None:
+    """A Ray head of coe's own (never one it finds), or the cluster the config names; either way
+    its address goes to ``$COE_HOME/ray/address`` (0600) for ``coe drain``."""
     import logging
 
-    from coe.ray_local import init_local_ray
+    from coe.ray_local import init_local_ray, write_address_file
 
     t = time.perf_counter()
+    status.update("[bold]Joining Ray…" if cfg.ray_address else "[bold]Starting Ray…")
     status.stop()  # Ray prints its start-up notice on stdout too: the spinner pauses while it is captured
     with _ray_output_to_log(fds=(1, 2)):
-        # every Ray port on 127.0.0.1, the token file 0600 in a 0700 directory (docs/security.md)
-        init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus, namespace="coe",
-                       log_to_driver=False, logging_level=logging.WARNING)
+        if cfg.ray_address:
+            import ray
+
+            ctx = ray.init(address=cfg.ray_address, namespace="coe", log_to_driver=False,
+                           logging_level=logging.WARNING)
+        else:
+            # every Ray port on 127.0.0.1, the token file 0600 in a 0700 directory, Ray's own head
+            # (never one it finds) with its files inside the 0700 $COE_HOME/ray (docs/security.md)
+            ctx = init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus,
+                                 namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
     status.start()
-    started["ray"] = True
+    started["ray"] = "joined" if cfg.ray_address else True
+    started["ray_context"] = ctx
     reinstall_handlers()  # ray.init replaced SIGTERM's handler with one that exits without cleanup
-    console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")
+    write_address_file(ctx, address=cfg.ray_address, started_head=not cfg.ray_address)
+    started["address_file"] = True
+    if cfg.ray_address:
+        console.print(f"[green]✓[/] joined the Ray cluster at {cfg.ray_address} (config ray_address) in "
+                      f"{time.perf_counter() - t:.1f} s")
+    else:
+        console.print(f"[green]✓[/] Ray started in {time.perf_counter() - t:.1f} s")
 
 
 def _deploy(cfg, started: dict, status) -> None:
@@ -317,13 +354,23 @@ def _chat_url_option(api: str) -> str:
     return "" if f"{host_api}/v1" == CHAT_DEFAULT_URL else f" --url {host_api}/v1"
 
 
-def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> None:
+def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int, started: dict | None = None) -> None:
     api = f"http://{cfg.host}:{cfg.port}"
     dash = f"http://{DASHBOARD_HOST}:{dashboard_port}"
     from coe.ray_local import token_path
     from expert_registry.paths import state_dir
 
     token = token_path()
+    dirs = (started or {}).get("ray_dirs")
+    if cfg.ray_address:
+        ctx = (started or {}).get("ray_context")
+        dash = getattr(ctx, "dashboard_url", None) or "(the cluster's)"
+        dash = dash if "://" in dash or dash.startswith("(") else f"http://{dash}"
+        ray_logs = f"on the cluster at {cfg.ray_address} (config ray_address)"
+    elif dirs is not None:
+        ray_logs = f"{dirs.logs}/serve (private to this user)"
+    else:
+        ray_logs = "Ray's session logs"
 
     lines = [
         "",
@@ -335,8 +382,12 @@ def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int) -> No
         f"  dashboard  {dash}   (Ray token auth is on)",
         f"  token      {token} (0600): paste it when the dashboard page asks for it; for its API:",
         f"             curl -H \"Authorization: Bearer $(cat {token})\" {dash}/api/serve/applications/",
-        f"  logs       {state_dir('logs') / 'serve.log'} (Ray's own notices); replicas: /tmp/ray/session_latest/logs",
+        f"  logs       {state_dir('logs') / 'serve.log'} (Ray's own notices)",
+        f"             replicas: {ray_logs}",
     ]
+    if dirs is not None and dirs.fallback is not None:
+        lines.append(f"             (COE_HOME is too deep for Ray's unix-socket paths: Ray's files are in {dirs.temp}, "
+                     f"inside the private {dirs.fallback}, linked from {dirs.root / 'tmp'})")
     for line in lines:
         console.print(line, soft_wrap=True)
 
@@ -407,7 +458,8 @@ def _shutdown(started: dict) -> None:
     os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     results: list[tuple[str, Exception | None]] = []
     with _ray_output_to_log(fds=(1, 2)):
-        for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", "Ray", _stop_ray),
+        ray_label = "Ray (disconnected; the cluster keeps running)" if started.get("ray") == "joined" else "Ray"
+        for key, label, stop in (("serve", "Serve", _stop_serve), ("ray", ray_label, _stop_ray),
                                  ("redis", "embedded Redis", _stop_redis)):
             if not started.get(key):
                 continue
@@ -416,6 +468,10 @@ def _shutdown(started: dict) -> None:
                 results.append((label, None))
             except Exception as e:
                 results.append((label, e))
+    if started.get("address_file"):  # `coe drain` finds no service here any more
+        from coe.ray_local import remove_address_file
+
+        remove_address_file()
     for label, err in results:
         if err is None:
             console.print(f"[green]✓[/] {label} stopped")
@@ -428,19 +484,39 @@ def drain(
     app_name: str = typer.Option("coe", "--app", help="The Serve application (config `app_name`)."),
     timeout: Optional[float] = typer.Option(None, help="Seconds in-flight requests get (default: the app's "
                                                        "shutdown.drain_timeout_s)."),
-    address: str = typer.Option("auto", help="The Ray cluster to connect to."),
+    address: Optional[str] = typer.Option(None, help="The Ray cluster to join (host:port of its GCS). Default: the "
+                                                     "one `coe serve` runs on under this COE_HOME "
+                                                     "($COE_HOME/ray/address); never one Ray finds by itself."),
 ) -> None:
     """Drain a running coe app without stopping it: new requests get 503 shutting_down, /readyz
     turns 503, requests in flight finish (the KubeRay manifest runs this as the head pod's preStop
     hook; `coe serve` does the same itself on SIGTERM/Ctrl-C)."""
     import logging
 
+    from coe.ray_local import NoCoeRay, RayDirError, address_file, read_address_file, single_machine_mode
+
+    if address is None:
+        try:
+            rec = read_address_file()
+        except (NoCoeRay, RayDirError) as e:
+            _fail(str(e))
+        address = rec.address
+        if rec.started_head:  # coe's own head: single machine, every Ray port on loopback
+            single_machine_mode()
+        console.print(f"[dim]joining coe's Ray at {address} (from {address_file()}, pid {rec.pid})[/]", soft_wrap=True)
+    else:
+        console.print(f"[dim]joining the Ray cluster at {address} (--address)[/]", soft_wrap=True)
     import ray
 
     # joins the running cluster as it is configured (its own auth mode): no _quiet_ray() here
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    except Exception as e:  # noqa: BLE001 - one line, no traceback
+        _fail(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {' '.join(str(e).split())[:300]}", 1)
     try:
         reports = drain_app(app_name, timeout)
+    except Exception as e:  # noqa: BLE001 - no such app, or Serve is not running there
+        _fail(f"drain of app {app_name!r} failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}", 1)
     finally:
         ray.shutdown()
     for r in reports:

@@ -134,6 +134,11 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
+    ray_address: str | None = Field(
+        default=None,
+        description="a Ray cluster for `coe serve` to join (host:port of its GCS, or ray://…). Unset (the default): "
+                    "`coe serve` starts a Ray head of its own, with its files under COE_HOME, and never joins one it "
+                    "finds (RAY_ADDRESS, a ray_current_cluster file: issue 24)")
     redis_url: str | None = None
     namespace: str = "default"
     registry_poll_s: float = Field(default=5.0, gt=0, description="safety-net poll of the registry version")

@@ -10,8 +10,12 @@ any of them), checked and reserved atomically by one Lua script::
 
 They expire with their window, so nothing is written periodically and nothing outlives its use
 (decision 3 of DESIGN.md keeps live statistics out of Redis; these are enforcement state, touched
-once per request). A token limit reserves an estimate up front (prompt characters / 4 +
-``max_tokens`` per choice) and :meth:`Reservation.settle` corrects it with the true count after.
+once per request). A token limit reserves an upper bound up front (:func:`prompt_token_bound`:
+the prompt's UTF-8 bytes plus the chat template's overhead, + ``max_tokens`` per choice) and
+:meth:`Reservation.settle` gives back the difference to the true count after. The ingress has no
+tokenizer; characters / 4 under-counted emoji about 12× (issue 24 item 8), so it counts bytes:
+every tokenizer coe serves (byte-level BPE, SentencePiece with byte fallback) spends at most one
+token per byte, so concurrent requests can never together pass a limit on their estimates.
 A refusal is a 429 with ``Retry-After`` = seconds until the window that refused ends.
 
 If Redis cannot be reached the request is admitted and the failure logged (limits are about sharing,
@@ -73,9 +77,28 @@ class LimitExceeded(Exception):
         self.retry_after_s = retry_after_s
 
 
-def estimate_tokens(prompt_chars: int, max_tokens: int | None, n: int = 1) -> int:
-    """What a request may cost before it runs: prompt characters / 4 + max_tokens per choice."""
-    return int(math.ceil(prompt_chars / 4)) + (max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE) * max(n, 1)
+#: tokens a chat template adds per message (role markers, separators) and per request (BOS, the
+#: generation prompt, a short default system line), at most, for the templates coe has seen
+TEMPLATE_TOKENS_PER_MESSAGE = 16
+TEMPLATE_TOKENS_PER_REQUEST = 32
+
+
+def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
+    """An upper bound on the prompt's tokens without a tokenizer: its UTF-8 bytes (text content
+    and names) plus the template's overhead. An expert's persona is added by the pool and is
+    counted when the reservation settles."""
+    total = TEMPLATE_TOKENS_PER_REQUEST
+    for m in messages:
+        content = m.get("content")
+        text = content if isinstance(content, str) else str(content or "")
+        total += TEMPLATE_TOKENS_PER_MESSAGE + len(text.encode("utf-8", "surrogatepass"))
+        total += len(str(m.get("name") or "").encode("utf-8", "surrogatepass"))
+    return total
+
+
+def estimate_tokens(prompt_tokens: int, max_tokens: int | None, n: int = 1) -> int:
+    """What a request may cost before it runs: its prompt's bound + max_tokens per choice."""
+    return int(prompt_tokens) + (max_tokens or DEFAULT_MAX_TOKENS_ESTIMATE) * max(n, 1)
 
 
 @dataclass

@@ -52,7 +52,7 @@ from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, load
 from coe.serve.pool_view import cluster_view, merged_residency
 from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
-from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens
+from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens, prompt_token_bound
 from routers.policy import names_expert, route_named
 
 log = logging.getLogger("coe.serve.ingress")
@@ -523,9 +523,9 @@ class Ingress:
         """Reserve the request against its key's RPM/TPM/budget (429 + Retry-After when over)."""
         if key is None:
             return Reservation(None)
-        chars = sum(len(m["content"]) for m in messages)
         try:
-            return self.tenants.admit(key, estimate_tokens(chars, req.requested_max_tokens(), req.n or 1))
+            return self.tenants.admit(key, estimate_tokens(prompt_token_bound(messages), req.requested_max_tokens(),
+                                                           req.n or 1))
         except LimitExceeded as e:
             raise APIError(429, str(e), "rate_limit_error", None, f"key_{e.limit}_limit", e.retry_after_s) from None
 

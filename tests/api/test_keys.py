@@ -86,7 +86,7 @@ def test_rpm_tpm_and_budget_refuse_with_retry_after(store):
     with pytest.raises(LimitExceeded) as e:  # 10 + 10 + 100 + 200 used; 1000 per hour
         lim.admit(rec, 700)
     assert e.value.limit == "budget" and 0 < e.value.retry_after_s <= 3600
-    assert estimate_tokens(400, 50, n=2) == 200
+    assert estimate_tokens(100, 50, n=2) == 200
 
 
 def test_permissions_from_experts_and_categories():

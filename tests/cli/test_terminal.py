@@ -92,6 +92,10 @@ def test_serve_start_chat_and_ctrl_c_as_a_user_sees_them():
         for noise in ("RAY_AUTH_MODE", "disabled to opt out", "Started a local Ray instance", "Traceback", "\x1b["):
             assert noise not in screen, (noise, screen)
         _assert_json_while_starting(answers)
+        # the banner names Ray's logs inside this COE_HOME (issue 24: not the shared /tmp/ray)
+        m = re.search(r"replicas:\s+(\S+)", screen)
+        assert m and m.group(1).startswith(f"{home}/ray/tmp/session_latest/logs"), screen
+        assert Path(m.group(1)).is_dir() and "/tmp/ray/" not in screen, m.group(1)
         # the banner's command works as printed, in a fresh shell (no venv on PATH, no COE_* vars)
         m = re.search(r"try\s+(.+ chat .*\"Hello!\")", screen)
         assert m, screen

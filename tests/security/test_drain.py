@@ -3,6 +3,8 @@ that process, so it runs as a subprocess: its own Ray, the session's Redis, Smol
 
 * from the moment the port opens until ready, `/healthz` and `/readyz` polled every ~20 ms answer
   JSON, never Ray's plain-text 404 (the proxy's own errors are rewritten, coe/serve/proxy_errors.py);
+* (issue 24 item 3) it records the Ray head it started in ``$COE_HOME/ray/address`` (0600), where
+  ``coe drain`` finds it, and removes the file when it stops;
 * SIGTERM drains (drain timeout 12 s here): `/readyz` turns 503 at once, a new request gets 503
   `shutting_down` with Retry-After, a stream in flight completes, a stream still running at the
   deadline ends with an SSE error event and `data: [DONE]`, the process exits 0 and leaves none
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -154,7 +157,21 @@ def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
-def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service):
+def test_coe_serve_records_its_own_ray_for_coe_drain(service, coe_home):
+    f = coe_home / "ray" / "address"
+    st = f.lstat()
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o600
+    rec = json.loads(f.read_text())
+    assert rec["pid"] == service.proc.pid
+    # the address is the GCS of the Ray head this `coe serve` started (one of its own processes)
+    from coe.ray_local import listeners
+
+    host, port = rec["address"].rsplit(":", 1)
+    gcs = [s for s in listeners(service.proc.pid) if s.process == "gcs_server"]
+    assert host == "127.0.0.1" and any(s.port == int(port) for s in gcs), (rec, gcs)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service, coe_home):
     base = service.base
     # the long stream: more tokens than the drain lets it write; its rate sizes the short one
     long = Stream(base, 1900)
@@ -208,6 +225,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(service):
     assert service.proc.wait(120) == 0, service.output()
     out = service.output()
     assert "drained in" in out and "1 cut" in out, out
+    assert not (coe_home / "ray" / "address").exists()  # `coe drain` finds no service any more
     time.sleep(2)
     left = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [(p.pid, p.name()) for p in left]

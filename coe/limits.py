@@ -51,6 +51,9 @@ class RequestLimits(BaseModel):
     body_idle_timeout_s: float = Field(
         10.0, gt=0, description="a client that sends nothing of its body for this long gets 408 (slow-client "
                                 "defence; nginx's client_body_timeout is the same idea)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="the whole body must arrive within this, however it trickles (a byte every few "
+                                "seconds never trips the idle timeout); past it: 408")
     max_routing_waiters: int | None = Field(
         None, ge=1, description="requests one ingress replica lets wait for the router; beyond: 429 at once, "
                                 "before any routing work (None = the router's capacity: its replicas x "
@@ -240,10 +243,17 @@ class BodyLimitMiddleware:
     every route, whatever prefix the app is mounted under (deny by default, issue 12 item 2)."""
 
     def __init__(self, app: Any, max_bytes: int | Callable[[], int] | None = None,
-                 idle_timeout_s: float | Callable[[], float] = 10.0):
+                 idle_timeout_s: float | Callable[[], float] = 10.0,
+                 total_timeout_s: float | Callable[[], float] = 30.0,
+                 before_body: Callable[[dict], Any] | None = None):
+        """``before_body(scope)``: an awaitable check made before the body is read (the key's
+        request rate, issue 24 item 9): ``(status, payload, headers)`` refuses the request, None
+        lets it read its body. Whoever is over a limit cannot hold an ingress slot with a slow body."""
         self.app = app
         self._max_bytes = max_bytes or default_max_request_bytes()
         self._idle = idle_timeout_s
+        self._total = total_timeout_s
+        self._before_body = before_body
 
     @property
     def max_bytes(self) -> int:
@@ -266,16 +276,24 @@ class BodyLimitMiddleware:
                 return await _reply(send, 400, openai_error("invalid Content-Length header", "invalid_request"))
             if n > limit:
                 return await _reply(send, 413, self._too_large(str(n)))
+        if self._before_body is not None:
+            refused = await self._before_body(scope)
+            if refused is not None:
+                return await _reply(send, *refused)
         chunks: list[bytes] = []
         size = 0
         idle = float(self._idle() if callable(self._idle) else self._idle)
+        total = float(self._total() if callable(self._total) else self._total)
+        deadline = time.monotonic() + total
         while True:
+            wait = min(idle, deadline - time.monotonic())
             try:
-                msg = await asyncio.wait_for(receive(), idle)
+                msg = await asyncio.wait_for(receive(), max(0.0, wait))
             except asyncio.TimeoutError:  # a slow (or stalled) client must not hold a slot forever
-                return await _reply(send, 408, openai_error(
-                    f"the request body stalled: nothing arrived for {idle:g} s (limits.body_idle_timeout_s)",
-                    "request_timeout"), [(b"connection", b"close")])
+                why = (f"nothing arrived for {idle:g} s (limits.body_idle_timeout_s)" if wait >= idle else
+                       f"it did not arrive whole within {total:g} s (limits.body_timeout_s)")
+                return await _reply(send, 408, openai_error(f"the request body stalled: {why}", "request_timeout"),
+                                    [(b"connection", b"close")])
             if msg["type"] == "http.disconnect":
                 return  # the client left before sending its body: nothing to answer
             chunk = msg.get("body", b"")

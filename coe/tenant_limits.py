@@ -165,6 +165,18 @@ class TenantLimiter:
         counters = [k for k, on in zip(keys[1:], (lim.tpm, lim.token_budget)) if on]
         return Reservation(self, counters, tokens)
 
+    def rpm_full(self, key_id: str, limits: KeyLimits) -> int | None:
+        """Seconds until ``key_id``'s request window has room again when it is full now, else None:
+        the check made before a body is read (nothing is reserved; :meth:`admit` does that)."""
+        if self.r is None or not limits.rpm:
+            return None
+        keys, left, _ = self._windows(key_id, limits)
+        try:
+            used = int(self.r.get(keys[0]) or 0)
+        except redis.RedisError:
+            return None  # admitted; admit() logs the failure
+        return left[0] if used >= limits.rpm else None
+
     def _settle(self, counters: list[str], delta: int) -> None:
         try:
             self._settle_script(keys=counters, args=[delta])

@@ -47,10 +47,10 @@ from coe.config import ServeConfig
 from coe.engines.features import engine_kind, expert_unsupported
 from coe.errors import ErrorReport
 from coe.generate_request import GenerateRequest
-from coe.limits import (BodyLimitMiddleware, RequestLimits, RequestTimeout, loading_wait, request_timeout,
+from coe.limits import (BodyLimitMiddleware, openai_error, RequestLimits, RequestTimeout, loading_wait, request_timeout,
                         with_deadline)
 from coe.serve.pool_view import cluster_view, merged_residency
-from coe.keys import KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
+from coe.keys import KeyLimits, KeyRing, KeyStoreUnavailable, RedisKeyStore, StoredKey, allowed_experts, set_service_ring
 from coe.security import APIKeyMiddleware, bearer_token, install_log_redaction, route_path
 from coe.tenant_limits import LimitExceeded, Reservation, TenantLimiter, estimate_tokens, prompt_token_bound
 from routers.policy import names_expert, route_named
@@ -73,8 +73,21 @@ def _keys() -> KeyRing:
     return coe.keys.service_ring()
 
 
+async def _rate_before_body(scope: dict) -> tuple[int, dict, list] | None:
+    """A key whose requests-per-minute window is full gets its 429 before its body is read."""
+    tenants, key = _RUNTIME.get("tenants"), scope.get("coe.key")
+    if tenants is None or not key or not (key.get("limits") or {}).get("rpm"):
+        return None
+    wait = await asyncio.to_thread(tenants.rpm_full, key["id"], KeyLimits.model_validate(key["limits"]))
+    if wait is None:
+        return None
+    return (429, openai_error(f"key '{key['name']}' is at its limit of {key['limits']['rpm']} requests per minute",
+                              "key_rpm_limit", "rate_limit_error"), [(b"retry-after", str(wait).encode())])
+
+
 app.add_middleware(BodyLimitMiddleware, max_bytes=lambda: _RUNTIME["limits"].max_request_bytes,
-                   idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s)
+                   idle_timeout_s=lambda: _RUNTIME["limits"].body_idle_timeout_s,
+                   total_timeout_s=lambda: _RUNTIME["limits"].body_timeout_s, before_body=_rate_before_body)
 # added later = further out: a request without a valid key is refused before its body is even read
 app.add_middleware(APIKeyMiddleware, store=_keys)
 # while the service stops: 503 shutting_down before anything else is done (coe/api/drain.py)
@@ -251,7 +264,7 @@ class Ingress:
         _RUNTIME["limits"] = self.limits
         self.keys = KeyRing(RedisKeyStore(self.cfg.redis_url, self.cfg.namespace))
         set_service_ring(self.keys)
-        self.tenants = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
+        self.tenants = _RUNTIME["tenants"] = TenantLimiter(redis.Redis.from_url(self.cfg.redis_url, socket_timeout=2,
                                                           socket_connect_timeout=2), self.cfg.namespace)
         self.router = router
         self.pool = pool

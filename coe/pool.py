@@ -512,8 +512,9 @@ class ExpertPool:
         ok = False
         try:
             while True:  # each token within stall_timeout_s of the last (decision 10)
-                try:
-                    chunk = await (asyncio.wait_for(agen.__anext__(), stall) if stall else agen.__anext__())
+                try:  # asyncio.timeout, not wait_for: no extra task per token
+                    async with asyncio.timeout(stall):
+                        chunk = await agen.__anext__()
                 except StopAsyncIteration:
                     break
                 p.last_token = time.monotonic()

@@ -1,4 +1,5 @@
 # The two commands of the README: `make serve` and `make test`. Both set up .venv first.
+# `make serve ARGS="..."` passes options to `coe serve` (e.g. ARGS="--port 8001").
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -29,8 +30,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# options pass through: make serve ARGS="--port 8001 --dashboard-port 8266"
 serve: setup
-	$(BIN)/coe serve --demo
+	$(BIN)/coe serve --demo $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -35,6 +37,8 @@ err_console = Console(stderr=True, highlight=False)
 
 DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8265
+#: when the default dashboard port is taken, the next ones tried (Ray's own search, with no port given)
+DASHBOARD_PORT_TRIES = 50
 CHAT_DEFAULT_URL = "http://127.0.0.1:8000/v1"
 
 
@@ -49,7 +53,9 @@ def serve(
     host: Optional[str] = typer.Option(None, help="Bind address of the HTTP API (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port of the HTTP API (default 8000)."),
     demo: Optional[bool] = typer.Option(None, "--demo/--no-demo", help="Register the demo experts (SmolLM2) if missing."),
-    dashboard_port: int = typer.Option(DASHBOARD_PORT, help="Port of Ray's dashboard (bound to 127.0.0.1)."),
+    dashboard_port: Optional[int] = typer.Option(
+        None, help=f"Port of Ray's dashboard (bound to 127.0.0.1). Default {DASHBOARD_PORT}, or a free port "
+                   f"near it when another program holds {DASHBOARD_PORT} (the banner names it)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs Ray may use (default: all)."),
 ) -> None:
     """Start Redis (embedded unless COE_REDIS_URL), a local Ray and the coe app; Ctrl-C stops all of it."""
@@ -68,6 +74,7 @@ def serve(
     upd = {k: v for k, v in {"host": host, "port": port, "demo": demo}.items() if v is not None}
     cfg = cfg.model_copy(update=upd).with_env()
     ray_dirs = _check_ray_dirs(cfg)  # before anything starts: Ray's directories are private, no other coe serve
+    dashboard_port, dashboard_note = _check_ports(cfg, dashboard_port)  # and every port coe asks for is free
     from coe.keys import KeyRing, RedisKeyStore
     from coe.security import check_bind, install_log_redaction
 
@@ -94,7 +101,11 @@ def serve(
 
     _install_handlers()
 
-    started: dict = {"redis": False, "ray": False, "serve": False, "ray_dirs": ray_dirs}
+    started: dict = {"redis": False, "ray": False, "serve": False, "ray_dirs": ray_dirs,
+                     "dashboard_note": dashboard_note}
+    _serve_log(f"coe serve (pid {os.getpid()}) starting: API {cfg.host}:{cfg.port}, "
+               + (f"Ray at {cfg.ray_address}" if cfg.ray_address else f"dashboard {DASHBOARD_HOST}:{dashboard_port}")
+               + "; Ray's own notices while it starts and stops follow")
     try:
         _start_all(cfg, started, dashboard_port, num_cpus, stop, _install_handlers)
         if not stop.is_set():
@@ -200,20 +211,65 @@ def _quiet_ray() -> None:
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
+def _serve_log_path() -> Path:
+    from expert_registry.paths import state_dir
+
+    return state_dir("logs") / "serve.log"
+
+
+def _serve_log(line: str) -> None:
+    """One dated line in ``$COE_HOME/logs/serve.log`` (appended, on disk when this returns): the
+    file the banner names exists from the start of the run, not only after a shutdown."""
+    with _serve_log_path().open("a", encoding="utf-8") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+
+
+class _LogCopier(threading.Thread):
+    """Copies what lands in a capture file to serve.log while the capture runs (every 0.2 s, whole
+    lines, ANSI codes stripped), so the log is current while coe starts or stops."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="coe-serve-log", daemon=True)
+        self.fd, self.pos, self.rest = fd, 0, b""
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.2):
+            self.copy()
+
+    def copy(self, final: bool = False) -> None:
+        while chunk := os.pread(self.fd, 1 << 20, self.pos):
+            self.pos += len(chunk)
+            self.rest += chunk
+        cut = len(self.rest) if final else self.rest.rfind(b"\n") + 1
+        data, self.rest = self.rest[:cut], self.rest[cut:]
+        text = _ANSI.sub("", data.decode(errors="replace"))
+        if text.strip():
+            with _serve_log_path().open("a", encoding="utf-8") as f:
+                f.write(text if text.endswith("\n") else text + "\n")
+
+    def finish(self) -> None:
+        self.done.set()
+        self.join()
+        self.copy(final=True)
+
+
 @contextlib.contextmanager
 def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
     """Send what Ray prints on this process's stderr (and stdout, when given) while it starts or
     stops (its banner, the raylet's report of the controller it kills itself at shutdown) to
-    ``$COE_HOME/logs/serve.log``, without ANSI codes; the banner names the file. Replica logs stay
-    in Ray's own log folder. Start-up keeps stdout: rich's spinner draws there."""
-    from expert_registry.paths import state_dir
-
+    ``$COE_HOME/logs/serve.log``, without ANSI codes, as it comes; the banner names the file.
+    Replica logs stay in Ray's own log folder. Start-up keeps stdout: rich's spinner draws there.
+    The output goes to a temporary file first (never a pipe: a Ray process that inherited the
+    descriptor must never block on it or die of SIGPIPE), which a thread copies to the log."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile() as tmp:
+        copier = _LogCopier(tmp.fileno())
         for fd in fds:
             os.dup2(tmp.fileno(), fd)
+        copier.start()
         try:
             yield
         finally:
@@ -222,11 +278,7 @@ def _ray_output_to_log(fds: tuple[int, ...] = (2,)) -> Iterator[None]:
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
-            tmp.seek(0)
-            text = _ANSI.sub("", tmp.read().decode(errors="replace"))
-            if text.strip():
-                with (state_dir("logs") / "serve.log").open("a", encoding="utf-8") as f:
-                    f.write(text if text.endswith("\n") else text + "\n")
+            copier.finish()
 
 
 def _check_ray_dirs(cfg):
@@ -249,6 +301,92 @@ def _check_ray_dirs(cfg):
     return dirs
 
 
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not bind ``host:port`` now (None: it could). The probe sets SO_REUSEADDR
+    as Ray's servers do (a port left in TIME_WAIT is free) but not SO_REUSEPORT, so a port another
+    program listens on counts as taken even when that program set SO_REUSEPORT (Serve's proxy
+    would share it with it, and the kernel would split coe's requests between the two)."""
+    host = host or "0.0.0.0"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e
+    return None
+
+
+def _holder(port: int) -> str:
+    """`` (held by pid N, NAME)`` for the process listening on ``port``, when this user may see it."""
+    try:
+        import psutil
+
+        for c in psutil.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return f" (held by pid {c.pid}, {psutil.Process(c.pid).name()})"
+    except Exception:  # noqa: BLE001 - only a hint: other users' sockets have no pid here
+        pass
+    return ""
+
+
+def _free_port_near(host: str, start: int, tries: int, avoid: set[int]) -> int:
+    """The first port from ``start`` on that ``host`` can bind, else one the kernel picks."""
+    for port in range(start, min(start + tries, 65536)):
+        if port not in avoid and _bind_error(host, port) is None:
+            return port
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _check_ports(cfg, dashboard_port: int | None) -> tuple[int, str | None]:
+    """Issue 31: every fixed TCP port coe asks for is checked before anything starts, so a taken
+    port costs a second, not a cold start. They are the API (Serve's proxy, ``--port``) and Ray's
+    dashboard (``--dashboard-port``); Redis is on a unix socket, and a fresh local Ray head picks
+    its GCS, raylet, agent and worker ports itself (Ray's dashboard agent keeps its default 52365
+    and, when that is taken, runs without its HTTP server, which coe does not use). Returns the
+    dashboard port to use and, when the default was taken, a note for the banner. A cluster named
+    by ``ray_address`` owns its ports: nothing is checked then."""
+    if cfg.ray_address:
+        return dashboard_port or DASHBOARD_PORT, None
+    err = _bind_error(cfg.host, cfg.port)
+    if err is not None and err.errno == errno.EADDRINUSE:
+        free = _free_port_near(cfg.host or "0.0.0.0", cfg.port + 1, DASHBOARD_PORT_TRIES, {DASHBOARD_PORT})
+        _fail(f"port {cfg.port} of coe's API ({cfg.host}:{cfg.port}) is in use by another program"
+              f"{_holder(cfg.port)}: start on another port with `coe serve --port {free}` "
+              f"(with make: make serve ARGS=\"--port {free}\")")
+    if err is not None:
+        _fail(f"cannot bind coe's API to {cfg.host}:{cfg.port} ({err.strerror}): choose another address with "
+              "`coe serve --host HOST --port PORT`")
+    return _dashboard_port(cfg.port, dashboard_port)
+
+
+def _dashboard_port(api_port: int, asked: int | None) -> tuple[int, str | None]:
+    """A port asked for with ``--dashboard-port`` must be free (else fail, naming the option); the
+    default 8265, when taken, gives way to the next free port (what Ray does when no port is given)."""
+    if asked is not None:
+        err = None if asked == api_port else _bind_error(DASHBOARD_HOST, asked)
+        if asked != api_port and err is None:
+            return asked, None
+        if asked == api_port:
+            what = "is the API's port (--port) too"
+        elif err is not None and err.errno == errno.EADDRINUSE:
+            what = f"is in use by another program{_holder(asked)}"
+        else:
+            what = f"cannot be bound ({getattr(err, 'strerror', err)})"
+        other = _free_port_near(DASHBOARD_HOST, asked + 1, DASHBOARD_PORT_TRIES, {api_port})
+        _fail(f"port {asked} of Ray's dashboard ({DASHBOARD_HOST}:{asked}, asked for with --dashboard-port) "
+              f"{what}: pick another with `coe serve --dashboard-port {other}`, or leave the option out and "
+              "coe picks a free one")
+    if DASHBOARD_PORT != api_port and _bind_error(DASHBOARD_HOST, DASHBOARD_PORT) is None:
+        return DASHBOARD_PORT, None
+    port = _free_port_near(DASHBOARD_HOST, DASHBOARD_PORT + 1, DASHBOARD_PORT_TRIES, {api_port})
+    held = "coe's API (--port)" if DASHBOARD_PORT == api_port else f"another program{_holder(DASHBOARD_PORT)}"
+    console.print(f"[yellow]![/] Ray's dashboard port {DASHBOARD_PORT} is in use by {held}: the dashboard "
+                  f"goes on port {port} instead (choose one with --dashboard-port)", soft_wrap=True)
+    return port, f"{DASHBOARD_PORT} was in use"
+
+
 def _start_ray(cfg, started: dict, dashboard_port: int, num_cpus: int | None, reinstall_handlers, status) -> None:
     """A Ray head of coe's own (never one it finds), or the cluster the config names; either way
     its address goes to ``$COE_HOME/ray/address`` (0600) for ``coe drain``."""
@@ -268,8 +406,14 @@ def _start_ray(cfg, started: dict, dashboard_port: int, num_cpus: int | None, re
         else:
             # every Ray port on 127.0.0.1, the token file 0600 in a 0700 directory, Ray's own head
             # (never one it finds) with its files inside the 0700 $COE_HOME/ray (docs/security.md)
-            ctx = init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus,
-                                 namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
+            try:
+                ctx = init_local_ray(include_dashboard=True, dashboard_port=dashboard_port, num_cpus=num_cpus,
+                                     namespace="coe", log_to_driver=False, logging_level=logging.WARNING)
+            except ValueError as e:  # Ray's advice names `ray start`; coe's option is --dashboard-port
+                if "already occupied" not in str(e):
+                    raise
+                _fail(f"port {dashboard_port} of Ray's dashboard was taken by another program while coe started "
+                      "(it was free a moment before): start again, or pick a port with `coe serve --dashboard-port`")
     status.start()
     started["ray"] = "joined" if cfg.ray_address else True
     started["ray_context"] = ctx
@@ -358,10 +502,10 @@ def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int, start
     api = f"http://{cfg.host}:{cfg.port}"
     dash = f"http://{DASHBOARD_HOST}:{dashboard_port}"
     from coe.ray_local import token_path
-    from expert_registry.paths import state_dir
 
     token = token_path()
     dirs = (started or {}).get("ray_dirs")
+    note = (started or {}).get("dashboard_note")
     if cfg.ray_address:
         ctx = (started or {}).get("ray_context")
         dash = getattr(ctx, "dashboard_url", None) or "(the cluster's)"
@@ -379,10 +523,10 @@ def _print_banner(cfg, n_experts: int, took_s: float, dashboard_port: int, start
         f"  try        {_coe_command()} chat{_chat_url_option(api)} \"Hello!\"",
         f"             curl {api}/v1/models",
         f"  health     {api}/healthz (alive)   {api}/readyz (warm)   metrics: {api}/metrics",
-        f"  dashboard  {dash}   (Ray token auth is on)",
+        f"  dashboard  {dash}   (Ray token auth is on{'; ' + note if note else ''})",
         f"  token      {token} (0600): paste it when the dashboard page asks for it; for its API:",
         f"             curl -H \"Authorization: Bearer $(cat {token})\" {dash}/api/serve/applications/",
-        f"  logs       {state_dir('logs') / 'serve.log'} (Ray's own notices)",
+        f"  logs       {_serve_log_path()} (Ray's own notices)",
         f"             replicas: {ray_logs}",
     ]
     if dirs is not None and dirs.fallback is not None:
@@ -477,6 +621,10 @@ def _shutdown(started: dict) -> None:
             console.print(f"[green]✓[/] {label} stopped")
         else:
             err_console.print(f"[yellow]![/] {label} shutdown: {err}")
+    with contextlib.suppress(OSError):
+        _serve_log(f"coe serve (pid {os.getpid()}) stopped: "
+                   + (", ".join(f"{label} {'stopped' if err is None else f'failed ({err})'}" for label, err in results)
+                      or "nothing had started"))
 
 
 @app.command()
@@ -529,21 +677,28 @@ def chat(
     message: Optional[str] = typer.Argument(None, help="What to ask; omit for an interactive session."),
     model: str = typer.Option("coe", "--model", "-m", help="coe | coe/<category> | <expert name>"),
     url: str = typer.Option(CHAT_DEFAULT_URL, envvar="COE_URL", help="coe's OpenAI base URL."),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar=["COE_API_KEY", "OPENAI_API_KEY"],
+        help="The API key, when the service has keys on (`coe keys add`). Default: COE_API_KEY, else "
+             "OPENAI_API_KEY; with none, no key is sent."),
     max_tokens: Optional[int] = typer.Option(None, help="Cap on generated tokens (default: the expert's)."),
     temperature: Optional[float] = typer.Option(None),
     system: Optional[str] = typer.Option(None, help="A system message to send first."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Wait for the whole answer."),
 ) -> None:
-    """Talk to a running `coe serve` through the OpenAI client; shows which expert answered."""
+    """Talk to a running `coe serve` through the OpenAI client; shows which expert answered.
+    With keys on, pass --api-key or set COE_API_KEY (OPENAI_API_KEY is read when COE_API_KEY is unset)."""
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key=os.environ.get("COE_API_KEY", "not-needed"), max_retries=0,
-                           timeout=600)
+    # with no key, no Authorization header at all: the server then says "missing", not "invalid"
+    client = openai.OpenAI(base_url=url, api_key=api_key or "none", max_retries=0, timeout=600)
+    no_key = {} if api_key else {"extra_headers": {"Authorization": openai.Omit()}}
+    source = _key_source(api_key)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def ask(text: str) -> bool:
         history.append({"role": "user", "content": text})
-        kw = {"model": model, "messages": history}
+        kw = {"model": model, "messages": history, **no_key}
         if max_tokens:
             kw["max_tokens"] = max_tokens
         if temperature is not None:
@@ -555,9 +710,7 @@ def chat(
             history.pop()
             return False
         except openai.APIStatusError as e:
-            body = e.body if isinstance(e.body, dict) else {}
-            msg = (body.get("error") or body).get("message", str(e)) if isinstance(body, dict) else str(e)
-            err_console.print(f"[bold red]error {e.status_code}:[/] {msg}")
+            err_console.print(f"[bold red]error {e.status_code}:[/] {_status_message(e, source)}", soft_wrap=True)
             history.pop()
             return False
         history.append({"role": "assistant", "content": answer})
@@ -577,6 +730,30 @@ def chat(
         if not text.strip():
             return
         ask(text)
+
+
+def _key_source(api_key: str | None) -> str | None:
+    """Where `coe chat`'s key came from, for its error messages."""
+    if not api_key:
+        return None
+    for var in ("COE_API_KEY", "OPENAI_API_KEY"):
+        if os.environ.get(var) == api_key:
+            return f"${var}"
+    return "--api-key"
+
+
+def _status_message(e, key_source: str | None) -> str:
+    """What an error answer means to a `coe chat` user; for a 401, whether a key was missing (none
+    sent: code ``missing_api_key``) or is not valid (``invalid_api_key``), and what to do."""
+    body = e.body if isinstance(e.body, dict) else {}
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    msg = err.get("message") or str(e)
+    if e.status_code != 401:
+        return msg
+    if err.get("code") == "missing_api_key" or key_source is None:
+        return "missing API key: pass --api-key or set COE_API_KEY (`coe keys add NAME` creates one)"
+    return (f"invalid API key (from {key_source}): this service does not know it; pass another with --api-key "
+            "or COE_API_KEY (`coe keys list` shows the service's keys)")
 
 
 def _route_line(coe: dict | None) -> str:

@@ -73,8 +73,9 @@ async def _send_json(send: Callable, status: int, body: bytes, headers: list[tup
 
 class APIKeyMiddleware:
     """Pure ASGI middleware, deny by default: when keys are configured, every route except the
-    probes in ``open_paths`` needs ``Authorization: Bearer <key>`` (401 ``invalid_api_key``
-    otherwise), whatever prefix the app is served under, unknown paths included. Streaming
+    probes in ``open_paths`` needs ``Authorization: Bearer <key>`` (otherwise 401, code
+    ``missing_api_key`` when no Bearer key was sent, ``invalid_api_key`` for a key the service does
+    not know; OpenAI's error shape), whatever prefix the app is served under, unknown paths included. Streaming
     responses pass through untouched. ``scope["coe.key"]`` holds the matched record's public fields.
 
     ``store`` is a :class:`KeyChecker`, or a callable returning one (the service builds its key ring
@@ -96,12 +97,14 @@ class APIKeyMiddleware:
         if route_path(scope) in self.open_paths or not self.store.configured:
             return await self.app(scope, receive, send)
         auth = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
-        rec = self.store.verify(bearer_token(auth))
+        token = bearer_token(auth)
+        rec = self.store.verify(token)
         if rec is None:
-            msg = ("missing API key: send 'Authorization: Bearer <key>'" if not auth else
-                   "invalid API key (keys are managed with `coe keys`)")
-            return await _send_json(send, 401, _error_body(msg, "invalid_api_key"),
-                                    [(b"www-authenticate", b'Bearer realm="coe"')])
+            if token is None:  # no key sent (no header, or not a Bearer one): say so, not "invalid"
+                msg, code = "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key"
+            else:
+                msg, code = "invalid API key (keys are managed with `coe keys`)", "invalid_api_key"
+            return await _send_json(send, 401, _error_body(msg, code), [(b"www-authenticate", b'Bearer realm="coe"')])
         scope["coe.key"] = rec.public()
         return await self.app(scope, receive, send)
 

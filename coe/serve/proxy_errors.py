@@ -17,7 +17,9 @@ list of Starlette ``Middleware``): :func:`middlewares` is that function. It rewr
 answers (status >= 400) whose content type is ``text/plain``, which coe's app never sends (its
 errors are JSON, streams are ``text/event-stream``, ``/metrics`` answers 200), into the OpenAI
 error shape, keeping ``Retry-After``. A 404 while the proxy has no route yet becomes 503
-``starting`` with ``Retry-After: 1``; a 500's text is logged and replaced by a generic message.
+``starting`` with ``Retry-After: 1``, except for the liveness probe ``/healthz``, which gets 200
+``{"status": "starting"}`` (issue 31: liveness must not fail during a normal start; readiness,
+``/readyz``, does); a 500's text is logged and replaced by a generic message.
 The proxy's own ``/-/healthz`` and ``/-/routes`` (KubeRay probes them) are left as Ray answers them.
 
 ``coe.ray_local.init_local_ray`` sets the variable (``coe serve`` and the test suite), the KubeRay
@@ -49,8 +51,23 @@ def _error(message: str, type_: str, code: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
+#: the app's liveness probe (``GET /healthz`` after the route prefix)
+LIVENESS = "healthz"
+
+
+def is_liveness(path: str) -> bool:
+    """Whether ``path`` is the app's liveness probe under any route prefix (the proxy does not know
+    the app's prefix before its route is in)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] == LIVENESS
+
+
 def rewrite(status: int, text: str, path: str, routes_ready: bool) -> tuple[int, bytes, bool]:
     """``(status, JSON body, add Retry-After: 1)`` for a plain-text error of the proxy."""
+    if status == 404 and not routes_ready and is_liveness(path):
+        # alive, starting: a liveness probe must not fail (and restart the pod) during a normal
+        # start; readiness (/readyz) says 503 until the app is warm
+        return 200, json.dumps({"status": "starting", "detail": "coe is starting: Ray Serve's proxy is up, the "
+                                "app's routes are not served yet; /readyz says when it is ready"}).encode(), False
     if status == 404 and not routes_ready:
         return 503, _error("coe is starting: the app's routes are not served yet; retry in a moment",
                            "server_error", "starting"), True

@@ -54,10 +54,12 @@ async def test_bearer_required_everywhere_but_the_probes_once_keys_exist(redis_u
     assert (await _get(app, "/v1/models")).status_code == 200  # no keys configured: open
     user, _ = store.add("user1")
     other, _ = store.add("user2")
-    r = await _get(app, "/v1/models")
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await _get(app, "/v1/models")  # no key sent: "missing", not "invalid" (issue 31 item 2)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    assert r.json()["error"]["message"].startswith("missing API key")
     assert r.headers["www-authenticate"].startswith("Bearer")
-    assert (await _get(app, "/v1/models", "coe-wrong")).status_code == 401
+    r = await _get(app, "/v1/models", "coe-wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert (await _get(app, "/v1/models", user[:-1])).status_code == 401
     assert (await _get(app, "/v1/models", user)).status_code == 200
     assert (await _get(app, "/metrics", user)).status_code == 200  # every key may call every route

@@ -74,7 +74,7 @@ def test_every_route_but_the_probes_needs_a_key(serve_app, api_prefix, a_key, mo
             body = {"model": "tiny-a", "messages": HELLO, "max_tokens": 1} if method == "POST" else None
             r = c.request(method, path, json=body)
             assert r.status_code == 401, (mount, path, r.status_code, r.text[:200])
-            assert err(r)["code"] == "invalid_api_key"
+            assert err(r)["code"] == "missing_api_key"  # none sent; a wrong one is "invalid_api_key"
         assert c.get("/healthz").status_code == 200  # liveness stays open for probes
         auth = {"Authorization": f"Bearer {a_key}"}
         assert c.get("/v1/models", headers=auth).status_code == 200

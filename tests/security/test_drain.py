@@ -2,7 +2,8 @@
 that process, so it runs as a subprocess: its own Ray, the session's Redis, SmolLM2 on the CPU).
 
 * from the moment the port opens until ready, `/healthz` and `/readyz` polled every ~20 ms answer
-  JSON, never Ray's plain-text 404 (the proxy's own errors are rewritten, coe/serve/proxy_errors.py);
+  JSON, never Ray's plain-text 404 (the proxy's own errors are rewritten, coe/serve/proxy_errors.py),
+  and `/healthz` (liveness) answers 200 throughout: "starting", then "ok" (issue 31);
 * (issue 24 item 3) it records the Ray head it started in ``$COE_HOME/ray/address`` (0600), where
   ``coe drain`` finds it, and removes the file when it stops;
 * SIGTERM drains (drain timeout 12 s here): `/readyz` turns 503 at once, a new request gets 503
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -115,6 +117,10 @@ def test_the_port_answers_json_during_the_whole_start_up(service):
     assert not plain, plain[:5]
     # before the app serves, what the port says is "starting" (503), never "not found"
     assert all(a[1] != 404 for a in answers), [a for a in answers if a[1] == 404][:5]
+    # issue 31: liveness never fails during a normal start: /healthz is 200 "starting", then "ok"
+    live = [(a[1], (re.search(r'"status":\s*"(\w+)"', a[3]) or [None, None])[1]) for a in answers
+            if a[0] == "/healthz"]
+    assert live and all(code == 200 and status in ("starting", "ok", "degraded") for code, status in live), live[:5]
 
 
 class Stream(threading.Thread):

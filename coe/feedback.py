@@ -3,14 +3,18 @@
 Two sets live in the registry's Redis (namespace ``ns``), both bounded and expiring, because a
 feedback record is an operator-visible state change (DESIGN decision 3), not a live statistic:
 
-    coe:{ns}:fb:req:{request id}   string  JSON RequestRecord, expires after ``request_ttl_s`` (24 h)
-    coe:{ns}:fb:reqs               zset    request id -> time; beyond ``max_requests`` the oldest go
-    coe:{ns}:fb:records            hash    request id -> JSON FeedbackRecord (one per request id)
-    coe:{ns}:fb:records:index      zset    request id -> time; older than ``record_ttl_s`` or beyond
-                                           ``max_records`` they are dropped
+    coe:{ns}:fb:req:{key}/{request id}   string  JSON RequestRecord, expires after ``request_ttl_s`` (24 h)
+    coe:{ns}:fb:owners:{request id}      set     the keys that used that id (an admin's feedback by id)
+    coe:{ns}:fb:reqs               zset    {key}/{request id} -> time; beyond ``max_requests`` the oldest go
+    coe:{ns}:fb:records            hash    {key}/{request id} -> JSON FeedbackRecord (one per request)
+    coe:{ns}:fb:records:index      zset    {key}/{request id} -> time; older than ``record_ttl_s`` or
+                                           beyond ``max_records`` they are dropped
+
+``{key}`` is the id of the API key that made the request (``-`` with auth off): a request id is a
+key's own, whoever else sends the same ``X-Request-Id``.
     coe:{ns}:fb:quota:{key}:{expert}:{UTC day}   int   new records a key gave an expert that day
     coe:{ns}:fb:version            int     bumped on every feedback change
-    channel coe:{ns}:feedback              the request id of each change (router replicas listen)
+    channel coe:{ns}:feedback              the {key}/{request id} of each change (router replicas listen)
 
 Rules a user notices: feedback on an unknown or expired request id is :class:`UnknownRequest`
 (404); feedback on a request made with another key is the same 404 (an id is no capability); a
@@ -114,8 +118,18 @@ class FeedbackStore:
         self.prefix = p
         self.channel = feedback_channel(namespace)
 
-    def _req_key(self, rid: str) -> str:
-        return f"{self.prefix}:req:{rid}"
+    def _req_key(self, sid: str) -> str:
+        return f"{self.prefix}:req:{sid}"
+
+    @staticmethod
+    def stored_id(request_id: str, key_id: str | None) -> str:
+        """Where ``request_id`` of ``key_id`` is kept: ids are namespaced by the key that made the
+        request (DESIGN decision 8), so a client that sends another tenant's ``X-Request-Id`` gets a
+        request of its own, and its feedback can never reach the other's (issue 24 item 5)."""
+        return f"{key_id or '-'}/{request_id}"
+
+    def _owners_key(self, rid: str) -> str:
+        return f"{self.prefix}:owners:{rid}"
 
     # ---- requests (ingress, once per answered request) ------------------------------------------
     def remember(self, request_id: str, expert: str, category: str | None, prompt: str,
@@ -124,9 +138,12 @@ class FeedbackStore:
         now = self.clock()
         rec = RequestRecord(request_id=request_id, expert=expert, category=category,
                             prompt=clip_prompt(prompt, self.cfg.max_prompt_chars), key_id=key_id, at=now)
+        sid = self.stored_id(request_id, key_id)
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(self._req_key(request_id), rec.model_dump_json(), ex=self.cfg.request_ttl_s)
-        pipe.zadd(self.reqs, {request_id: now})
+        pipe.set(self._req_key(sid), rec.model_dump_json(), ex=self.cfg.request_ttl_s)
+        pipe.sadd(self._owners_key(request_id), key_id or "-")  # for an admin's feedback by the bare id
+        pipe.expire(self._owners_key(request_id), self.cfg.request_ttl_s)
+        pipe.zadd(self.reqs, {sid: now})
         pipe.zremrangebyscore(self.reqs, "-inf", now - self.cfg.request_ttl_s)
         pipe.zcard(self.reqs)
         n = pipe.execute()[-1]
@@ -136,9 +153,22 @@ class FeedbackStore:
             if old:
                 self.r.delete(*(self._req_key(m) for m in old))
 
-    def request(self, request_id: str) -> RequestRecord | None:
-        raw = self.r.get(self._req_key(request_id))
+    def request(self, request_id: str, key_id: str | None = None) -> RequestRecord | None:
+        """The request ``key_id`` made under ``request_id`` (None: unknown or expired)."""
+        raw = self.r.get(self._req_key(self.stored_id(request_id, key_id)))
         return RequestRecord.model_validate_json(raw) if raw else None
+
+    def _request_for(self, request_id: str, key_id: str | None, admin: bool) -> RequestRecord | None:
+        """The caller's own request of that id; for an admin key, else the one request of that id
+        any key made (several keys used the id: ambiguous, so none)."""
+        req = self.request(request_id, key_id)
+        if req is not None or not admin:
+            return req
+        owners = self.r.smembers(self._owners_key(request_id))
+        if len(owners) != 1:
+            return None
+        (owner,) = owners
+        return self.request(request_id, None if owner == "-" else owner)
 
     # ---- feedback (ingress, POST /v1/feedback) ---------------------------------------------------
     def add(self, request_id: str, score: float, key_id: str | None, admin: bool = False) -> tuple[FeedbackRecord, bool]:
@@ -146,10 +176,11 @@ class FeedbackStore:
 
         The caller's key must be the one that made the request (an admin key may score any).
         Raises :class:`UnknownRequest` or :class:`FeedbackLimit`."""
-        req = self.request(request_id)
-        if req is None or (req.key_id is not None and not admin and key_id != req.key_id):
+        req = self._request_for(request_id, key_id, admin)
+        if req is None:
             raise UnknownRequest(f"no request '{request_id}' is known for this key (unknown, made with another key, "
                                  f"or older than {self.cfg.request_ttl_s // 3600} h)")
+        sid = self.stored_id(request_id, req.key_id)
         now = self.clock()
         day = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%d")
         quota = f"{self.prefix}:quota:{key_id or '-'}:{req.expert}:{day}"
@@ -159,7 +190,7 @@ class FeedbackStore:
             with self.r.pipeline() as pipe:
                 try:
                     pipe.watch(self.records_key, quota)
-                    replaced = bool(pipe.hexists(self.records_key, request_id))
+                    replaced = bool(pipe.hexists(self.records_key, sid))
                     used = int(pipe.get(quota) or 0)
                     if not replaced and used >= self.cfg.per_key_expert_day:
                         until = 86_400 - int(now % 86_400)
@@ -167,15 +198,15 @@ class FeedbackStore:
                                             f"today (feedback.per_key_expert_day); more count from 00:00 UTC",
                                             max(1, until))
                     stale = [m for m in pipe.zrangebyscore(self.index, "-inf", now - self.cfg.record_ttl_s)
-                             if m != request_id]
+                             if m != sid]
                     excess = int(pipe.zcard(self.index)) - len(stale) + (0 if replaced else 1) - self.cfg.max_records
                     if excess > 0:  # the cap: the oldest records go (never the one being written)
                         gone = set(stale)
                         oldest = pipe.zrange(self.index, 0, excess + len(stale))
-                        stale += [m for m in oldest if m not in gone and m != request_id][:excess]
+                        stale += [m for m in oldest if m not in gone and m != sid][:excess]
                     pipe.multi()
-                    pipe.hset(self.records_key, request_id, rec.model_dump_json())
-                    pipe.zadd(self.index, {request_id: now})
+                    pipe.hset(self.records_key, sid, rec.model_dump_json())
+                    pipe.zadd(self.index, {sid: now})
                     if stale:
                         pipe.hdel(self.records_key, *stale)
                         pipe.zrem(self.index, *stale)
@@ -183,7 +214,7 @@ class FeedbackStore:
                         pipe.incr(quota)
                         pipe.expire(quota, 2 * DAY_S)
                     pipe.incr(self.version_key)
-                    pipe.publish(self.channel, request_id)
+                    pipe.publish(self.channel, sid)
                     pipe.execute()
                     return rec, replaced
                 except redis.WatchError:
@@ -193,9 +224,10 @@ class FeedbackStore:
     def version(self) -> int:
         return int(self.r.get(self.version_key) or 0)
 
-    def record(self, request_id: str) -> FeedbackRecord | None:
-        raw = self.r.hget(self.records_key, request_id)
-        return _parse(request_id, raw) if raw else None
+    def record(self, sid: str) -> FeedbackRecord | None:
+        """The record kept under ``sid`` (:meth:`stored_id`; what the channel announces)."""
+        raw = self.r.hget(self.records_key, sid)
+        return _parse(sid, raw) if raw else None
 
     def records(self) -> tuple[int, dict[str, FeedbackRecord]]:
         """(version, every record not older than ``record_ttl_s``), read in one transaction."""

@@ -42,7 +42,7 @@ def test_feedback_replaces_never_adds_and_needs_a_known_request(make_store):
     rec, replaced = s.add("r1", 0.0, "k1")
     assert (rec.expert, rec.category, rec.prompt, rec.score, replaced) == ("tiny-a", "general", "Hello there", 0.0, False)
     rec, replaced = s.add("r1", 1.0, "k1")  # the user changed their mind
-    assert replaced and s.records()[1]["r1"].score == 1.0 and len(s.records()[1]) == 1
+    assert replaced and s.records()[1]["k1/r1"].score == 1.0 and len(s.records()[1]) == 1
     with pytest.raises(UnknownRequest):
         s.add("never-seen", 1.0, "k1")
     with pytest.raises(UnknownRequest):  # another key's request is as unknown as a missing one
@@ -64,7 +64,7 @@ def test_one_key_moves_one_expert_by_at_most_its_daily_cap(make_store):
         s.add("r2", 0.0, "k1")
     assert 0 < e.value.retry_after_s <= 86_400
     s.add("b0", 0.0, "k1")  # the cap is per expert
-    assert set(s.records()[1]) == {"r0", "r1", "b0"}
+    assert set(s.records()[1]) == {"k1/r0", "k1/r1", "k1/b0"}
     s.clock.t += 86_400  # the next UTC day
     s.add("r2", 0.0, "k1")
 
@@ -78,11 +78,11 @@ def test_requests_and_records_are_bounded_and_expire(make_store):
     for rid in ("r2", "r3", "r4"):
         s.clock.t += 1
         s.add(rid, 1.0, None)
-    assert set(s.records()[1]) == {"r3", "r4"}  # the cap dropped the oldest record
+    assert set(s.records()[1]) == {"-/r3", "-/r4"}  # the cap dropped the oldest record
     assert s.r.hlen(s.records_key) == 2
     s.clock.t += 3600 + 10
     assert s.records()[1] == {}  # past the retention, records no longer count
-    assert s.r.ttl(s._req_key("r4")) > 86_000  # a request can be scored for 24 h (Redis expiry)
+    assert s.r.ttl(s._req_key(s.stored_id("r4", None))) > 86_000  # a request can be scored for 24 h (Redis expiry)
     assert len(clip_prompt("x" * 5000, 2000)) <= 2000
 
 
@@ -120,13 +120,29 @@ async def test_watcher_picks_up_feedback_without_a_restart(make_store, redis_url
         assert seen == [{}]
         s.add("r1", 0.0, None)
         deadline = time.monotonic() + 5  # pub/sub, not the 60 s poll
-        while (not seen[-1] or seen[-1]["r1"].score != 0.0) and time.monotonic() < deadline:
+        while (not seen[-1] or seen[-1]["-/r1"].score != 0.0) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert seen[-1]["r1"].score == 0.0
+        assert seen[-1]["-/r1"].score == 0.0
         s.add("r1", 1.0, None)
-        while seen[-1]["r1"].score != 1.0 and time.monotonic() < deadline:
+        while seen[-1]["-/r1"].score != 1.0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert len(seen[-1]) == 1 and seen[-1]["r1"].score == 1.0
+        assert len(seen[-1]) == 1 and seen[-1]["-/r1"].score == 1.0
     finally:
         await w.stop()
 
+
+
+def test_a_request_id_is_the_key_s_own_whoever_reuses_it(make_store):
+    """Issue 24 item 5: tenant B sent tenant A's X-Request-Id. A's feedback then got 404 and B's
+    replaced the admin's score on A's request. Ids are namespaced by the key that made the request."""
+    s = make_store()
+    s.remember("shared-id", "tiny-a", "math", "2+2?", key_id="A")
+    assert s.add("shared-id", 1.0, "admin", admin=True)[0].expert == "tiny-a"  # the admin scores A's answer
+    s.remember("shared-id", "tiny-b", "math", "3+3?", key_id="B")  # B reuses A's id
+    rec, replaced = s.add("shared-id", 0.0, "B")  # B's feedback lands on B's own request ...
+    assert rec.expert == "tiny-b" and not replaced
+    records = s.records()[1]
+    assert records["A/shared-id"].score == 1.0 and records["B/shared-id"].score == 0.0  # ... never on A's
+    assert s.add("shared-id", 0.5, "A")[0].expert == "tiny-a"  # A can still score its own request
+    with pytest.raises(UnknownRequest):  # two keys used the id: an admin must not guess which
+        s.add("shared-id", 0.2, "admin", admin=True)

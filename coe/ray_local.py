@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from coe.errors import CoeError
+from expert_registry.embedded import pid_alive
 
 LOOPBACK = "127.0.0.1"
 #: Ray 2.60: "0" = single-machine mode, the node IP is loopback and every server binds to it
@@ -287,19 +288,6 @@ def write_address_file(ctx: Any = None, *, address: str | None = None, started_h
     return path
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie counts as gone
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 def read_address_file(home: Path | str | None = None) -> ServiceRay:
     """The Ray of the ``coe serve`` running under this ``COE_HOME``: :class:`NoCoeRay` when there is
     none (no file, or its process is gone), :class:`RayDirError` when the file or its directory is
@@ -322,7 +310,7 @@ def read_address_file(home: Path | str | None = None) -> ServiceRay:
         rec = ServiceRay(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError) as e:
         raise RayDirError(f"{path} cannot be read ({type(e).__name__}): remove it") from None
-    if not _pid_alive(rec.pid):
+    if not pid_alive(rec.pid):
         raise NoCoeRay(f"{none}: {path} names pid {rec.pid}, which is not running (a `coe serve` that was "
                        "killed); remove the file")
     return rec

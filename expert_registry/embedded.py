@@ -120,7 +120,8 @@ def ping(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie counts as gone; another user's process as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -291,9 +292,9 @@ def ensure_embedded(timeout: float = 20.0) -> ServerInfo:
         if info is not None:
             if ping(info.url):
                 return info
-            if info.pid and _pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
+            if info.pid and pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
                 # alive but silent: maybe still loading a big AOF; give it a moment
-                if _wait_ready(info.url, timeout, lambda: _pid_alive(info.pid)):
+                if _wait_ready(info.url, timeout, lambda: pid_alive(info.pid)):
                     return info
                 raise EmbeddedRedisError(
                     f"embedded redis-server (pid {info.pid}, {info.url}) is running but does not answer; "
@@ -314,8 +315,8 @@ def restart_if_dead(timeout: float = 20.0) -> ServerInfo | None:
         info = _read_info(data_dir)
         if info is None or ping(info.url):
             return None
-        if info.pid and _pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
-            if _wait_ready(info.url, timeout, lambda: _pid_alive(info.pid)):
+        if info.pid and pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
+            if _wait_ready(info.url, timeout, lambda: pid_alive(info.pid)):
                 return None  # alive, only slow (loading its AOF)
             os.kill(info.pid, signal.SIGKILL)  # hung: replace it
             _wait_gone(info.pid, timeout)
@@ -327,7 +328,7 @@ def restart_if_dead(timeout: float = 20.0) -> ServerInfo | None:
 
 def _wait_gone(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -401,9 +402,9 @@ def stop_embedded(timeout: float = 20.0) -> bool:
             stopped = True
         if info.pid:
             deadline = time.monotonic() + timeout
-            while _pid_alive(info.pid) and time.monotonic() < deadline:
+            while pid_alive(info.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
+            if pid_alive(info.pid) and _is_our_redis(info.pid, data_dir):
                 os.kill(info.pid, signal.SIGTERM)
                 stopped = True
         with contextlib.suppress(FileNotFoundError):

@@ -40,7 +40,7 @@ def _servers_for(home: Path) -> list[int]:
 
 def _wait_dead(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while embedded._pid_alive(pid):
+    while embedded.pid_alive(pid):
         assert time.monotonic() < deadline, f"pid {pid} still alive"
         time.sleep(0.05)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,13 @@ from typing import Annotated, Any, Optional
 import click
 import typer
 import yaml
-from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
 from expert_registry import embedded
 from expert_registry.errors import InvalidExpert, RegistryError
+from expert_registry.list_view import fmt_bytes as _fmt_bytes
 from expert_registry.model_files import ModelInfo, inspect_model
 from expert_registry.spec import parse_category_map, parse_expert, validate_name
 from expert_registry.store import EXPORT_FORMAT, RedisRegistry
@@ -174,16 +175,6 @@ def _parse_capabilities(items: list[str]) -> dict[str, float]:
     return caps
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _describe(info: ModelInfo, expert: Any) -> str:
     """What the files say, with the values the registry stores (an explicit --max-context wins)."""
     bits = [info.format, _fmt_bytes(expert.size_bytes)]
@@ -298,10 +289,72 @@ _TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="Free-form t
 _FileOpt = Annotated[Optional[Path], typer.Option("--from-file", "-f", help="YAML spec; options override it.")]
 _NoCheckOpt = Annotated[bool, typer.Option(
     "--skip-model-check", help="Do not look for the model here (it lives only on the serving machines).")]
+_MapOpt = Annotated[bool, typer.Option(
+    "--map", help="Also append it to the category map of each category it declares a capability > 0 in "
+                  "(last, so the experts already there stay preferred): routed requests reach only the experts "
+                  "the map lists. Without --map, add prints the `map set` command that does it.")]
+
+
+def _follow_up_options(ctx: typer.Context, namespace: str) -> str:
+    """The options a printed follow-up command needs to reach the same registry: ``-n`` outside the
+    default namespace, ``--redis-url`` when it was typed (masked: a password is not echoed)."""
+    bits = [f" -n {shlex.quote(namespace)}"] if namespace != "default" else []
+    source = ctx.get_parameter_source("redis_url")
+    if ctx.params.get("redis_url") and getattr(source, "name", "") == "COMMANDLINE":
+        bits.append(f" --redis-url {shlex.quote(embedded.mask_url(ctx.params['redis_url']))}")
+    return "".join(bits)
+
+
+def _routing_plan(expert: Any, cmap: dict[str, list[str]], use_map: bool, follow: str) -> tuple[list[str], str | None]:
+    """The categories ``--map`` appends the new expert to, and the note to print after ``add``.
+    Stage 2 of the router takes as candidates only the experts the category map lists for the
+    request's categories, so an expert that is in no map entry is never routed to, whatever it
+    declares; only an empty map lets every expert compete on its capabilities (docs/registry.md)."""
+    name = expert.name
+    declared = [c for c, score in expert.capabilities.items() if score > 0]
+    if not cmap:
+        return [], (f"note: the category map is empty, so every expert competes on its capabilities and '{name}' "
+                    "is routed to already; --map left the map empty (a map naming only it would take every "
+                    "other expert out of the running)") if use_map else None
+    if not declared:
+        return [], (f"note: '{name}' declares no capability (-c CATEGORY=SCORE) and is in no category of the "
+                    f"category map, so routed requests never reach it; requests that name it (model '{name}') do")
+    if use_map:
+        return declared, None
+    cmd = "coe-registry map set " + " ".join(f"{c}={','.join([*cmap.get(c, []), name])}" for c in declared)
+    return [], (f"note: '{name}' is not in the category map for {', '.join(declared)}, so requests routed to "
+                f"{'that category' if len(declared) == 1 else 'those categories'} do not reach it: the router picks "
+                "among the experts the map lists. Add it (after the experts already there) with:\n"
+                f"  {cmd}{follow}\nor add experts with --map to do both in one step.")
+
+
+def _spec_from(from_file: Path | None, opts: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a new expert: the --from-file spec refined by the options given."""
+    data: dict[str, Any] = {}
+    if from_file is not None:
+        loaded = _load_yaml(from_file, "spec")
+        if not isinstance(loaded, dict):
+            raise InvalidExpert(f"{from_file}: expected a mapping of expert fields")
+        data.update(loaded)
+    for key in ("generation", "capabilities", "engine_settings"):  # options refine the file's dicts
+        if key in opts and isinstance(data.get(key), dict):
+            opts[key] = {**data[key], **opts[key]}
+    if "tags" in opts and isinstance(data.get("tags"), list):
+        opts["tags"] = list(dict.fromkeys([*data["tags"], *opts["tags"]]))
+    data.update(opts)
+    in_file = f" (or name: in {from_file})" if from_file else ""
+    if not data.get("name"):
+        raise InvalidExpert(f"NAME is required: coe-registry add NAME --model PATH{in_file}")
+    validate_name(str(data["name"]))
+    if not data.get("model"):
+        raise InvalidExpert(f"--model is required: the model folder, .gguf file or hub id of expert "
+                            f"'{data['name']}'" + (f" (or model: in {from_file})" if from_file else ""))
+    return data
 
 
 @app.command()
 def add(
+    ctx: typer.Context,
     name: Annotated[Optional[str], typer.Argument(help="Expert name: 1-64 chars of a-z 0-9 . _ -")] = None,
     model: _ModelOpt = None, gguf_file: _GgufOpt = None, revision: _RevOpt = None,
     engine: _EngineOpt = None, dtype: _DtypeOpt = None, max_context: _CtxOpt = None,
@@ -312,17 +365,12 @@ def add(
     kv_cache: _KvOpt = None, gpu_memory_utilization: _GpuUtilOpt = None, eager: _EagerOpt = None,
     quantization: _QuantOpt = None, max_num_seqs: _SeqsOpt = None, load_format: _LoadFmtOpt = None,
     tool_call_parser: _ToolParserOpt = None,
-    from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False,
+    from_file: _FileOpt = None, skip_model_check: _NoCheckOpt = False, map_: _MapOpt = False,
     redis_url: RedisUrl = None, namespace: Namespace = "default",
 ) -> None:
-    """Register an expert after checking its model is there and readable (no weights loaded)."""
+    """Register an expert after checking its model is there and readable (no weights loaded).
+    Routed requests reach it once the category map lists it (--map, or the `map set` it prints)."""
     with _user_errors():
-        data: dict[str, Any] = {}
-        if from_file is not None:
-            loaded = _load_yaml(from_file, "spec")
-            if not isinstance(loaded, dict):
-                raise InvalidExpert(f"{from_file}: expected a mapping of expert fields")
-            data.update(loaded)
         opts = _options_dict(
             name=name, model=model, gguf_file=gguf_file, revision=revision, engine=engine, dtype=dtype,
             max_context=max_context, chat_template=chat_template, chat_template_file=chat_template_file,
@@ -331,13 +379,7 @@ def add(
             params_b=params_b, trust_remote_code=trust_remote_code, tag=tag or [],
             engine_settings=_engine_settings(kv_cache, gpu_memory_utilization, eager, quantization, max_num_seqs,
                                              load_format, tool_call_parser))
-        for key in ("generation", "capabilities", "engine_settings"):  # options refine the file's dicts
-            if key in opts and isinstance(data.get(key), dict):
-                opts[key] = {**data[key], **opts[key]}
-        if "tags" in opts and isinstance(data.get("tags"), list):
-            opts["tags"] = list(dict.fromkeys([*data["tags"], *opts["tags"]]))
-        data.update(opts)
-        validate_name(str(data.get("name") or ""))
+        data = _spec_from(from_file, opts)
         source = f"expert {data['name']}" + (f" ({from_file})" if from_file else "")
         for key in ("size_bytes", "status", "status_reason", "created_at", "updated_at"):
             if key in data:
@@ -351,10 +393,15 @@ def add(
         _warn_remote_code(expert.name, expert.trust_remote_code)
         reg = _open(redis_url, namespace)
         warning = _check_categories(reg, expert.capabilities, f"expert {expert.name}")
-        version = reg.add(expert)
+        cmap = reg.get_map()
+        to_map, note = _routing_plan(expert, cmap, map_, _follow_up_options(ctx, namespace))
+        version = reg.add(expert, to_map=to_map)
     detail = _describe(info, expert) if info else "model not checked"
     out.print(f"added expert '{expert.name}' ({detail}); registry version {version}")
+    if to_map:
+        out.print("category map: " + "; ".join(f"{c} = {', '.join([*cmap.get(c, []), expert.name])}" for c in to_map))
     _warn(warning)
+    _warn(note)
 
 
 @app.command()
@@ -445,11 +492,15 @@ def _warn_remote_code(name: str, asked: bool) -> None:
 @app.command("list")
 def list_(json_out: JsonOut = False,
           long: Annotated[bool, typer.Option("--long", "-l", help="Also engine, model and tags.")] = False,
+          wide: Annotated[bool, typer.Option(
+              "--wide", "-w", help="Like -l, with each model's full path; nothing is cut to fit.")] = False,
           redis_url: RedisUrl = None, namespace: Namespace = "default", service: ServiceUrl = None) -> None:
-    """List the experts of the namespace (fits 80 columns; -l for every column, `show` for all fields);
-    stored entries that cannot be read are skipped, with a warning each. The status column is the
-    running service's (`loading: <phase>` while an added expert's engine starts, then `ready`),
-    asked over HTTP; without a service it is the stored one, and the table says so."""
+    """List the experts of the namespace (fits 80 columns; -l adds engine, model and tags, --wide the
+    full model paths, `show` every field); stored entries that cannot be read are skipped, with a
+    warning each. The status column is the running service's (`loading: <phase>` while an added
+    expert's engine starts, then `ready`), asked over HTTP; without a service it is the stored one,
+    and the table says so."""
+    from expert_registry.list_view import long_listing, short_table
     from expert_registry.live import live_view
 
     with _user_errors():
@@ -461,41 +512,10 @@ def list_(json_out: JsonOut = False,
         typer.echo(json.dumps([dict(e.model_dump(mode="json"), service_status=live.status(e.name),
                                     service_phase=(live.experts.get(e.name) or {}).get("phase"))
                                for e in snap.experts.values()], indent=2))
-        return
-    out.print(_experts_table(snap, namespace, long, live), soft_wrap=False)  # the table fits the terminal
-
-
-def _experts_table(snap: Any, namespace: str, long: bool, live: Any = None) -> Table:
-    """One row per expert with the values as stored (the status as the service sees it, when one
-    answered). Short columns never wrap; the long ones (categories, model) wrap at spaces or end in
-    an ellipsis, so 80 columns stay readable."""
-    where = (f"status from the service at {live.url}" if live is not None and live.error is None
-             else f"{live.error}: status as stored" if live is not None else "status as stored")
-    table = Table(title=f"experts in namespace '{namespace}' (registry version {snap.version})",
-                  caption=where, caption_justify="left",
-                  title_justify="left", box=box.SIMPLE_HEAD if long else box.HEAVY_HEAD, show_edge=not long)
-    for col in ("name", "status", "size", "ctx"):
-        if col == "status":  # "loading: reading weights (12 s)" folds inside its cell
-            table.add_column(col, overflow="fold", max_width=18)
-            continue
-        table.add_column(col, no_wrap=True, overflow="ellipsis", max_width=32 if col == "name" else None)
-    table.add_column("categories", overflow="fold", min_width=11)
-    if long:
-        table.add_column("engine", overflow="fold")
-        table.add_column("model", overflow="fold", max_width=24)
-        table.add_column("tags", overflow="fold")
-    for e in snap.experts.values():
-        caps = ("\n" if long else " ").join(f"{c}={s:g}" for c, s in sorted(e.capabilities.items(), key=lambda kv: -kv[1]))
-        shown = (live.status(e.name) if live is not None and e.status == "ready" else None) or e.status
-        status = (shown if shown == "ready" else f"[yellow]{shown}[/yellow]" if shown.startswith("loading")
-                  else f"[red]{shown}[/red]")
-        row = [e.name, status, _fmt_bytes(e.size_bytes), str(e.max_context), caps or "-"]
-        if long:
-            # the last path part keeps the table readable; `show` prints the full path
-            model = Path(e.model).name if e.model.startswith("/") else e.model
-            row += [e.engine, model + (f" [{e.gguf_file}]" if e.gguf_file else ""), ", ".join(e.tags) or "-"]
-        table.add_row(*row)
-    return table
+    elif long or wide:  # laid out to the terminal's width (COLUMNS, else the terminal, else 80)
+        out.print(long_listing(snap, namespace, live, out.width, wide), soft_wrap=True)
+    else:
+        out.print(short_table(snap, namespace, live), soft_wrap=False)  # the table fits the terminal
 
 
 @app.command()

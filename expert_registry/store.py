@@ -236,14 +236,23 @@ class RedisRegistry:
 
     # ------------------------------------------------------------------ writes
 
-    def add(self, expert: Expert) -> int:
-        """Register a new expert; :class:`ExpertExists` if the name is taken. Returns the new version."""
+    def add(self, expert: Expert, to_map: Iterable[str] = ()) -> int:
+        """Register a new expert; :class:`ExpertExists` if the name is taken. Returns the new version.
+        ``to_map``: categories whose map entry gets the expert appended (last: least preferred), in
+        the same transaction, so it is never registered without the routing it was added with."""
         expert = parse_expert(expert)
+        cats = list(dict.fromkeys(to_map))
 
         def plan(view: _View) -> _Plan:
             if view.has(expert.name):
                 raise ExpertExists(f"expert {expert.name!r} already exists in namespace {self.namespace!r}")
-            return _Plan(put={expert.name: expert}, events=[("add", expert.name, [])])
+            p = _Plan(put={expert.name: expert}, events=[("add", expert.name, [])])
+            if cats:
+                cmap = dict(view.category_map())
+                new = parse_category_map({**cmap, **{c: [*cmap.get(c, []), expert.name] for c in cats}})
+                mp = self._plan_map(view, new, known=view.names() | {expert.name})
+                p.new_map, p.events = mp.new_map, p.events + mp.events
+            return p
 
         return self._write(plan)
 

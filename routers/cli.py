@@ -161,6 +161,8 @@ def explain(
     out.print(t2)
     for name, why in decision.excluded.items():
         out.print(f"excluded {name}: {why}", highlight=False)
+    for name, why in decision.not_candidates.items():
+        out.print(f"not a candidate {name}: {why}", highlight=False)
     line = f"-> expert [bold]{decision.expert}[/bold] (category {decision.category}, {decision.forced})"
     if decision.fallback_reason:
         line += f"  fallback: {decision.fallback_reason}"

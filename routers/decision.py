@@ -34,4 +34,8 @@ class RoutingDecision(BaseModel):
     fallback_reason: str | None = None
     forced: Literal["auto", "category", "expert"] = "auto"
     excluded: dict[str, str] = Field(default_factory=dict, description="candidate -> why it was ineligible")
+    not_candidates: dict[str, str] = Field(
+        default_factory=dict,
+        description="expert -> why it did not compete although it declares a capability in a category routed on "
+                    "(e.g. 'not in the category map for coding'); experts without such a capability are not listed")
     route_ms: float = 0.0

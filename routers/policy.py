@@ -3,7 +3,9 @@
 1. Candidates: the experts the registry's category map lists for the *top categories* — taken in
    order of probability until their mass reaches ``mix_mass`` (at most ``mix_top_k``, each at
    least ``mix_min_prob``) — so an expert mapped only to the runner-up category still competes
-   on a prompt that is 55% coding / 40% math.
+   on a prompt that is 55% coding / 40% math. An expert that declares a capability in one of
+   those categories but is not mapped to it does not compete; the decision's ``not_candidates``
+   says so ("not in the category map for coding"), so a newly added expert's silence is explained.
 2. Hard constraints remove candidates (reason kept in ``excluded``): status ``failed``, not in
    ``allowed``, ``max_context < prompt_tokens + max_tokens``, ``cost_per_1k_tokens > max_cost``.
 3. Score of each eligible candidate::
@@ -118,6 +120,7 @@ class Choice(NamedTuple):
     candidates: list[CandidateScore]  # best first
     excluded: dict[str, str]  # expert -> why a hard constraint removed it
     fallback_reason: str | None  # why the top category's best was not taken, if it was not
+    not_candidates: dict[str, str]  # expert -> why it did not compete (not mapped to a category it declares)
 
 
 class RoutingPolicy:
@@ -208,9 +211,10 @@ class RoutingPolicy:
             raise NoEligibleExpert(f"no expert can serve this request ({detail})", excluded)
 
         scored = self._scores(cands, probs, experts, category_map, quality, residency or {}, quality_pick)
+        unmapped = _not_candidates(mixed, experts, category_map, set(cands), excluded)
         if fallback_reason and general_first is not None:
-            return Choice(general_first, cfg.fallback_category, scored, excluded, fallback_reason)
-        return Choice(scored[0].expert, top_cat, scored, excluded, fallback_reason)
+            return Choice(general_first, cfg.fallback_category, scored, excluded, fallback_reason, unmapped)
+        return Choice(scored[0].expert, top_cat, scored, excluded, fallback_reason, unmapped)
 
     def _scores(self, cands: Mapping[str, list[str]], probs: Mapping[str, float], experts: Mapping[str, Expert],
                 category_map: Mapping[str, Sequence[str]],
@@ -254,6 +258,23 @@ def _mapped_candidates(mixed: Sequence[str], probs: Mapping[str, float], experts
         for name in category_map.get(cat, ()):
             cands.setdefault(name, []).append(cat)
     return cands
+
+
+def _not_candidates(mixed: Sequence[str], experts: Mapping[str, Expert], category_map: Mapping[str, Sequence[str]],
+                    competed: set[str], excluded: Mapping[str, str]) -> dict[str, str]:
+    """Why an expert that declares a capability (> 0) in a category routed on did not compete: step 1
+    takes only the experts the category map lists for those categories, so a newly added expert is
+    not routed to until the map names it (``coe-registry add --map`` or ``map set``). Experts that
+    competed, or that a hard constraint removed (see ``excluded``), are not repeated here."""
+    out: dict[str, str] = {}
+    for name, e in experts.items():
+        if name in competed or name in excluded:
+            continue
+        cats = [c for c in mixed if e.capabilities.get(c, 0.0) > 0 and name not in category_map.get(c, ())]
+        if cats:
+            declared = ", ".join(f"{c}={e.capabilities[c]:g}" for c in cats)
+            out[name] = f"not in the category map for {', '.join(cats)} (it declares {declared})"
+    return out
 
 
 def _eligible(cands: dict[str, list[str]], why_not: Callable[[str], str | None],

@@ -294,7 +294,8 @@ class Router:
             apply_threshold=kind == "auto")
         return RoutingDecision(expert=choice.expert, category=choice.category, category_probs=top3,
                                candidates=choice.candidates, fallback_reason=choice.fallback_reason, forced=kind,
-                               excluded=choice.excluded, route_ms=(time.perf_counter() - t0) * 1e3)
+                               excluded=choice.excluded, not_candidates=choice.not_candidates,
+                               route_ms=(time.perf_counter() - t0) * 1e3)
 
     def route_batch(self, requests: Sequence[Mapping[str, Any]],
                     on_stage1: Callable[[int, dict[str, float]], None] | None = None,

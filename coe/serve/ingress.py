@@ -44,7 +44,7 @@ from coe.api.protocol import (
 )
 from coe.affinity import ConversationAffinity, conversation_key, is_continuation
 from coe.config import ServeConfig
-from coe.engines.features import engine_kind, expert_unsupported
+from coe.engines.features import engine_kind, engines_supporting, expert_unsupported, field_name
 from coe.errors import ErrorReport
 from coe.generate_request import GenerateRequest
 from coe.limits import (BodyLimitMiddleware, openai_error, RequestLimits, RequestTimeout, loading_wait, request_timeout,
@@ -239,14 +239,29 @@ def feature_constraint(experts: dict[str, Any], device: str, model: str, feature
         raise APIError(403, f"this API key may not use expert '{model}'", "permission_error", "model",
                        "model_not_permitted")
     if not allowed and missing:
-        kind, field, why = next(iter(missing.values()))
-        raise APIError(400, f"'{field}' is not supported by any expert this request may use (their engines: "
-                            f"{', '.join(sorted({k for k, _, _ in missing.values()}))}; {why})",
-                       "invalid_request_error", field, "unsupported_parameter")
+        field = next(iter(missing.values()))[1]
+        raise APIError(400, _none_supports(missing, features), "invalid_request_error", field,
+                       "unsupported_parameter")
     if not allowed:
         raise APIError(403, "this API key may not use any registered expert", "permission_error", "model",
                        "model_not_permitted")
     return allowed
+
+
+def _none_supports(missing: dict[str, tuple[str, str, str]], features: list[str]) -> str:
+    """The 400 message when no expert may take a request's feature (``missing``: name -> (engine,
+    field, why)): each engine and each other reason once, and which engines would honour it."""
+    _, field, _ = next(iter(missing.values()))
+    kinds = sorted({k for k, f, w in missing.values() if f == field and w.startswith("engine '")})
+    other = list(dict.fromkeys(w for _, f, w in missing.values() if f == field and not w.startswith("engine '")))
+    reasons = []
+    if kinds:
+        feature = next((x for x in features if field_name(x) == field), field)
+        support = ", ".join(k for k in engines_supporting(feature) if k not in kinds) or "none"
+        many = len(kinds) > 1
+        reasons.append(f"their engine{'s' if many else ''} ({', '.join(kinds)}) {'do' if many else 'does'} not "
+                       f"support it (engines that do: {support})")
+    return f"'{field}' is not supported by any expert this request may use: {'; '.join(reasons + other)}"
 
 
 @serve.deployment(name="Ingress")
@@ -353,12 +368,16 @@ class Ingress:
     # ---- routing -----------------------------------------------------------------------------
     async def _route(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None,
                      features: list[str] = (), permitted: set[str] | None = None,
-                     session: str | None = None, request_id: str | None = None) -> tuple[CoeInfo, Any]:
+                     session: str | None = None, request_id: str | None = None,
+                     explain: dict[str, Any] | None = None) -> tuple[CoeInfo, Any]:
+        """The routing decision as the ``coe`` info, and the chosen expert's spec. ``explain``, when
+        given, receives the experts that did not compete and why (``excluded``: a hard constraint;
+        ``not_candidates``: not in the category map for a category they declare): ``/v1/route``."""
         snap = self.watcher.snapshot
         if max_tokens is not None and model in snap.experts and max_tokens >= snap.experts[model].max_context:
             e = snap.experts[model]
-            raise bad_request(f"max_tokens={max_tokens} is beyond expert '{model}''s context of "
-                              f"{e.max_context} tokens", "max_tokens", "context_length_exceeded")
+            raise bad_request(f"max_tokens={max_tokens} is beyond the context of expert '{model}' "
+                              f"({e.max_context} tokens)", "max_tokens", "context_length_exceeded")
         allowed = feature_constraint(snap.experts, self.device, model, list(features), permitted,
                                      self.cfg.pool.options.engine_defaults)
         if names_expert(model, snap.experts):  # the client named an expert: no classifier, no router call
@@ -388,6 +407,8 @@ class Ingress:
                                "unsupported_parameter")
             raise from_report(err)  # the router's reasons may quote expert failures: paths are cut there
         d = res["decision"]
+        if explain is not None:
+            explain.update(excluded=d.get("excluded") or {}, not_candidates=d.get("not_candidates") or {})
         info = CoeInfo(expert=d["expert"], category=d.get("category"), forced=d.get("forced", "auto"),
                        route_ms=float(d.get("route_ms") or 0.0), category_probs=d.get("category_probs") or [],
                        candidates=d.get("candidates") or [], fallback_reason=d.get("fallback_reason"))
@@ -397,8 +418,8 @@ class Ingress:
             await self.watcher.refresh()
         spec = self.watcher.snapshot.experts.get(info.expert)
         if spec is not None and max_tokens is not None and max_tokens >= spec.max_context:
-            raise bad_request(f"max_tokens={max_tokens} is beyond expert '{info.expert}''s context of "
-                              f"{spec.max_context} tokens", "max_tokens", "context_length_exceeded")
+            raise bad_request(f"max_tokens={max_tokens} is beyond the context of expert '{info.expert}' "
+                              f"({spec.max_context} tokens)", "max_tokens", "context_length_exceeded")
         self.metrics.observe_route(info.category, info.route_ms)
         return info, spec
 
@@ -747,11 +768,14 @@ class Ingress:
 
     @app.post("/v1/route")
     async def route(self, req: RouteRequest) -> JSONResponse:
-        """Explain a routing decision without generating."""
+        """Explain a routing decision without generating: besides what every answer's ``coe`` field
+        has, ``excluded`` (expert -> the hard constraint that removed it) and ``not_candidates``
+        (expert -> why it did not compete, e.g. "not in the category map for coding")."""
         messages = normalise_messages(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        info, spec = await self._route(req.model, messages, max_tokens)
-        body = {"object": "coe.route", "model": req.model, "coe": info.model_dump(mode="json"),
+        why: dict[str, Any] = {}
+        info, spec = await self._route(req.model, messages, max_tokens, explain=why)
+        body = {"object": "coe.route", "model": req.model, "coe": {**info.model_dump(mode="json"), **why},
                 "expert": spec.model_dump(mode="json", include={"name", "max_context", "capabilities", "tags"})
                 if spec is not None else None}
         return JSONResponse(body, headers=coe_headers(info))

@@ -58,8 +58,8 @@ def _context_error(name: str, prompt_tokens: int, max_tokens: int, max_context: 
                     f"expert '{name}' has a context of {max_context} tokens", "messages")
     if explicit and prompt_tokens + max_tokens > max_context:
         return _err(ErrorKind.REQUEST, "context_length_exceeded",
-                    f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds expert "
-                    f"'{name}''s context of {max_context} tokens; use at most {max_context - prompt_tokens}",
+                    f"max_tokens={max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the context of "
+                    f"expert '{name}' ({max_context} tokens); use at most {max_context - prompt_tokens}",
                     "max_tokens")
     return None
 

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,6 +83,7 @@ def test_route_explains_without_generating(http):
     body = r.json()
     assert body["coe"]["expert"] == r.headers["x-coe-expert"]
     assert body["coe"]["category_probs"] and body["coe"]["candidates"]
+    assert isinstance(body["coe"]["excluded"], dict) and isinstance(body["coe"]["not_candidates"], dict)
     r = http.post("/v1/route", json={"model": "coe/writing", "messages": MATH})
     assert r.json()["coe"]["expert"] == "tiny-a"
 
@@ -156,6 +158,10 @@ def test_hot_add_and_remove_during_traffic(serve_app, client, http):
     # usable on the next request, no restart
     r = client.chat.completions.with_raw_response.create(model="tiny-hot", messages=HELLO, max_tokens=2)
     assert r.headers["x-coe-expert"] == "tiny-hot"
+    # not in the category map yet: routed coding requests do not reach it, and /v1/route says why
+    why = wait_until(lambda: http.post("/v1/route", json={"model": "coe/coding", "messages": HELLO}).json()["coe"]
+                     ["not_candidates"].get("tiny-hot"), 30, what="tiny-hot among /v1/route's not_candidates")
+    assert why == "not in the category map for coding (it declares coding=0.9)"
     # a category map change takes effect on the next request
     reg.update_map({"coding": ["tiny-hot"]})
     r = http.post("/v1/route", json={"model": "coe/coding", "messages": HELLO})

@@ -45,16 +45,18 @@ class Stickiness:
     note: str  # "new" | "sticky" | "switched: <why>"
 
 
-def conversation_key(messages: Sequence[dict[str, Any]], session: str | None) -> str | None:
-    """The conversation's name: the session header, else a hash of its opening turns (None when
-    there is no user message to hash)."""
+def conversation_key(messages: Sequence[dict[str, Any]], session: str | None, tenant: str | None = None) -> str | None:
+    """The conversation's name within ``tenant`` (the API key's id; DESIGN decision 8: one tenant's
+    session header or opening never pins, or reveals, another's): the session header, else a hash
+    of its opening turns (None when there is no user message to hash)."""
+    scope = f"{tenant or '-'}|"
     if session:
-        return "s:" + session.strip()[:200]
+        return scope + "s:" + session.strip()[:200]
     opening: list[tuple[str, str]] = []
     for m in messages:
         opening.append((str(m["role"]), str(m.get("content") or "")))
         if m["role"] == "user":
-            return "h:" + hashlib.sha256(json.dumps(opening).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+            return scope + "h:" + hashlib.sha256(json.dumps(opening).encode("utf-8", "surrogatepass")).hexdigest()[:32]
     return None
 
 

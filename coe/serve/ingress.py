@@ -369,7 +369,8 @@ class Ingress:
     async def _route(self, model: str, messages: list[dict[str, Any]], max_tokens: int | None,
                      features: list[str] = (), permitted: set[str] | None = None,
                      session: str | None = None, request_id: str | None = None,
-                     explain: dict[str, Any] | None = None) -> tuple[CoeInfo, Any]:
+                     explain: dict[str, Any] | None = None, tenant: str | None = None,
+                     remember: bool = True) -> tuple[CoeInfo, Any]:
         """The routing decision as the ``coe`` info, and the chosen expert's spec. ``explain``, when
         given, receives the experts that did not compete and why (``excluded``: a hard constraint;
         ``not_candidates``: not in the category map for a category they declare): ``/v1/route``."""
@@ -413,7 +414,7 @@ class Ingress:
                        route_ms=float(d.get("route_ms") or 0.0), category_probs=d.get("category_probs") or [],
                        candidates=d.get("candidates") or [], fallback_reason=d.get("fallback_reason"))
         if info.forced != "expert":
-            self._stick(info, messages, session)
+            self._stick(info, messages, session, tenant, remember)
         if res.get("registry_version", 0) > snap.version:
             await self.watcher.refresh()
         spec = self.watcher.snapshot.experts.get(info.expert)
@@ -450,10 +451,12 @@ class Ingress:
             except Exception as e:  # noqa: BLE001 - a lost hint only delays a prefetch
                 log.debug("could not send demand to the router: %s", e)
 
-    def _stick(self, info: CoeInfo, messages: list[dict[str, Any]], session: str | None) -> None:
-        """Conversation affinity (coe/affinity.py): keep a conversation's expert unless the router's
-        choice beats it by the margin; the decision says which, in ``coe.conversation``."""
-        key = conversation_key(messages, session)
+    def _stick(self, info: CoeInfo, messages: list[dict[str, Any]], session: str | None, tenant: str | None,
+               remember: bool = True) -> None:
+        """Conversation affinity (coe/affinity.py), within the caller's key (``tenant``): keep a
+        conversation's expert unless the router's choice beats it by the margin; the decision says
+        which, in ``coe.conversation``. ``remember=False`` (``/v1/route``) decides without pinning."""
+        key = conversation_key(messages, session, tenant)
         if key is None:
             return
         if session or is_continuation(messages):
@@ -461,7 +464,8 @@ class Ingress:
             info.expert, info.conversation = st.expert, st.note
         else:
             info.conversation = "new"
-        self.affinity.remember(key, info.expert)
+        if remember:
+            self.affinity.remember(key, info.expert)
 
     async def _open_stream(self, info: CoeInfo, greq: GenerateRequest):
         """Start generation on the pool replica holding the expert. The start item *and the first
@@ -563,6 +567,13 @@ class Ingress:
         except LimitExceeded as e:
             raise APIError(429, str(e), "rate_limit_error", None, f"key_{e.limit}_limit", e.retry_after_s) from None
 
+    def _admit_route(self, key: StoredKey) -> None:
+        """A ``/v1/route`` call against its key's request rate (429 + Retry-After when over)."""
+        try:
+            self.tenants.admit(key, 0).settle(0)
+        except LimitExceeded as e:
+            raise APIError(429, str(e), "rate_limit_error", None, f"key_{e.limit}_limit", e.retry_after_s) from None
+
     def _refused(self, key: StoredKey | None, ticket: Reservation, status: int, used_tokens: int = 0) -> None:
         """A request that failed or was refused: count it, give back what it reserved."""
         self.metrics.observe_error(status)
@@ -594,7 +605,8 @@ class Ingress:
             if key is not None:  # 429 before any routing work; only a key's limits need Redis
                 ticket = await asyncio.to_thread(self._admit, key, req, messages)
             info, _spec = await self._within(deadline, timeout_s, self._route(
-                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid))
+                req.model, messages, req.requested_max_tokens(), req.features(), permitted, session, rid,
+                tenant=key.id if key else None))
             gen, first, pending, info = await self._within(deadline, timeout_s, self._open_with_fallback(info, greq))
             if not req.stream:  # a stream keeps its record once its first token is on its way (join_head)
                 self._remember(rid, info, messages, key)
@@ -767,14 +779,24 @@ class Ingress:
                              "category": rec.category, "score": rec.score, "replaced": replaced})
 
     @app.post("/v1/route")
-    async def route(self, req: RouteRequest) -> JSONResponse:
+    async def route(self, req: RouteRequest, request: Request) -> JSONResponse:
         """Explain a routing decision without generating: besides what every answer's ``coe`` field
         has, ``excluded`` (expert -> the hard constraint that removed it) and ``not_candidates``
-        (expert -> why it did not compete, e.g. "not in the category map for coding")."""
+        (expert -> why it did not compete, e.g. "not in the category map for coding").
+
+        The caller's key counts as for a chat request (issue 24 item 7): only the experts it may use,
+        its request rate (one request, no tokens), and its own conversations' affinity, decided but
+        not remembered (a question about routing pins nothing)."""
         messages = normalise_messages(req.messages)
         max_tokens = req.max_completion_tokens or req.max_tokens
+        key = await self._identity_now(request)
+        permitted = allowed_experts(key.limits, self.watcher.snapshot.category_map) if key else None
+        if key is not None:
+            await asyncio.to_thread(self._admit_route, key)
+        session = request.headers.get("x-coe-session") or request.headers.get("x-session-id")
         why: dict[str, Any] = {}
-        info, spec = await self._route(req.model, messages, max_tokens, explain=why)
+        info, spec = await self._route(req.model, messages, max_tokens, permitted=permitted, session=session,
+                                       explain=why, tenant=key.id if key else None, remember=False)
         body = {"object": "coe.route", "model": req.model, "coe": {**info.model_dump(mode="json"), **why},
                 "expert": spec.model_dump(mode="json", include={"name", "max_context", "capabilities", "tags"})
                 if spec is not None else None}

@@ -16,7 +16,7 @@ def test_turns_of_one_conversation_share_a_key_and_sessions_win():
     assert conversation_key(T1, None) == conversation_key(T2, None)
     other = [{"role": "user", "content": "Something else entirely."}]
     assert conversation_key(other, None) != conversation_key(T1, None)
-    assert conversation_key(T1, "abc") == conversation_key(other, "abc") == "s:abc"
+    assert conversation_key(T1, "abc") == conversation_key(other, "abc") == "-|s:abc"
     assert not is_continuation(T1) and is_continuation(T2)
 
 

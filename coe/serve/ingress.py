@@ -862,12 +862,26 @@ class Ingress:
                     tiers[name] = t
         return tiers, states, phases, since
 
+    async def _insider(self, request: Request) -> bool:
+        """Whether a probe's caller may see what is inside (DESIGN decision 8): always with auth
+        off; with auth on only with a valid key. Without one a probe says up/ready and nothing more
+        (no key count, Redis pid, invalid entries or category map; issue 24)."""
+        if not self.keys.configured:
+            return True
+        try:
+            return await self._identity_now(request) is not None
+        except APIError:  # the key store cannot be read: no details
+            return False
+
     @app.get("/healthz")
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         """200 while serving; ``status`` is "degraded" while Redis is unreachable (routing then uses
-        the last registry snapshot and the watcher reconnects with backoff)."""
+        the last registry snapshot and the watcher reconnects with backoff). The details only for a
+        caller with a key when keys are on (:meth:`_insider`)."""
         from expert_registry.embedded import embedded_health
 
+        if not await self._insider(request):
+            return JSONResponse({"status": "ok" if self.watcher.health()["reachable"] else "degraded"})
         snap = self.watcher.snapshot
         reg = self.watcher.health()
         emb = embedded_health(self.cfg.redis_url)  # restarts of the embedded Redis, if it is the one
@@ -881,7 +895,7 @@ class Ingress:
                              "draining": self.drain_state.draining})
 
     @app.get("/readyz")
-    async def readyz(self) -> JSONResponse:
+    async def readyz(self, request: Request) -> JSONResponse:
         """200 when every routable category has a loaded, warmed expert; 503 (JSON) until then."""
         from coe.serve.readiness import readiness
 
@@ -898,6 +912,8 @@ class Ingress:
                 for name, v in merged_residency(cluster_view()).items():
                     residency[name] = max(residency.get(name, 0.0), v)
         ready, body = readiness(self.warm, residency)
+        if not await self._insider(request):
+            body = {"status": body.get("status", "ready" if ready else "not ready")}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")

@@ -36,6 +36,9 @@ def test_route_keeps_to_a_key_s_scope_rate_and_own_conversations(serve_app, http
             headers = {"Authorization": f"Bearer {key}", **({"X-Coe-Session": session} if session else {})}
             return http.post(path, json=body, headers=headers)
 
+        # without a key the probes say up/ready and nothing of what is inside; with one, the details
+        assert set(http.get("/healthz").json()) == {"status"} and set(http.get("/readyz").json()) == {"status"}
+        assert "keys" in http.get("/healthz", headers={"Authorization": f"Bearer {a}"}).json()
         # 7: the scope: a key limited to tiny-b is routed to tiny-b only, and may not name tiny-a
         r = post(scoped, "/v1/route", {"model": "coe", "messages": HELLO})
         assert r.status_code == 200 and r.json()["coe"]["expert"] == "tiny-b", r.text

@@ -339,6 +339,16 @@ def _free_port_near(host: str, start: int, tries: int, avoid: set[int]) -> int:
         return s.getsockname()[1]
 
 
+def _kernel_port(host: str, avoid: set[int]) -> int:
+    """A free port the kernel chooses (never one of ``avoid``)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
 def _check_ports(cfg, dashboard_port: int | None) -> tuple[int, str | None]:
     """Issue 31: every fixed TCP port coe asks for is checked before anything starts, so a taken
     port costs a second, not a cold start. They are the API (Serve's proxy, ``--port``) and Ray's
@@ -363,7 +373,8 @@ def _check_ports(cfg, dashboard_port: int | None) -> tuple[int, str | None]:
 
 def _dashboard_port(api_port: int, asked: int | None) -> tuple[int, str | None]:
     """A port asked for with ``--dashboard-port`` must be free (else fail, naming the option); the
-    default 8265, when taken, gives way to the next free port (what Ray does when no port is given)."""
+    default 8265, when taken, gives way to a free port the kernel picks (Ray, given no port, also
+    moves on rather than fail)."""
     if asked is not None:
         err = None if asked == api_port else _bind_error(DASHBOARD_HOST, asked)
         if asked != api_port and err is None:
@@ -380,7 +391,9 @@ def _dashboard_port(api_port: int, asked: int | None) -> tuple[int, str | None]:
               "coe picks a free one")
     if DASHBOARD_PORT != api_port and _bind_error(DASHBOARD_HOST, DASHBOARD_PORT) is None:
         return DASHBOARD_PORT, None
-    port = _free_port_near(DASHBOARD_HOST, DASHBOARD_PORT + 1, DASHBOARD_PORT_TRIES, {api_port})
+    # a port the kernel picks, not the next one up: two services starting at once would both take
+    # 8266, and the one that binds second fails (seen with two test suites on one machine)
+    port = _kernel_port(DASHBOARD_HOST, {api_port})
     held = "coe's API (--port)" if DASHBOARD_PORT == api_port else f"another program{_holder(DASHBOARD_PORT)}"
     console.print(f"[yellow]![/] Ray's dashboard port {DASHBOARD_PORT} is in use by {held}: the dashboard "
                   f"goes on port {port} instead (choose one with --dashboard-port)", soft_wrap=True)

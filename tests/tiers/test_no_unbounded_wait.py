@@ -71,6 +71,18 @@ async def test_every_request_is_served_when_sleeping_contexts_fill_the_budget(ti
     await pool.close()
 
 
+async def started_beside(tiny_model_dir, engine_cls: type, name: str, **config) -> ExpertPool:
+    """A pool with room for one awake engine beside one asleep: expert ``name`` on ``engine_cls``
+    and a healthy expert "ok", both started."""
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, 1, 1), dram_budget_bytes=10**9,
+                                 max_wait_ms=300, **config),
+                      engine_factory=lambda e, **kw: engine_cls(e) if e.name == name else device_shaped(e, **kw))
+    for n in (name, "ok"):
+        await pool.add_expert(make_expert(n, tiny_model_dir))
+        await pool.wait_started(n, 60.0)
+    return pool
+
+
 class WedgedOnce(DeviceShapedEngine):
     """The real tiny model, except that its first generation never yields (a wedged engine
     process, as a stuck vLLM engine core would look to the pool)."""
@@ -88,12 +100,7 @@ class WedgedOnce(DeviceShapedEngine):
 async def test_a_request_whose_engine_stalls_gets_a_typed_error_and_the_engine_restarts(tiny_model_dir):
     from coe.errors import EngineStalled
 
-    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, 1, 1), dram_budget_bytes=10**9,
-                                 stall_timeout_s=1.0, max_wait_ms=300),
-                      engine_factory=lambda e, **kw: WedgedOnce(e) if e.name == "w" else device_shaped(e, **kw))
-    for n in ("w", "ok"):
-        await pool.add_expert(make_expert(n, tiny_model_dir))
-        await pool.wait_started(n, 60.0)
+    pool = await started_beside(tiny_model_dir, WedgedOnce, "w", stall_timeout_s=1.0)
     stuck = asyncio.ensure_future(ask(pool, "w"))
     await asyncio.sleep(0.6)
     assert pool.longest_wait_s() >= 0.5  # admitted, no token yet
@@ -122,12 +129,7 @@ class SleepWedgedOnce(DeviceShapedEngine):
 
 
 async def test_a_sleep_that_never_returns_stops_that_engine_and_the_others_go_on(tiny_model_dir):
-    pool = ExpertPool(PoolConfig(hbm_budget_bytes=budget_for(tiny_model_dir, 1, 1), dram_budget_bytes=10**9,
-                                 wake_timeout_s=1.0, max_wait_ms=300),
-                      engine_factory=lambda e, **kw: SleepWedgedOnce(e) if e.name == "s" else device_shaped(e, **kw))
-    for n in ("s", "ok"):
-        await pool.add_expert(make_expert(n, tiny_model_dir))
-        await pool.wait_started(n, 60.0)
+    pool = await started_beside(tiny_model_dir, SleepWedgedOnce, "s", wake_timeout_s=1.0)
     assert await asyncio.wait_for(ask(pool, "s"), 30.0) > 0  # "s" is awake now
     assert await asyncio.wait_for(ask(pool, "ok"), 30.0) > 0  # its sleep hangs: stopped after 1 s instead
     assert pool.engine("s").tier is Tier.DISK

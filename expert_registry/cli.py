@@ -154,12 +154,37 @@ def _warn(warning: str | None) -> None:
 
 
 def _load_yaml(path: Path, what: str) -> Any:
+    """The file's YAML as plain data, or one line saying why not. Nesting deeper than a spec ever
+    needs, and an alias that refers to itself, are refused here (they raised RecursionError with a
+    traceback further down; issue 24)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        _check_shape(data, path)
+        return data
     except OSError as e:
         raise InvalidExpert(f"cannot read {what} file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         raise InvalidExpert(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise InvalidExpert(f"{path}: nested too deeply to be an expert file") from None
+
+
+MAX_YAML_DEPTH = 32  # an export is 5 levels deep; a spec's own fields add a few
+
+
+def _check_shape(data: Any, path: Path) -> None:
+    """Refuse a YAML value that contains itself (a recursive alias) or nests past MAX_YAML_DEPTH."""
+    stack: list[tuple[Any, int, tuple[int, ...]]] = [(data, 0, ())]
+    while stack:
+        node, depth, above = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if id(node) in above:
+            raise InvalidExpert(f"{path}: a YAML alias refers to a value that contains it (a recursive alias)")
+        if depth >= MAX_YAML_DEPTH:
+            raise InvalidExpert(f"{path}: nested deeper than {MAX_YAML_DEPTH} levels: not an expert file")
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1, (*above, id(node))) for c in children)
 
 
 def _parse_capabilities(items: list[str]) -> dict[str, float]:

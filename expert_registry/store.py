@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 import re
 import time
@@ -51,6 +52,8 @@ from expert_registry.spec import (
     parse_expert,
     utcnow,
 )
+
+log = logging.getLogger("coe.registry")
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 EXPORT_FORMAT = 1
@@ -202,6 +205,9 @@ class RedisRegistry:
         pipe.get(self.k_map)
         version, raw, raw_map = pipe.execute()
         experts, invalid = self._decode_all(raw)
+        map_err = self.map_error(raw_map)
+        if map_err is not None:  # listed with the invalid entries (/healthz, coe_registry_invalid_entries)
+            invalid = {**invalid, "(category map)": map_err}
         return RegistrySnapshot(int(version or 0), experts, self._decode_map(raw_map), invalid)
 
     @_redis_errors
@@ -407,12 +413,24 @@ class RedisRegistry:
         return experts, invalid
 
     def _decode_map(self, raw: str | None) -> CategoryMap:
-        if not raw:
+        """The stored category map; a malformed one is skipped like a malformed expert (an empty
+        map: every expert competes), with a warning, so one bad write cannot freeze every reader's
+        view (issue 24); :meth:`map_error` says why, and ``coe-registry map set`` replaces it."""
+        err = self.map_error(raw)
+        if err is not None:
+            log.warning("%s; routing without a category map until `coe-registry map set` replaces it", err)
             return {}
+        return parse_category_map(json.loads(raw), "stored category map") if raw else {}
+
+    def map_error(self, raw: str | None) -> str | None:
+        """Why the stored category map ``raw`` cannot be read, or None."""
+        if not raw:
+            return None
         try:
-            return parse_category_map(json.loads(raw), "stored category map")
-        except ValueError as err:
-            raise RegistryError(f"stored category map in namespace {self.namespace!r} is invalid: {err}") from None
+            parse_category_map(json.loads(raw), "stored category map")
+        except (ValueError, TypeError, RecursionError, RegistryError) as e:
+            return f"stored category map in namespace {self.namespace!r} is invalid: {str(e).splitlines()[0][:300]}"
+        return None
 
     def _plan_update(self, view: _View, name: str, fields: dict[str, Any], op: Op) -> _Plan:
         cur = view.expert(name)

@@ -86,3 +86,26 @@ async def test_a_start_that_times_out_is_transient_and_heals(tiny_model_dir):
     await until(lambda: pool.state()["a"].status == "ready" and pool.state()["a"].tier == "dram")
     assert "".join([c.text async for c in pool.generate("a", MSG, GREEDY)])
     await pool.close()
+
+
+async def test_wait_started_and_state_agree_while_a_start_settles(tiny_model_dir):
+    """Issue 31 item 3: ``pool.starting()`` turned false as soon as the engine left disk, while
+    ``pool.state()`` still said loading, so a request released by ``wait_started`` could find its
+    expert "loading" (the flaky test above, under load). Here the window is made wide: the engine's
+    start goes on for a second after its weights are in memory."""
+    from coe.engines.hf import HFEngine
+
+    class SettlesSlowly(HFEngine):
+        async def load(self):
+            rec = await super().load()
+            await asyncio.sleep(1.0)  # e.g. a copy to pinned memory after the weights are read
+            return rec
+
+    pool = ExpertPool(PoolConfig(hbm_budget_bytes=10**9, dram_budget_bytes=10**9),
+                      engine_factory=lambda e, **kw: SettlesSlowly(e))
+    await pool.add_expert(make_expert("s", tiny_model_dir))
+    await until(lambda: pool.engine("s").tier.value != "disk")  # in memory, start not over yet
+    assert pool.starting("s") and pool.state()["s"].status == "loading"
+    await pool.wait_started("s", 30.0)
+    assert pool.state()["s"].status == "ready"
+    await pool.close()

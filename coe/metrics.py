@@ -16,6 +16,8 @@ Aggregation across replicas (documented in the README):
 
 from __future__ import annotations
 
+import re
+
 import logging
 import time
 from typing import Any, Iterable
@@ -133,6 +135,21 @@ class IngressMetrics:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(_PoolCollector(list(pool_snapshots)))
         return generate_latest(self.registry) + generate_latest(reg)
+
+
+_KEY_SERIES = re.compile(rb'^coe_key_\w+\{(?:[^}]*,)?key="((?:[^"\\]|\\.)*)"')
+
+
+def only_own_key(text: bytes, key_name: str) -> bytes:
+    """``text`` without the per-key samples of every key but ``key_name``: a user key reading
+    ``/metrics`` sees its own usage, not which other tenants exist (issue 24); admin keys see all."""
+    own = key_name.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    out = []
+    for line in text.splitlines(keepends=True):
+        m = _KEY_SERIES.match(line)
+        if m is None or m.group(1) == own:
+            out.append(line)
+    return b"".join(out)
 
 
 def pool_snapshot(replica: str, state: dict[str, Any], metrics: dict[str, Any]) -> dict:

@@ -917,6 +917,13 @@ class Ingress:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
-    async def prometheus(self) -> Response:
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus text; a user key sees its own per-key series only, an admin key every key's."""
+        from coe.metrics import only_own_key
+
         self.metrics.invalid_entries.set(len(self.watcher.invalid))
-        return Response(self.metrics.render(await self._pool_snapshots()), media_type=CONTENT_TYPE_LATEST)
+        text = self.metrics.render(await self._pool_snapshots())
+        key = await self._identity_now(request)
+        if key is not None and key.role != "admin":
+            text = only_own_key(text, key.name)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -4,7 +4,9 @@
   A's opening) was pinned to A's expert, and ``/v1/route`` answered "sticky" only for openings
   another tenant had really sent, so it revealed them. Affinity is now keyed by the API key.
 * 7: ``/v1/route`` had no per-key limits and ignored a key's ``--experts`` scope (a 5-rpm key made
-  753 calls in 20 s). It now applies the key's scope and request rate, as chat does."""
+  753 calls in 20 s). It now applies the key's scope and request rate, as chat does.
+* low: ``/metrics`` showed every key's name to any key; and without a key the probes said what
+  is inside."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ def test_route_keeps_to_a_key_s_scope_rate_and_own_conversations(serve_app, http
     reg = serve_app.registry
     store = RedisKeyStore(reg.url, reg.namespace)
     tag = uuid.uuid4().hex[:6]
-    names = {n: f"rt-{n}-{tag}" for n in ("a", "b", "scoped", "slow")}
+    names = {n: f"rt-{n}-{tag}" for n in ("a", "b", "scoped", "slow", "admin")}
+    admin, _ = store.add(names["admin"], role="admin")
     a, _ = store.add(names["a"])
     b, _ = store.add(names["b"])
     scoped, _ = store.add(names["scoped"], limits=KeyLimits(experts=["tiny-b"]))
@@ -53,6 +56,12 @@ def test_route_keeps_to_a_key_s_scope_rate_and_own_conversations(serve_app, http
         mine = post(a, "/v1/route", {"model": "coe", "messages": HELLO}, session).json()["coe"]
         theirs = post(b, "/v1/route", {"model": "coe", "messages": HELLO}, session).json()["coe"]
         assert mine["conversation"] == "sticky" and theirs["conversation"] != "sticky", (mine, theirs)
+        # /metrics: a user key sees its own per-key series, not which other tenants exist; admin all
+        def metrics(key: str) -> str:
+            return http.get("/metrics", headers={"Authorization": f"Bearer {key}"}).text
+
+        assert f'key="{names["a"]}"' in metrics(a) and f'key="{names["a"]}"' not in metrics(b)
+        assert f'key="{names["a"]}"' in metrics(admin)
     finally:
         for name in names.values():
             store.remove(name)

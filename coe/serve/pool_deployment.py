@@ -105,7 +105,10 @@ class ExpertPoolDeployment:
         if self.device.startswith("cuda"):  # before requests: the first engine start must not import vLLM
             from coe.engines.vllm_engine import preload_vllm
 
-            await asyncio.to_thread(preload_vllm)
+            try:
+                await asyncio.to_thread(preload_vllm)
+            except Exception as e:  # noqa: BLE001 - a broken vLLM fails its experts' starts, not the replica
+                log.warning("vLLM could not be imported ahead of the first start: %s", e)
         await self._ensure_started()  # registry watch + stats publishing from the start
 
     # ---- lifecycle ---------------------------------------------------------------------------
